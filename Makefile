@@ -1,0 +1,29 @@
+# Two entry points, each doing its own set-up from scratch on a fresh machine with Python 3.11:
+#   make book   - build the book on the organism (executes every notebook) -> _build/html/index.html
+#   make test   - the whole test suite (unit tests, notebooks under nbmake, book build, browser test)
+# FULL=1 switches notebooks and tests to the big settings.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup book test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[book,test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+book: setup
+	$(PY) -m mabook.book build
+
+test: setup
+	$(PY) -m mabook.book test
+
+clean:
+	rm -rf _build

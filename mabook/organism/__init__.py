@@ -1,0 +1,336 @@
+"""The model organism: a miniature FLUX trained on the shapes world.
+
+It is the real diffusers `FluxTransformer2DModel` (double-stream and single-stream blocks, RoPE,
+AdaLN-Zero modulation), only with fewer and narrower blocks, plus a small `transformers`
+`CLIPTextModel` with a word-level tokenizer. As in FLUX.1 the text encoder gives a token sequence
+(joint attention, `encoder_hidden_states`) and a pooled vector (the AdaLN conditioning,
+`pooled_projections`). Unlike FLUX.1 there is no VAE: the model denoises 4x4-pixel patches
+directly, so a 32x32 image is an 8x8 grid of 48-channel tokens.
+
+What this is not: a general text-to-image model. It knows 26 words (`mabook.world.vocabulary`).
+
+Entry points: `load()` returns an `OrganismPipeline` from the committed, hash-checked checkpoint;
+`python -m mabook.organism.train` reproduces it; `python -m mabook.organism.evaluate` scores it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from mabook import world
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+CHECKPOINT = CHECKPOINT_DIR / "organism.safetensors"
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")  # EOS id 3: CLIP pools at the first EOS
+
+
+@dataclass
+class OrganismConfig:
+    """Architecture of the organism; saved inside the checkpoint's metadata."""
+
+    image_size: int = world.IMAGE_SIZE
+    patch_size: int = 4  # 4x4 pixels per token: 8x8 tokens, a large object spans ~4x4 tokens
+    num_layers: int = 4  # double-stream (MMDiT) blocks; FLUX.1 has 19
+    num_single_layers: int = 4  # single-stream blocks; FLUX.1 has 38
+    attention_head_dim: int = 32  # FLUX.1: 128
+    num_attention_heads: int = 4  # inner dim 128; FLUX.1: 24 heads -> 3072
+    axes_dims_rope: tuple[int, int, int] = (8, 12, 12)  # (text-index, row, col); sums to head dim
+    text_hidden_size: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_text_length: int = 32  # captions are <= 23 tokens: the rest is padding, as in FLUX's T5
+
+    @property
+    def in_channels(self) -> int:
+        return 3 * self.patch_size**2
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(config: OrganismConfig = OrganismConfig()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the world's vocabulary, built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in world.vocabulary():
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 3)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        model_max_length=config.max_text_length,
+    )
+
+
+def build_text_encoder(config: OrganismConfig = OrganismConfig()) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(SPECIAL_TOKENS) + len(world.vocabulary()),
+            hidden_size=config.text_hidden_size,
+            intermediate_size=4 * config.text_hidden_size,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=config.max_text_length,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    )
+
+
+def build_transformer(config: OrganismConfig = OrganismConfig()) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(
+        patch_size=1,  # patching is done by the pipeline (pixels -> tokens), as FLUX packs latents
+        in_channels=config.in_channels,
+        num_layers=config.num_layers,
+        num_single_layers=config.num_single_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.text_hidden_size,
+        pooled_projection_dim=config.text_hidden_size,
+        guidance_embeds=False,
+        axes_dims_rope=tuple(config.axes_dims_rope),
+    )
+
+
+def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # shift=1: the images are tiny, so no resolution-dependent shift as in FLUX.1's pipeline.
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(batch_size, 3, H, W) -> (batch_size, (H/p)*(W/p), 3*p*p), row-major tokens."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, patch_size: int, grid: int) -> torch.Tensor:
+    """(batch_size, grid*grid, 3*p*p) -> (batch_size, 3, grid*p, grid*p)."""
+    B, N, D = tokens.shape
+    p = patch_size
+    x = tokens.reshape(B, grid, grid, 3, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, 3, grid * p, grid * p)
+
+
+def image_ids(grid: int, device=None) -> torch.Tensor:
+    """FLUX's positional ids for image tokens: (grid*grid, 3) = (0, row, col)."""
+    ids = torch.zeros(grid, grid, 3)
+    ids[..., 1] = torch.arange(grid)[:, None]
+    ids[..., 2] = torch.arange(grid)[None, :]
+    return ids.reshape(grid * grid, 3).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+class OrganismPipeline(DiffusionPipeline):
+    """Text-to-image pipeline with FLUX's call shape: `pipe(prompt, num_inference_steps=…, generator=…)`.
+
+    Classifier-free guidance runs the conditional and unconditional ("") prompts as one batch
+    of 2*batch_size: the unconditional half comes first (as in diffusers' SD3 pipeline).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(self, transformer, text_encoder, tokenizer, scheduler, organism_config: OrganismConfig | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.organism_config = organism_config or OrganismConfig()
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.organism_config.grid
+        return g, g
+
+    def encode_prompt(self, prompt: list[str]):
+        """-> (prompt_embeds (B, max_text_length, D), pooled_prompt_embeds (B, D))."""
+        ids = self.tokenizer(
+            prompt, padding="max_length", max_length=self.organism_config.max_text_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        out = self.text_encoder(ids)
+        dtype = self.transformer.dtype
+        return out.last_hidden_state.to(dtype), out.pooler_output.to(dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        cfg = self.organism_config
+        # 0. check inputs
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
+            raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        prompt = [p for p in prompt for _ in range(num_images_per_prompt)]
+        batch_size = len(prompt)
+        device, dtype = self.transformer.device, self.transformer.dtype
+        do_cfg = guidance_scale > 1.0
+
+        # 1. encode prompt (and the empty prompt for classifier-free guidance)
+        prompt_embeds, pooled = self.encode_prompt(prompt)
+        if do_cfg:
+            neg_embeds, neg_pooled = self.encode_prompt([""] * batch_size)
+            prompt_embeds = torch.cat([neg_embeds, prompt_embeds])
+            pooled = torch.cat([neg_pooled, pooled])
+
+        # 2. prepare latents: Gaussian noise in patch space
+        shape = (batch_size, cfg.grid * cfg.grid, cfg.in_channels)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=torch.float32)
+        img_ids = image_ids(cfg.grid, device).to(dtype)
+        txt_ids = torch.zeros(cfg.max_text_length, 3, device=device, dtype=dtype)
+
+        # 3. timesteps (sigma from 1 to 1/N, as FLUX.1's pipeline)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        # 4. denoising loop: one transformer call per step (a CFG batch is one call)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            timestep = (t / 1000).expand(model_input.shape[0]).to(dtype)
+            noise_pred = self.transformer(
+                hidden_states=model_input.to(dtype),
+                encoder_hidden_states=prompt_embeds,
+                pooled_projections=pooled,
+                timestep=timestep,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                return_dict=False,
+            )[0].float()
+            if do_cfg:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+        # 5. tokens -> pixels
+        images = unpatchify(latents, cfg.patch_size, cfg.grid).clamp(-1, 1)
+        images = (images + 1) / 2  # (B, 3, H, W) in [0, 1]
+        if output_type == "np" or output_type == "pil":
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Pipeline output ("np" (B,H,W,3) floats, "pt" (B,3,H,W) or PIL list) -> (B,H,W,3) uint8."""
+    if isinstance(images, list):
+        return np.stack([np.asarray(im) for im in images])
+    if isinstance(images, torch.Tensor):
+        images = images.permute(0, 2, 3, 1).cpu().numpy()
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def build_pipeline(config: OrganismConfig = OrganismConfig()) -> OrganismPipeline:
+    """A randomly initialised organism (what training starts from)."""
+    return OrganismPipeline(
+        transformer=build_transformer(config),
+        text_encoder=build_text_encoder(config),
+        tokenizer=build_tokenizer(config),
+        scheduler=build_scheduler(),
+        organism_config=config,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint: one safetensors file, hash recorded in a JSON card beside it
+# ---------------------------------------------------------------------------------------------
+
+
+class ChecksumError(ValueError):
+    """The checkpoint file does not have the SHA-256 recorded in its card."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def card_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save(pipe: OrganismPipeline, path: Path, info: dict | None = None) -> str:
+    """Write weights (fp16, to keep the file a few MB) and a card with config, info and SHA-256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"transformer.{k}": v.detach().to(torch.float16).contiguous() for k, v in pipe.transformer.state_dict().items()}
+    tensors |= {f"text_encoder.{k}": v.detach().to(torch.float16).contiguous() for k, v in pipe.text_encoder.state_dict().items()}
+    config = asdict(pipe.organism_config)
+    save_file(tensors, str(path), metadata={"organism_config": json.dumps(config)})
+    digest = sha256(path)
+    card = {"file": path.name, "sha256": digest, "organism_config": config, **(info or {})}
+    card_path(path).write_text(json.dumps(card, indent=1) + "\n")
+    return digest
+
+
+def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> OrganismPipeline:
+    """Load the organism from a safetensors checkpoint, verifying its SHA-256 first."""
+    path = Path(path) if path is not None else CHECKPOINT
+    card_file = card_path(path)
+    if not path.is_file() or not card_file.is_file():
+        raise FileNotFoundError(
+            f"organism checkpoint not found: {path} (and its card {card_file.name}); "
+            "train one with `python -m mabook.organism.train`"
+        )
+    card = json.loads(card_file.read_text())
+    digest = sha256(path)
+    if digest != card["sha256"]:
+        raise ChecksumError(f"{path} has SHA-256 {digest}, but its card records {card['sha256']}: the file is corrupt or was replaced")
+    config = OrganismConfig(**{**card["organism_config"], "axes_dims_rope": tuple(card["organism_config"]["axes_dims_rope"])})
+    pipe = build_pipeline(config)
+    state = load_file(str(path))
+    for prefix, module in (("transformer.", pipe.transformer), ("text_encoder.", pipe.text_encoder)):
+        sub = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(sub, strict=True)
+    pipe.card = card
+    pipe.transformer.eval()
+    pipe.text_encoder.eval()
+    return pipe.to(device=device, dtype=dtype)

@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mabook import organism, world
+from mabook.organism import train as trainer
+
+PROMPTS = ["a large red circle at the top left on a black background",
+           "a small blue square at the left and a large yellow triangle at the right on a gray background"]
+
+
+@pytest.fixture(scope="module")
+def committed():
+    return organism.load()
+
+
+def test_committed_checkpoint_loads_with_verified_hash(committed):
+    card = committed.card
+    assert card["sha256"] == organism.sha256(organism.CHECKPOINT)
+    assert committed.transformer.__class__.__name__ == "FluxTransformer2DModel"
+    assert len(committed.transformer.transformer_blocks) == card["organism_config"]["num_layers"]
+
+
+def test_generation_is_deterministic_for_a_seed(committed):
+    run = lambda seed: committed(PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(seed), output_type="np").images
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (2, 32, 32, 3) and a.min() >= 0 and a.max() <= 1
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_output_types_agree(committed):
+    kw = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    pil = committed(PROMPTS[0], output_type="pil", **kw).images
+    arr = committed(PROMPTS[0], output_type="np", **{**kw, "generator": torch.Generator().manual_seed(0)}).images
+    assert np.array_equal(organism.to_uint8(pil), organism.to_uint8(arr))
+
+
+def test_bad_arguments_give_clear_errors(committed):
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
+        committed(PROMPTS[0], num_inference_steps=0)
+    with pytest.raises(TypeError, match="prompt must be a str or a list of str"):
+        committed(3)
+    with pytest.raises(ValueError, match="output_type"):
+        committed(PROMPTS[0], num_inference_steps=1, output_type="jpg")
+
+
+def test_tokenizer_is_word_level_and_pads_to_fixed_length():
+    tok = organism.build_tokenizer()
+    ids = tok(PROMPTS[0], padding="max_length", max_length=32).input_ids
+    words = PROMPTS[0].split()
+    assert len(ids) == 32 and ids[len(words)] == tok.eos_token_id and ids[-1] == tok.pad_token_id
+    assert tok.unk_token_id not in ids[: len(words)]
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 3, 32, 32)
+    tokens = organism.patchify(x, 4)
+    assert tokens.shape == (2, 64, 48)
+    assert torch.equal(organism.unpatchify(tokens, 4, 8), x)
+    # token (row 1, col 2) holds pixels [4:8, 8:12]
+    assert torch.equal(tokens[0, 1 * 8 + 2].reshape(3, 4, 4), x[0, :, 4:8, 8:12])
+
+
+def test_a_few_training_steps_lower_the_loss(tmp_path):
+    cfg = trainer.TrainConfig(steps=40, batch_size=16, lr=1e-3, warmup=5, log_every=10, save_at=())
+    _, history = trainer.train(cfg, tmp_path / "o.safetensors", verbose=False)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert json.loads((tmp_path / "o.json").read_text())["step"] == 40
+
+
+def test_checkpoint_roundtrip_and_corruption_is_rejected(tmp_path):
+    pipe = organism.build_pipeline()
+    path = tmp_path / "x.safetensors"
+    organism.save(pipe, path)
+    loaded = organism.load(path)
+    ref = {k: v.half().float() for k, v in pipe.transformer.state_dict().items()}
+    assert all(torch.equal(ref[k], v) for k, v in loaded.transformer.state_dict().items())
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(organism.ChecksumError, match="SHA-256"):
+        organism.load(path)
+
+
+def test_missing_checkpoint_says_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mabook.organism.train"):
+        organism.load(tmp_path / "nope.safetensors")
