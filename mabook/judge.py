@@ -156,8 +156,23 @@ def judge(image, caption: str) -> Judgement:
     return Judgement(caption, scene, correct, detected, bg_name == scene.background, foreground, mask_iou, cleanliness)
 
 
+def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap CI of the mean of `values` (scipy.stats.bootstrap)."""
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=float)
+    if values.size < 2 or np.all(values == values[0]):
+        return float(values.mean()), float(values.mean())
+    res = bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def summarize(judgements: list[Judgement]) -> dict:
-    """Accuracy per attribute (over caption objects), grouped by number of objects in the caption."""
+    """Accuracy per attribute (over caption objects), grouped by number of objects in the caption.
+
+    Each group also has "ci95": a bootstrap 95% interval for every attribute's accuracy.
+    """
     out = {}
     for n in sorted({len(j.scene.objects) for j in judgements}):
         group = [j for j in judgements if len(j.scene.objects) == n]
@@ -170,5 +185,6 @@ def summarize(judgements: list[Judgement]) -> dict:
             "all_correct": float(np.mean([j.all_correct for j in group])),
             "mask_iou": float(np.mean([j.mask_iou for j in group])),
             "cleanliness": float(np.mean([j.cleanliness for j in group])),
+            "ci95": {a: bootstrap_ci([c[a] for c in objs]) for a in world.ATTRIBUTES},
         }
     return out

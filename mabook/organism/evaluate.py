@@ -45,6 +45,7 @@ def evaluate(pipe, n_single: int = 256, n_double: int = 128, num_inference_steps
         "seed": seed,
         **scores,
         "seconds_per_image": seconds / len(captions),
+        "checkpoint_sha256": getattr(pipe, "card", {}).get("sha256"),
         "threads": torch.get_num_threads(),
     }
 
@@ -57,9 +58,14 @@ def main(argv=None):
     p.add_argument("--num-inference-steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     pipe = load(a.checkpoint)
-    print(json.dumps(evaluate(pipe, a.n_single, a.n_double, a.num_inference_steps, a.guidance_scale, a.seed), indent=1))
+    result = evaluate(pipe, a.n_single, a.n_double, a.num_inference_steps, a.guidance_scale, a.seed)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
