@@ -1,0 +1,163 @@
+"""Checks of the book's sources that need no build: fast, so they run with the unit tests.
+
+The build itself (every chapter executed, every page in a browser) is `python -m mabook.book test`.
+"""
+
+from __future__ import annotations
+
+import pkgutil
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+import mabook
+from mabook import book, notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _first_code_cell(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return next((c.source for c in nb.cells if c.cell_type == "code"), "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Table of contents and configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_toc_entry_exists():
+    files = book.toc_files(ROOT)  # raises on an entry with no file
+    assert files[0] == "book/intro.md"
+
+
+def test_every_notebook_is_in_the_toc():
+    in_toc = set(book.toc_notebooks(ROOT))
+    missing = [p.relative_to(ROOT).as_posix() for p in NOTEBOOKS if p.relative_to(ROOT).as_posix() not in in_toc]
+    assert not missing, f"notebooks not in _toc.yml: {missing}"
+
+
+def test_a_failing_cell_fails_the_build():
+    execute = CONFIG["execute"]
+    assert execute["raise_on_error"] is True
+    assert execute["execute_notebooks"] == "force"  # the cache hashes code cells only
+    assert execute["allow_errors"] is False
+
+
+def test_repository_is_named_consistently():
+    assert CONFIG["repository"]["url"] == notebook.REPOSITORY
+    assert CONFIG["repository"]["branch"] == notebook.REF
+    assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+
+
+def test_mabook_sphinx_extension_is_loaded():
+    assert "mabook.book" in CONFIG["sphinx"]["extra_extensions"]
+
+
+def test_api_page_lists_every_module():
+    listed = re.findall(r"```\{automodule\} (\S+)", (ROOT / "book" / "api.md").read_text())
+    modules = {m.name for m in pkgutil.walk_packages(mabook.__path__, "mabook.") if not m.name.split(".")[-1].startswith("_")}
+    assert sorted(modules - set(listed)) == [], "modules missing from book/api.md"
+    assert sorted(set(listed) - modules) == [], "book/api.md lists modules that do not exist"
+
+
+def test_plotly_js_ships_with_plotly():
+    assert book._plotly_js().is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks as committed
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; clear them before committing"
+    assert "widgets" not in nb.metadata, f"{path.name}: saved widget state in the metadata"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_starts_with_setup(path):
+    source = _first_code_cell(path)
+    assert "from mabook.notebook import setup" in source and "setup(" in source, (
+        f"{path.name}: the first code cell must call mabook.notebook.setup()"
+    )
+    if "%pip install" in source:
+        assert f'"{notebook.PIP_SPEC}"' in source, f"{path.name}: Colab must install {notebook.PIP_SPEC!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the build, without building
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stage_turns_execution_off_and_copies_the_sources(tmp_path):
+    for name in ("_config.yml", "_toc.yml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "intro.md").write_text("# Intro\n")
+    (tmp_path / "notebooks").mkdir()
+    dest = book.stage(tmp_path, "off")
+    try:
+        assert "_build" not in dest.parts  # nbmake skips notebooks under any _build folder
+        staged = yaml.safe_load((dest / "_config.yml").read_text())
+        assert staged["execute"]["execute_notebooks"] == "off"
+        assert staged["execute"]["raise_on_error"] is True
+        assert (dest / "book" / "intro.md").is_file()
+    finally:
+        shutil.rmtree(dest)
+
+
+def test_static_renderer_emits_html_that_uses_the_shipped_plotly():
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    bundle = notebook.StaticPageRenderer().to_mimebundle(fig.to_dict())
+    assert list(bundle) == ["text/html"]
+    page = bundle["text/html"]
+    assert "Plotly.newPlot" in page and "plotly-graph-div" in page
+    assert "<script src" not in page and "cdn" not in page.lower()  # no CDN, nothing fetched
+    assert len(page) < 50_000  # plotly.js itself is not inlined
+
+
+def test_setup_reads_full_and_picks_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("FULL", "1")
+    monkeypatch.delenv(notebook.STATIC_ENV_VAR, raising=False)
+    env = notebook.setup(device="cpu", quiet=True)
+    assert env == notebook.Env(device="cpu", dtype=torch.float32, on_colab=False, full=True, static=False)
+    monkeypatch.setenv("FULL", "0")
+    assert notebook.setup(device="cpu", quiet=True).full is False
+
+
+def test_setup_rejects_an_unknown_device():
+    with pytest.raises(ValueError, match="device must be"):
+        notebook.setup(device="tpu", quiet=True)
+
+
+def test_widget_note_is_visible_text():
+    bundle = notebook._widget_note_bundle(object())
+    assert "run" in bundle["text/plain"].lower() and "mabook-widget-note" in bundle["text/html"]
+
+
+def test_closing_line_is_one_ci_can_read(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite><testcase name="a" time="1.5"/>'
+        '<testcase name="b" time="0.1"><failure/></testcase>'
+        '<testcase name="c" time="0"><skipped/></testcase></testsuite></testsuites>'
+    )
+    counts, seconds = book.junit_results(junit)
+    assert str(counts) == "1 passed, 1 failed, 1 skipped"
+    assert seconds == {"a": 1.5, "b": 0.1, "c": 0.0}
+    assert re.fullmatch(r"\w+: \d+ passed, \d+ failed(, \d+ skipped)?", f"total: {counts}")
+
