@@ -87,3 +87,20 @@ def test_checkpoint_roundtrip_and_corruption_is_rejected(tmp_path):
 def test_missing_checkpoint_says_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="mabook.organism.train"):
         organism.load(tmp_path / "nope.safetensors")
+
+
+def test_committed_evaluation_was_made_with_this_checkpoint_and_meets_the_bar(committed):
+    result = json.loads((organism.CHECKPOINT_DIR / "evaluation.json").read_text())
+    assert result["checkpoint_sha256"] == committed.card["sha256"]
+    one = result["1_object"]
+    assert one["n_images"] >= 256
+    assert one["color"] >= 0.95 and one["position"] >= 0.95 and one["shape"] >= 0.85 and one["size"] >= 0.85
+
+
+def test_trained_organism_draws_heldout_captions(committed):
+    from mabook.organism.evaluate import evaluate
+
+    result = evaluate(committed, n_single=24, n_double=8, seed=123)
+    one = result["1_object"]
+    # a small live sample (not the committed one): loose bars, but far above chance (1/7, 1/3, 1/2, 1/9)
+    assert one["color"] >= 0.9 and one["position"] >= 0.9 and one["shape"] >= 0.7 and one["size"] >= 0.8, one
