@@ -1,15 +1,19 @@
 """mabook: massive activations and attention sinks in Diffusion Transformers.
 
-`import mabook` stays light: submodules that pull in torch/diffusers load on first use.
+`import mabook` stays light: `mabook.load`, `mabook.adapter_for` and the submodules
+(`mabook.probe`, `mabook.discovery`, ...) import torch and diffusers only when first used.
 """
 
+import importlib
+
 __all__ = ["load", "adapter_for"]
+_SUBMODULES = ("bench", "cli", "discovery", "figures", "models", "organism", "probe", "world")
 
 
 def __getattr__(name):
-    # PEP 562 lazy attributes: `mabook.load` imports mabook.models (and diffusers) only when used.
+    # PEP 562 lazy attributes: the heavy imports happen on first use, not on `import mabook`.
     if name in ("load", "adapter_for"):
-        from mabook import models
-
-        return getattr(models, name)
+        return getattr(importlib.import_module("mabook.models"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"mabook.{name}")
     raise AttributeError(f"module 'mabook' has no attribute {name!r}")

@@ -164,6 +164,11 @@ class OrganismPipeline(DiffusionPipeline):
         self.organism_config = organism_config or OrganismConfig()
 
     @property
+    def do_classifier_free_guidance(self) -> bool:
+        """True while a call runs CFG (its transformer batch is [uncond; cond]); diffusers' name."""
+        return getattr(self, "_guidance_scale", 1.0) > 1.0
+
+    @property
     def grid(self) -> tuple[int, int]:
         g = self.organism_config.grid
         return g, g
@@ -203,7 +208,8 @@ class OrganismPipeline(DiffusionPipeline):
         prompt = [p for p in prompt for _ in range(num_images_per_prompt)]
         batch_size = len(prompt)
         device, dtype = self.transformer.device, self.transformer.dtype
-        do_cfg = guidance_scale > 1.0
+        self._guidance_scale = guidance_scale  # read by probes through do_classifier_free_guidance
+        do_cfg = self.do_classifier_free_guidance
 
         # 1. encode prompt (and the empty prompt for classifier-free guidance)
         prompt_embeds, pooled = self.encode_prompt(prompt)
@@ -333,4 +339,5 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     pipe.card = card
     pipe.transformer.eval()
     pipe.text_encoder.eval()
-    return pipe.to(device=device, dtype=dtype)
+    # .to(dtype) only when asked: diffusers warns on any dtype cast through .to()
+    return pipe.to(device=device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)

@@ -1,0 +1,162 @@
+"""Benchmarks: `python -m mabook.bench probe` (and further subcommands, one function each).
+
+`probe` generates the same images with and without the probe attached (every tap, every step),
+interleaving the two (A B B A ...) so that drift in machine load hits both equally, and prints the
+wall-time ratio plus, measured in the same run, the bytes held by the statistics versus the bytes
+that storing every tapped hidden state would have taken.
+
+Adding a subcommand: write one function decorated with `@subcommand(name, help, arguments)`; it
+receives the parsed `argparse.Namespace` and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics as pystats
+import sys
+import time
+from typing import Callable
+
+COMMANDS: dict[str, tuple[str, list[tuple[tuple, dict]], Callable[[argparse.Namespace], int]]] = {}
+
+
+def arg(*flags, **kwargs) -> tuple[tuple, dict]:
+    """One argparse argument, declared as data: arg("--repeats", type=int, default=5)."""
+    return flags, kwargs
+
+
+def subcommand(name: str, help: str, arguments: list[tuple[tuple, dict]] = ()):
+    """Register a benchmark subcommand."""
+
+    def register(fn):
+        COMMANDS[name] = (help, list(arguments), fn)
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------
+# probe: overhead of collecting statistics at every tap and step
+# ---------------------------------------------------------------------------------------------
+
+
+def _organism(checkpoint, device):
+    """The trained organism if its checkpoint exists, else a random build (timings are the same)."""
+    import torch
+
+    import mabook
+    from mabook import organism
+
+    path = checkpoint or organism.CHECKPOINT
+    try:
+        pipe, adapter = mabook.load("organism", device=device, path=path)
+        return pipe, adapter, str(path)
+    except FileNotFoundError:
+        torch.manual_seed(0)
+        pipe = organism.build_pipeline().to(device)
+        return pipe, mabook.adapter_for(pipe), "random weights (no checkpoint found)"
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
+@subcommand(
+    "probe",
+    help="wall-time and memory overhead of probe.collect on the organism",
+    arguments=[
+        arg("--checkpoint", default=None, help="organism checkpoint (default: the committed one, else random weights)"),
+        arg("--batch-size", type=int, default=16),
+        arg("--num-inference-steps", type=int, default=20),
+        arg("--repeats", type=int, default=5, help="timed pairs (plus one untimed warm-up pair)"),
+        arg("--device", default="cpu"),
+    ],
+)
+def probe(args: argparse.Namespace) -> int:
+    import torch
+
+    from mabook import probe as probe_mod
+    from mabook import world
+
+    if args.repeats < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
+        raise ValueError("--repeats, --batch-size and --num-inference-steps must be >= 1")
+    pipe, adapter, source = _organism(args.checkpoint, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [s.caption for s in world.sample(args.batch_size, seed=0)]
+
+    def generate():
+        generator = torch.Generator(args.device).manual_seed(0)
+        return pipe(prompts, num_inference_steps=args.num_inference_steps, generator=generator, output_type="pt").images
+
+    def timed(with_probe: bool):
+        if args.device != "cpu":
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if with_probe:
+            with probe_mod.collect(adapter) as run:
+                images = generate()
+        else:
+            run, images = None, generate()
+        if args.device != "cpu":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start, time.process_time() - cpu_start), run, images
+
+    # 1. warm-up pair (allocator, kernels), and a check that probing leaves the images unchanged
+    _, _, plain_images = timed(False)
+    _, run, probed_images = timed(True)
+    if not torch.equal(plain_images, probed_images):
+        raise RuntimeError("the probe changed the generated images")
+    # 2. interleaved repeats: A B, B A, A B, ...
+    plain, probed = [], []  # (wall, cpu) seconds
+    for r in range(args.repeats):
+        for with_probe in ((False, True) if r % 2 == 0 else (True, False)):
+            seconds, result, _ = timed(with_probe)
+            (probed if with_probe else plain).append(seconds)
+            run = result or run
+    wall_plain, wall_probed = [w for w, _ in plain], [w for w, _ in probed]
+    ratio = pystats.median(wall_probed) / pystats.median(wall_plain)
+    pair_ratios = [p / q for p, q in zip(wall_probed, wall_plain)]
+    # CPU time of this process: unlike wall time, barely moved by other jobs on a shared machine
+    cpu_ratio = pystats.median([c for _, c in probed]) / pystats.median([c for _, c in plain])
+
+    taps = len(run.stats.taps)
+    print(f"model: organism ({source}); {args.device}; {args.batch_size} images x {args.num_inference_steps} steps; "
+          f"{taps} taps x {len(run.stats.steps)} steps, every tap and step probed")
+    print(f"without probe: median {pystats.median(wall_plain):.3f} s  (runs: {', '.join(f'{t:.3f}' for t in wall_plain)})")
+    print(f"with probe:    median {pystats.median(wall_probed):.3f} s  (runs: {', '.join(f'{t:.3f}' for t in wall_probed)})")
+    print(f"wall-time ratio: {ratio:.3f}x (ratio of medians; per-pair {min(pair_ratios):.3f}-{max(pair_ratios):.3f}; target <= 1.10x)")
+    print(f"CPU-time ratio:  {cpu_ratio:.3f}x (process CPU time, robust to other load on the machine)")
+    print(f"statistics memory: {_mb(run.stats.nbytes)} (5 x channels float64 per (step, tap); "
+          f"does not depend on tokens or batch)")
+    print(f"storing every tapped hidden state instead: {_mb(run.observed_bytes)} "
+          f"({run.observed_bytes / run.stats.nbytes:.0f}x; grows with batch x tokens)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mabook.bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, arguments, fn) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_)
+        for flags, kwargs in arguments:
+            sub.add_argument(*flags, **kwargs)
+        sub.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"bench {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

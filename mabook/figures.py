@@ -1,0 +1,117 @@
+"""Plotly figures the chapters draw more than once. Each returns a `go.Figure`; `show` displays it.
+
+Interactivity that must survive a static page uses plotly's own sliders and dropdowns (they run in
+the browser without a kernel); ipywidgets explorers live in the notebooks, for live kernels only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+
+def show(fig: go.Figure) -> None:
+    """Display a figure. One place to change how figures render on the static book."""
+    fig.show()
+
+
+def heatmap_over_steps(values: np.ndarray, layers: Sequence[str], steps: Sequence[int], title: str,
+                       colorbar: str = "log10 |mean|") -> go.Figure:
+    """Layer x channel heatmap with a slider over denoising steps (plus "all steps" first).
+
+    values: (steps, layers, channels), already in the units to plot (e.g. log10 of a statistic).
+    """
+    S, L, C = values.shape
+    pooled = values.mean(0)
+    frames = [("all", pooled)] + [(str(s), values[i]) for i, s in enumerate(steps)]
+    zmin, zmax = float(values.min()), float(values.max())
+    fig = go.Figure(
+        go.Heatmap(z=pooled, y=list(layers), x=list(range(C)), zmin=zmin, zmax=zmax, colorscale="Viridis",
+                   colorbar=dict(title=colorbar), hovertemplate="%{y}<br>channel %{x}<br>%{z:.2f}<extra></extra>"),
+        frames=[go.Frame(data=[go.Heatmap(z=z)], name=name) for name, z in frames],
+    )
+    slider = dict(active=0, currentvalue=dict(prefix="step: "), pad=dict(t=40),
+                  steps=[dict(label=name, method="animate",
+                              args=[[name], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
+                         for name, _ in frames])
+    fig.update_layout(title=title, xaxis_title="channel", yaxis=dict(title="layer", autorange="reversed"),
+                      sliders=[slider], height=120 + 28 * L)
+    return fig
+
+
+def channel_bars_by_layer(values: np.ndarray, layers: Sequence[str], highlight: dict[str, Sequence[Sequence[int]]],
+                          title: str, yaxis: str = "|mean over image tokens|") -> go.Figure:
+    """Per-channel bars for one layer at a time (slider over layers), highlighted channel sets.
+
+    values: (layers, channels). highlight: set name -> one list of channels per layer
+    (e.g. {"top-k": ..., "bottom-k": ..., "random-k": ...}); other channels are grey.
+    """
+    L, C = values.shape
+    palette = ["crimson", "royalblue", "darkorange", "seagreen"]
+    fig = go.Figure()
+    for i in range(L):
+        colors = np.array(["lightgrey"] * C, dtype=object)
+        for j, sets in enumerate(highlight.values()):
+            colors[list(sets[i])] = palette[j % len(palette)]
+        fig.add_bar(x=list(range(C)), y=values[i], marker_color=list(colors), visible=(i == 0), name=layers[i],
+                    hovertemplate="channel %{x}<br>%{y:.3g}<extra></extra>")
+    legend = ", ".join(f"{name}: {palette[j % len(palette)]}" for j, name in enumerate(highlight))
+    slider = dict(active=0, currentvalue=dict(prefix="layer: "), pad=dict(t=40),
+                  steps=[dict(label=name, method="update", args=[{"visible": [k == i for k in range(L)]}])
+                         for i, name in enumerate(layers)])
+    fig.update_layout(title=f"{title}<br><sup>{legend}</sup>", xaxis_title="channel", yaxis=dict(title=yaxis, type="log"),
+                      sliders=[slider], showlegend=False)
+    return fig
+
+
+def layer_bars(layers: Sequence[str], values: Sequence[float], labels: Sequence[str], title: str, yaxis: str,
+               log_y: bool = True) -> go.Figure:
+    """One bar per layer (e.g. the top channel's ratio to the median), each labelled (e.g. "ch 66")."""
+    fig = go.Figure(go.Bar(x=list(layers), y=list(values), text=list(labels), textposition="outside",
+                           hovertemplate="%{x}<br>%{text}<br>%{y:.3g}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis=dict(title=yaxis, type="log" if log_y else "linear"))
+    return fig
+
+
+def lines(x: Sequence, series: dict[str, np.ndarray], title: str, xaxis: str, yaxis: str, log_y: bool = True) -> go.Figure:
+    """One line per named series over a shared x (e.g. the statistic over denoising steps, per layer)."""
+    fig = go.Figure([go.Scatter(x=list(x), y=np.asarray(y), mode="lines+markers", name=name) for name, y in series.items()])
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis=dict(title=yaxis, type="log" if log_y else "linear"))
+    return fig
+
+
+def matrices_dropdown(matrices: dict[str, tuple[np.ndarray, Sequence[str]]], title: str) -> go.Figure:
+    """Square matrices (e.g. pairwise Jaccard) with a dropdown to switch between them.
+
+    matrices: name -> (matrix (n, n), labels (n,)).
+    """
+    fig = go.Figure()
+    names = list(matrices)
+    for i, name in enumerate(names):
+        m, labels = matrices[name]
+        fig.add_heatmap(z=m, x=list(labels), y=list(labels), zmin=0, zmax=1, colorscale="Blues", visible=(i == 0),
+                        colorbar=dict(title="Jaccard"), hovertemplate="%{x}<br>%{y}<br>%{z:.2f}<extra></extra>")
+    buttons = [dict(label=name, method="update", args=[{"visible": [j == i for j in range(len(names))]},
+                                                       {"title": f"{title}: {name}"}])
+               for i, name in enumerate(names)]
+    fig.update_layout(title=f"{title}: {names[0]}", updatemenus=[dict(buttons=buttons, x=1.0, y=1.15, xanchor="right")],
+                      yaxis=dict(autorange="reversed"), height=520)
+    return fig
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, columns: int = 8) -> go.Figure:
+    """(B, H, W, 3) uint8 images in a grid (hover shows the title)."""
+    from plotly.subplots import make_subplots
+
+    B = len(images)
+    rows = -(-B // columns)
+    cols = min(columns, B)
+    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.01, vertical_spacing=0.02)
+    for i, im in enumerate(images):
+        fig.add_trace(go.Image(z=im, name=titles[i] if titles else str(i)), row=i // columns + 1, col=i % columns + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(height=110 * rows + 40, margin=dict(l=10, r=10, t=30, b=10))
+    return fig

@@ -1,0 +1,259 @@
+"""One loader, many DiTs: `load()` gives a pipeline and an `Adapter` that knows its architecture.
+
+The adapter is the only place in mabook that knows how a family lays out its transformer: the
+ordered list of blocks, which element of a block's output is the image stream (`hidden_states`)
+and which the text stream (`encoder_hidden_states`), the image token grid of a generation, and the
+attention modules. Everything else (`mabook.probe`, `mabook.discovery`, the chapters) talks to the
+adapter, so supporting a new DiT means adding one `Family` entry below.
+
+Block outputs per family (diffusers 0.42), which is what the probe taps:
+
+==============  ===================================  =============================================
+family          block lists                          block output
+==============  ===================================  =============================================
+organism/flux   transformer_blocks (double-stream),  (encoder_hidden_states, hidden_states):
+                single_transformer_blocks            text first. Single blocks concatenate
+                                                     [text; image] inside and split again before
+                                                     returning, so both lists return two streams.
+sd3             transformer_blocks                   (encoder_hidden_states, hidden_states); the
+                                                     last block's text output is None.
+pixart, sana    transformer_blocks                   hidden_states only (text enters by
+                                                     cross-attention and is not a stream).
+==============  ===================================  =============================================
+
+What this is not: a model zoo. Hub ids are passed to `DiffusionPipeline.from_pretrained` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SUPPORTED = ("organism", "flux", "sd3", "pixart", "sana")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one DiT family lays out its transformer (plain data, one entry per family)."""
+
+    name: str
+    transformer_class: str  # diffusers class name of the denoiser
+    block_lists: tuple[str, ...]  # attribute names of the ModuleLists of blocks, in call order
+    output_layout: str  # "txt_img": output is (encoder_hidden_states, hidden_states); "img": hidden_states
+    guidance_batch: bool  # default pipeline call batches [uncond; cond] in one transformer call
+    example: str  # a hub id, for error messages and docs
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        # The organism is a FluxTransformer2DModel behind its own pipeline (pixels, no VAE).
+        Family("organism", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", True, "organism"),
+        # FLUX.1-dev is guidance-distilled: one call per step, no CFG batch.
+        Family("flux", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", False, "black-forest-labs/FLUX.1-dev"),
+        Family("sd3", "SD3Transformer2DModel", ("transformer_blocks",), "txt_img", True, "stabilityai/stable-diffusion-3.5-medium"),
+        Family("pixart", "PixArtTransformer2DModel", ("transformer_blocks",), "img", True, "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
+        Family("sana", "SanaTransformer2DModel", ("transformer_blocks",), "img", True, "Efficient-Large-Model/Sana_600M_1024px_diffusers"),
+    )
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's transformer is not one of the families mabook knows."""
+
+
+def _unsupported(what: str) -> UnsupportedModelError:
+    listing = ", ".join(f"{f.name} ({f.transformer_class}, e.g. {f.example!r})" for f in FAMILIES.values())
+    return UnsupportedModelError(f"unsupported model {what}; supported families: {listing}")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One transformer block: its module path (e.g. "single_transformer_blocks.9") and its streams."""
+
+    path: str
+    module: nn.Module
+    streams: tuple[str, ...]  # ("img", "txt") or ("img",)
+
+
+class Adapter:
+    """Architecture knowledge for one loaded DiT.
+
+    Attributes: `family` (a `Family`), `pipe` (the pipeline, or None when only a transformer was
+    loaded), `transformer`, `blocks` (ordered `Block`s, as the forward pass calls them).
+    """
+
+    def __init__(self, family: Family, transformer: nn.Module, pipe=None):
+        self.family = family
+        self.transformer = transformer
+        self.pipe = pipe
+        streams = ("img", "txt") if family.output_layout == "txt_img" else ("img",)
+        self.blocks: list[Block] = [
+            Block(f"{name}.{i}", module, streams)
+            for name in family.block_lists
+            for i, module in enumerate(getattr(transformer, name))
+        ]
+
+    def __repr__(self) -> str:
+        return f"Adapter(family={self.family.name!r}, blocks={len(self.blocks)}, width={self.width})"
+
+    @property
+    def width(self) -> int:
+        """Channels of the image stream (inner dim): 3072 for FLUX.1, 128 for the organism."""
+        cfg = self.transformer.config
+        return int(cfg.num_attention_heads * cfg.attention_head_dim)
+
+    # -- streams --------------------------------------------------------------------------------
+
+    def streams(self, output) -> dict[str, torch.Tensor | None]:
+        """A block's forward output -> {"img": (batch, image_tokens, C), "txt": (batch, text_tokens, C) or None}."""
+        if self.family.output_layout == "txt_img":
+            encoder_hidden_states, hidden_states = output
+            return {"img": hidden_states, "txt": encoder_hidden_states}
+        return {"img": output}
+
+    def replace(self, output, stream: str, hidden_states: torch.Tensor):
+        """A block's output with one stream replaced (same structure as `output`)."""
+        if self.family.output_layout == "txt_img":
+            encoder_hidden_states, img = output
+            return (hidden_states, img) if stream == "txt" else (encoder_hidden_states, hidden_states)
+        if stream != "img":
+            raise ValueError(f"{self.family.name} blocks have only an 'img' stream, got {stream!r}")
+        return hidden_states
+
+    # -- geometry ---------------------------------------------------------------------------------
+
+    def guidance_batch(self) -> bool:
+        """Whether the transformer call being made batches [uncond; cond] (classifier-free guidance).
+
+        diffusers' SD3 and SANA pipelines expose `do_classifier_free_guidance` during a call; other
+        pipelines fall back to their family's default call (organism guidance_scale=4: yes; FLUX.1-dev:
+        no). Pass `guidance_batch=` to the probe when calling a pipeline differently.
+        """
+        flag = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
+        if isinstance(flag, bool):
+            return flag
+        return self.family.guidance_batch
+
+    def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """Image token grid (h, w) for a generation of height x width pixels (default: the pipeline's)."""
+        if self.family.name == "organism":
+            h, w = self.pipe.grid
+            size = self.pipe.organism_config.image_size
+            if (height or size) != size or (width or size) != size:
+                raise ValueError(f"the organism generates {size}x{size} images only, got {height}x{width}")
+            return h, w
+        if self.pipe is None:
+            raise ValueError("grid() needs a pipeline (only a transformer was loaded); pass image tokens to the probe instead")
+        vae_scale = int(getattr(self.pipe, "vae_scale_factor", 8))
+        if self.family.name == "flux":
+            default = 128 * vae_scale  # FluxPipeline.default_sample_size
+            per_token = vae_scale * 2  # FLUX packs 2x2 latent pixels into one token; its patch_size is 1
+        else:
+            default = int(self.transformer.config.sample_size) * vae_scale
+            per_token = vae_scale * int(self.transformer.config.patch_size)
+        height, width = height or default, width or default
+        return height // per_token, width // per_token
+
+    def attention_modules(self) -> dict[str, nn.Module]:
+        """Module path -> attention module (anything with a diffusers attention processor)."""
+        return {
+            f"{block.path}.{name}": module
+            for block in self.blocks
+            for name, module in block.module.named_modules()
+            if name and hasattr(module, "set_processor")
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising a model
+# ---------------------------------------------------------------------------------------------
+
+
+def family_of(transformer: nn.Module, pipe=None) -> Family:
+    """The Family of a transformer (and its pipeline: the organism is a FLUX transformer)."""
+    from mabook.organism import OrganismPipeline
+
+    if isinstance(pipe, OrganismPipeline):
+        return FAMILIES["organism"]
+    name = type(transformer).__name__
+    for family in FAMILIES.values():
+        if family.name != "organism" and family.transformer_class == name:
+            return family
+    raise _unsupported(f"with transformer {name}")
+
+
+def adapter_for(model) -> Adapter:
+    """An Adapter for a pipeline (anything with a `.transformer`) or a bare transformer."""
+    if isinstance(model, nn.Module) and not hasattr(model, "transformer"):
+        return Adapter(family_of(model), model, pipe=None)
+    transformer = getattr(model, "transformer", None)
+    if not isinstance(transformer, nn.Module):
+        raise _unsupported(f"{type(model).__name__} (no .transformer module; UNet pipelines are not DiTs)")
+    return Adapter(family_of(transformer, model), transformer, pipe=model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load(
+    name_or_path: str | Path = "organism",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    path: str | Path | None = None,
+    cpu_offload: bool = False,
+    **from_pretrained_kwargs,
+):
+    """Load a DiT -> (pipe, adapter).
+
+    name_or_path: "organism" (the committed checkpoint, or `path=` another organism checkpoint),
+    a hub id or a local directory saved with `save_pretrained`. A directory holding a pipeline
+    (model_index.json) loads the pipeline; one holding only a transformer (config.json) loads the
+    transformer and returns (None, adapter).
+    cpu_offload: diffusers' `enable_model_cpu_offload()` instead of `.to(device)` (big models on
+    small GPUs: each component visits the GPU only while it runs).
+    """
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
+    if str(name_or_path) == "organism":
+        from mabook import organism
+
+        pipe = organism.load(path, device=device, dtype=dtype)
+        return pipe, adapter_for(pipe)
+    if path is not None:
+        raise ValueError(f"path= is only for the organism; for {name_or_path!r} pass the directory as name_or_path")
+
+    if cpu_offload and torch.device(device).type == "cpu":
+        raise ValueError(f"cpu_offload=True moves components to an accelerator in turn; device={device!r} has none")
+
+    local = Path(name_or_path)
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{local} holds neither a pipeline (model_index.json) nor a model (config.json)")
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+        family = next((f for f in FAMILIES.values() if f.transformer_class == class_name), None)
+        if family is None:
+            raise _unsupported(f"{local} (transformer class {class_name})")
+        import diffusers
+
+        transformer = getattr(diffusers, class_name).from_pretrained(local, torch_dtype=dtype, **from_pretrained_kwargs)
+        transformer = transformer.to(device).eval()
+        return None, Adapter(family, transformer)
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype, **from_pretrained_kwargs)
+    adapter = adapter_for(pipe)  # fail on an unsupported family before moving weights around
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe, adapter

@@ -1,0 +1,81 @@
+"""mabook.cli: `mabook discover` writes statistics and the top-k table; bad input is one clear line."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mabook import cli, organism
+from mabook.probe import Statistics
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("organism") / "organism.safetensors"
+    organism.save(organism.build_pipeline(), path)
+    return path
+
+
+def test_discover_writes_statistics_and_topk_table(checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["discover", "--checkpoint", str(checkpoint), "--prompts", "3", "--out", str(out), "--k", "2",
+                     "--num-inference-steps", "2", "--batch-size", "2"])
+    assert code == 0
+    stats = Statistics.load(out / "stats.safetensors")
+    assert stats.steps == [0, 1] and len(stats.layers("img")) == 8
+    table = json.loads((out / "topk.json").read_text())
+    assert len(table["layers"]) == 8 and len(table["layers"][0]["top"]) == 2
+    assert len(table["settings"]["prompts"]) == 3
+    rows = list(csv.DictReader(open(out / "topk.csv")))
+    assert rows[0]["tap"] == "transformer_blocks.0.img"
+    assert "single_transformer_blocks.3.img" in capsys.readouterr().out
+
+
+def test_prompts_from_file_and_literal(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a small red circle at the top on a black background\n\n")
+    assert cli.read_prompts([str(f)]) == ["a small red circle at the top on a black background"]
+    assert cli.read_prompts(["x", "y"]) == ["x", "y"]
+    assert len(cli.read_prompts(["5"])) == 5
+
+
+def test_k_out_of_range_is_one_clear_error_line(checkpoint, tmp_path, capsys):
+    code = cli.main(["discover", "--checkpoint", str(checkpoint), "--prompts", "1", "--out", str(tmp_path),
+                     "--k", "0", "--num-inference-steps", "1"])
+    assert code == 2
+    assert "k=0 is out of range; allowed: 1 <= k <= 128" in capsys.readouterr().err
+
+
+def test_module_entry_point_shows_help():
+    out = subprocess.run([sys.executable, "-m", "mabook.cli", "discover", "--help"], capture_output=True, text=True, check=True)
+    assert "--prompts" in out.stdout
+
+
+def test_bench_probe_prints_ratio_and_memory(checkpoint, capsys):
+    from mabook import bench
+
+    code = bench.main(["probe", "--checkpoint", str(checkpoint), "--repeats", "1", "--batch-size", "2", "--num-inference-steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "wall-time ratio:" in out and "statistics memory:" in out and "storing every tapped hidden state" in out
+
+
+def test_bench_subcommand_is_one_registered_function(capsys):
+    from mabook import bench
+
+    @bench.subcommand("echo-test", help="test only", arguments=[bench.arg("--word", default="hi")])
+    def echo(args):
+        print(args.word)
+        return 0
+
+    try:
+        assert bench.main(["echo-test", "--word", "ok"]) == 0
+        assert capsys.readouterr().out.strip() == "ok"
+    finally:
+        del bench.COMMANDS["echo-test"]

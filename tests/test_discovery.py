@@ -1,0 +1,118 @@
+"""mabook.discovery on statistics with a planted massive channel (no model needed)."""
+
+import numpy as np
+import pytest
+import torch
+
+from mabook import discovery
+from mabook.probe import Statistics, Tap
+
+C = 32
+MASSIVE = 7  # the planted channel
+
+
+def planted_statistics(num_layers=3, num_steps=4, scale=500.0, seed=0) -> Statistics:
+    """Statistics of hidden states (2, 16, C) ~ N(0, 1) with channel MASSIVE offset by `scale`
+    and channel MASSIVE+1 by scale/10 (a runner-up)."""
+    g = torch.Generator().manual_seed(seed)
+    stats = Statistics()
+    for step in range(num_steps):
+        for layer in range(num_layers):
+            x = torch.randn(2, 16, C, generator=g)
+            x[..., MASSIVE] += scale
+            x[..., MASSIVE + 1] += scale / 10
+            stats.update(Tap(f"transformer_blocks.{layer}", "img"), step, x)
+    return stats
+
+
+def test_top_k_finds_planted_channel_first():
+    reports = discovery.massive_channels(planted_statistics(), k=2)
+    assert len(reports) == 3
+    for r in reports:
+        assert r.top == [MASSIVE, MASSIVE + 1]
+        assert MASSIVE not in r.bottom and MASSIVE not in r.random
+        assert len(r.bottom) == len(r.random) == 2
+
+
+def test_controls_are_equal_size_disjoint_and_seeded():
+    values = np.arange(C, dtype=float)
+    top = discovery.top_k(values, 4)
+    assert top.tolist() == [31, 30, 29, 28]
+    assert discovery.bottom_k(values, 4).tolist() == [0, 1, 2, 3]
+    r1, r2 = discovery.random_k(C, 4, seed=3, exclude=top), discovery.random_k(C, 4, seed=3, exclude=top)
+    assert r1.tolist() == r2.tolist() and not set(r1) & set(top) and len(set(r1)) == 4
+
+
+def test_ratio_and_sun_criterion():
+    massive = discovery.massive_channels(planted_statistics(scale=2000.0), k=1)[0]
+    assert massive.ratio_to_median > 1000 and massive.sun_massive
+    mild = discovery.massive_channels(planted_statistics(scale=20.0), k=1)[0]
+    assert 10 < mild.ratio_to_median and not mild.sun_massive  # 20 < 100: not massive in Sun's sense
+    assert mild.sun_ratio == pytest.approx(mild.max_abs / mild.median_abs)
+
+
+@pytest.mark.parametrize("k", [0, -1, C + 1])
+def test_k_out_of_range_is_a_clear_error(k):
+    with pytest.raises(ValueError, match=rf"k={k} is out of range; allowed: 1 <= k <= {C}"):
+        discovery.massive_channels(planted_statistics(), k=k)
+
+
+def test_k_of_wrong_type_is_a_clear_error():
+    with pytest.raises(TypeError, match="k must be an int"):
+        discovery.top_k(np.zeros(C), 2.0)
+
+
+def test_jaccard_values():
+    assert discovery.jaccard([1, 2], [2, 3]) == pytest.approx(1 / 3)
+    assert discovery.jaccard([1, 2], [1, 2]) == 1.0
+    m = discovery.jaccard_matrix([[1], [1], [2]])
+    assert m.tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def test_stability_of_identical_sets_is_one_with_tight_ci():
+    s = discovery.stability([[1, 2]] * 5)
+    assert (s.mean, s.low, s.high) == (1.0, 1.0, 1.0)
+
+
+def test_stability_ci_contains_mean_for_noisy_sets():
+    rng = np.random.default_rng(0)
+    sets = [[0] + rng.choice(np.arange(1, 10), 2, replace=False).tolist() for _ in range(12)]
+    s = discovery.stability(sets)
+    assert 0 < s.low <= s.mean <= s.high < 1
+    assert s.matrix.shape == (12, 12) and "Jaccard" in str(s)
+
+
+def test_stability_across_steps_layers_and_runs():
+    stats = planted_statistics()
+    assert discovery.stability_across_steps(stats, "transformer_blocks.0.img", k=1).mean == 1.0
+    assert discovery.stability_across_layers(stats, k=1).mean == 1.0
+    runs = [planted_statistics(seed=s) for s in range(3)]
+    assert discovery.stability_across_runs(runs, "transformer_blocks.1.img", k=2).mean == 1.0
+    # k much larger than the planted pair: the rest is noise, so overlap drops
+    assert discovery.stability_across_runs(runs, "transformer_blocks.1.img", k=6).mean < 1.0
+
+
+def test_stability_needs_two_sets():
+    with pytest.raises(ValueError, match="at least 2 sets, got 1"):
+        discovery.stability([[1]])
+
+
+def test_frequency_counts_membership():
+    f = discovery.frequency([[1, 2], [1, 3]], 4)
+    assert f.tolist() == [0.0, 1.0, 0.5, 0.5]
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    low, high = discovery.bootstrap_ci(np.arange(20.0))
+    assert low < 9.5 < high
+    assert discovery.bootstrap_ci([3.0, 3.0]) == (3.0, 3.0)
+
+
+def test_table_rows_have_every_field():
+    rows = discovery.table(discovery.massive_channels(planted_statistics(), k=2, step=1))
+    assert {"tap", "top", "ratio_to_median", "sun_massive", "sun_ratio", "bottom", "random"} <= set(rows[0])
+
+
+def test_unknown_stream_is_a_clear_error():
+    with pytest.raises(ValueError, match="no 'txt' taps"):
+        discovery.massive_channels(planted_statistics(), k=1, stream="txt")
