@@ -134,6 +134,24 @@ def probe(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# book: per-notebook execution time of one forced book build (target: whole book <= 10 min on 2 cores)
+# ---------------------------------------------------------------------------------------------
+
+
+@subcommand("book", "build the book once (every notebook executed) and print seconds per notebook",
+            [arg("--budget", type=float, default=600.0, help="seconds the whole build may take")])
+def book(args: argparse.Namespace) -> int:
+    from mabook.book import bench_book
+
+    times = bench_book()
+    total = times.pop("book build")
+    for name, seconds in sorted(times.items()):
+        print(f"{name:45s} {seconds:7.1f} s")
+    print(f"{'whole book build':45s} {total:7.1f} s  ({total / args.budget:.2f}x of the {args.budget:.0f} s budget)")
+    return 0 if total <= args.budget else 1
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 

@@ -153,9 +153,17 @@ def test_bad_arguments_give_clear_errors(adapter):
 
 def test_odd_batch_in_guidance_mode_is_an_error(adapter):
     with pytest.raises(ValueError, match="guidance batch must be even"):
-        with probe.collect(adapter):
+        with probe.collect(adapter, guidance_batch=True):  # forced: the call below makes no CFG batch
             generate(adapter, prompts=PROMPTS[:1], guidance_scale=1.0)
     assert_no_hooks(adapter)
+
+
+def test_call_without_guidance_is_read_from_the_pipeline(adapter):
+    with probe.collect(adapter) as p:  # guidance_scale=1: the pipeline says there is no CFG batch
+        generate(adapter, prompts=PROMPTS[:1], guidance_scale=1.0)
+    assert p.stats.steps and adapter.guidance_batch() is False
+    generate(adapter, prompts=PROMPTS[:1])  # back to the default call
+    assert adapter.guidance_batch() is True
 
 
 # -- hook hygiene -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from mabook import world
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 CHECKPOINT = CHECKPOINT_DIR / "organism.safetensors"
+DEFAULT_GUIDANCE_SCALE = 4.0  # classifier-free guidance; the organism was trained with 10% caption dropout
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")  # EOS id 3: CLIP pools at the first EOS
 
 
@@ -162,11 +163,12 @@ class OrganismPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.organism_config = organism_config or OrganismConfig()
+        self._guidance_scale = DEFAULT_GUIDANCE_SCALE  # the last (or, before any, the default) call's
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        """True while a call runs CFG (its transformer batch is [uncond; cond]); diffusers' name."""
-        return getattr(self, "_guidance_scale", 1.0) > 1.0
+        """True if the current (or last, or by default the next) call batches [uncond; cond]; diffusers' name."""
+        return self._guidance_scale > 1.0
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -188,7 +190,7 @@ class OrganismPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str],
         num_inference_steps: int = 20,
-        guidance_scale: float = 4.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
