@@ -68,7 +68,7 @@ def _mb(nbytes: int) -> str:
         arg("--checkpoint", default=None, help="organism checkpoint (default: the committed one, else random weights)"),
         arg("--batch-size", type=int, default=16),
         arg("--num-inference-steps", type=int, default=20),
-        arg("--repeats", type=int, default=5, help="timed pairs (plus one untimed warm-up pair)"),
+        arg("--repeats", type=int, default=9, help="timed pairs (plus one untimed warm-up pair)"),
         arg("--device", default="cpu"),
     ],
 )
