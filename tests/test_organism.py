@@ -104,3 +104,10 @@ def test_trained_organism_draws_heldout_captions(committed):
     one = result["1_object"]
     # a small live sample (not the committed one): loose bars, but far above chance (1/7, 1/3, 1/2, 1/9)
     assert one["color"] >= 0.9 and one["position"] >= 0.9 and one["shape"] >= 0.7 and one["size"] >= 0.8, one
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    cfg = trainer.TrainConfig(steps=3, batch_size=4, warmup=1, log_every=1, save_at=())
+    a, _ = trainer.train(cfg, tmp_path / "a.safetensors", verbose=False)
+    b, _ = trainer.train(cfg, tmp_path / "b.safetensors", verbose=False)
+    assert organism.sha256(tmp_path / "a.safetensors") == organism.sha256(tmp_path / "b.safetensors")
