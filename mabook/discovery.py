@@ -22,6 +22,7 @@ import torch
 from mabook import probe
 from mabook.models import Adapter
 from mabook.probe import Statistics, Tap
+from mabook.stats import bootstrap_ci  # noqa: F401  (re-exported: discovery.bootstrap_ci)
 
 # Sun et al. 2024, "Massive Activations in Large Language Models", sec. 2: "activations with
 # magnitudes ... at least 100 and ... roughly 1,000 times larger than the median".
@@ -263,20 +264,3 @@ def stability_across_runs(runs: Sequence[Statistics], tap: Tap | str, k: int, st
     """Top-k at one tap compared between separate runs (one `Statistics` per prompt or per seed)."""
     sets = [top_k(r.get(statistic, tap, step).cpu().numpy(), k) for r in runs]
     return stability(sets, labels, **kwargs)
-
-
-def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap CI of the mean of independent values (e.g. a ratio per prompt)."""
-    from scipy.stats import bootstrap
-
-    values = np.asarray(values, dtype=float)
-    if values.size < 2:
-        raise ValueError(f"bootstrap_ci needs at least 2 values, got {values.size}")
-    if np.ptp(values) == 0:  # scipy's BCa/percentile degenerate on constant data
-        return float(values[0]), float(values[0])
-    kwargs = dict(confidence_level=confidence, n_resamples=n_resamples, method="percentile")
-    try:
-        res = bootstrap((values,), np.mean, rng=np.random.default_rng(seed), **kwargs)
-    except TypeError:  # scipy < 1.15 calls it random_state
-        res = bootstrap((values,), np.mean, random_state=np.random.default_rng(seed), **kwargs)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)

@@ -29,6 +29,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from mabook import world
+from mabook.stats import bootstrap_ci
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background beyond which a pixel is foreground
 PALETTE_DISTANCE = 90.0  # a foreground pixel farther than this from every object colour is "other"
@@ -156,18 +157,6 @@ def judge(image, caption: str) -> Judgement:
     return Judgement(caption, scene, correct, detected, bg_name == scene.background, foreground, mask_iou, cleanliness)
 
 
-def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap CI of the mean of `values` (scipy.stats.bootstrap)."""
-    from scipy.stats import bootstrap
-
-    values = np.asarray(values, dtype=float)
-    if values.size < 2 or np.all(values == values[0]):
-        return float(values.mean()), float(values.mean())
-    res = bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                    method="percentile", rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def summarize(judgements: list[Judgement]) -> dict:
     """Accuracy per attribute (over caption objects), grouped by number of objects in the caption.
 
@@ -185,6 +174,6 @@ def summarize(judgements: list[Judgement]) -> dict:
             "all_correct": float(np.mean([j.all_correct for j in group])),
             "mask_iou": float(np.mean([j.mask_iou for j in group])),
             "cleanliness": float(np.mean([j.cleanliness for j in group])),
-            "ci95": {a: bootstrap_ci([c[a] for c in objs]) for a in world.ATTRIBUTES},
+            "ci95": {a: bootstrap_ci([c[a] for c in objs]) if len(objs) > 1 else (np.nan, np.nan) for a in world.ATTRIBUTES},
         }
     return out
