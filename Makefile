@@ -10,11 +10,11 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: setup book test clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[book,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[book,test]"
 	touch $@
 
 setup: $(VENV)/.installed
