@@ -111,7 +111,9 @@ def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, columns:
     fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.01, vertical_spacing=0.02)
     for i, im in enumerate(images):
         fig.add_trace(go.Image(z=im, name=titles[i] if titles else str(i)), row=i // columns + 1, col=i % columns + 1)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
+    # a thin frame per image: white-background images would otherwise vanish into the page
+    frame = dict(showticklabels=False, ticks="", showgrid=False, zeroline=False, showline=True, linecolor="#bbb", mirror=True)
+    fig.update_xaxes(**frame)
+    fig.update_yaxes(**frame)
     fig.update_layout(height=110 * rows + 40, margin=dict(l=10, r=10, t=30, b=10))
     return fig
