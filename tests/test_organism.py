@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mabook import organism, world
+from mabook import organism
 from mabook.organism import train as trainer
 
 PROMPTS = ["a large red circle at the top left on a black background",
