@@ -152,6 +152,55 @@ def book(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# train: steps per second of the default training config, on 1 and 2 threads
+# ---------------------------------------------------------------------------------------------
+
+
+@subcommand(
+    "train",
+    help="training steps/s of the organism's default config on 1 and 2 CPU threads (to budget a long run)",
+    arguments=[
+        arg("--steps", type=int, default=20, help="timed steps per thread count (after 3 untimed warm-up steps)"),
+        arg("--threads", type=int, nargs="+", default=[1, 2]),
+        arg("--target-steps", type=int, default=None, help="steps of the run to budget (default: TrainConfig.steps)"),
+    ],
+)
+def train(args: argparse.Namespace) -> int:
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from mabook.organism import train as trainer
+
+    if args.steps < 1 or any(t < 1 for t in args.threads):
+        raise ValueError(f"--steps and --threads must be >= 1, got {args.steps} and {args.threads}")
+    default = trainer.TrainConfig()
+    target = args.target_steps or default.steps
+    probe_cost = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for threads in args.threads:
+            # the measured steps include the emergence probe at its default rate, as in a real run
+            cfg = replace(default, steps=3 + args.steps, threads=threads, save_at=(), log_every=10**9,
+                          probe_every=default.probe_every)
+            state = Path(tmp) / f"state{threads}"
+            trainer.train(replace(cfg), Path(tmp) / "o.safetensors", verbose=False, state_dir=state, stop_after=3)
+            start = time.perf_counter()
+            trainer.train(cfg, Path(tmp) / "o.safetensors", verbose=False, state_dir=state)
+            seconds = (time.perf_counter() - start) / args.steps
+            if probe_cost is None:
+                pipe = trainer.build_pipeline()
+                batch = trainer.ProbeBatch.make(pipe.organism_config)
+                t0 = time.perf_counter()
+                trainer.measure_emergence(pipe, batch, default.probe_k)
+                probe_cost = time.perf_counter() - t0
+            print(f"{threads} thread(s): {1 / seconds:.2f} steps/s ({seconds:.2f} s/step, batch {default.batch_size}); "
+                  f"{target} steps ~ {target * seconds / 60:.0f} min")
+    print(f"emergence probe: {probe_cost:.2f} s per measurement (raw + EMA: x2), every {default.probe_every} steps "
+          f"= {2 * probe_cost / default.probe_every / seconds:.1%} of training time")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ class LayerReport:
     random: list[int]  # control: k seeded random channels, disjoint from `top`
     ratio_to_median: float  # statistic of the top channel / median statistic over channels
     max_abs: float  # largest |x| seen at this tap (any channel, token, sample, step pooled)
-    median_abs: float  # median over channels of the per-channel median |x| (estimate of the layer's median |x|)
+    median_abs: float  # median over channels of the per-channel median |x| (per sample, averaged: see probe.Statistics)
     sun_massive: bool  # max_abs > 100 and max_abs / median_abs >= 1000
 
     @property

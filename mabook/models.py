@@ -46,6 +46,9 @@ class Family:
     output_layout: str  # "txt_img": output is (encoder_hidden_states, hidden_states); "img": hidden_states
     guidance_batch: bool  # default pipeline call batches [uncond; cond] in one transformer call
     example: str  # a hub id, for error messages and docs
+    # guidance as a second, unconditional transformer call after the conditional one at the same
+    # step (FluxPipeline with true_cfg_scale > 1 and a negative prompt), rather than a doubled batch
+    separate_uncond_call: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -54,7 +57,8 @@ FAMILIES: dict[str, Family] = {
         # The organism is a FluxTransformer2DModel behind its own pipeline (pixels, no VAE).
         Family("organism", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", True, "organism"),
         # FLUX.1-dev is guidance-distilled: one call per step, no CFG batch.
-        Family("flux", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", False, "black-forest-labs/FLUX.1-dev"),
+        Family("flux", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", False,
+               "black-forest-labs/FLUX.1-dev", separate_uncond_call=True),
         Family("sd3", "SD3Transformer2DModel", ("transformer_blocks",), "txt_img", True, "stabilityai/stable-diffusion-3.5-medium"),
         Family("pixart", "PixArtTransformer2DModel", ("transformer_blocks",), "img", True, "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
         Family("sana", "SanaTransformer2DModel", ("transformer_blocks",), "img", True, "Efficient-Large-Model/Sana_600M_1024px_diffusers"),
@@ -127,17 +131,21 @@ class Adapter:
 
     # -- geometry ---------------------------------------------------------------------------------
 
-    def guidance_batch(self) -> bool:
-        """Whether the transformer call being made batches [uncond; cond] (classifier-free guidance).
+    def guidance_batch(self, hidden_states: torch.Tensor | None = None) -> bool:
+        """Whether a transformer call batches [uncond; cond] (classifier-free guidance).
 
-        diffusers' SD3 and SANA pipelines expose `do_classifier_free_guidance` during a call; other
-        pipelines fall back to their family's default call (organism guidance_scale=4: yes; FLUX.1-dev:
-        no). Pass `guidance_batch=` to the probe when calling a pipeline differently.
+        Given the call's input `hidden_states`, read from it: every diffusers pipeline batches
+        guidance as `torch.cat([latents] * 2)`, so the batch is two identical halves (unless the
+        pipeline's `do_classifier_free_guidance`, where it has one, says False: identical latents
+        passed on purpose). Without it: the pipeline's flag, else the family's default call.
         """
         flag = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
-        if isinstance(flag, bool):
-            return flag
-        return self.family.guidance_batch
+        flag = flag if isinstance(flag, bool) else None
+        if hidden_states is None:
+            return flag if flag is not None else self.family.guidance_batch
+        B = hidden_states.shape[0]
+        halves_equal = B > 0 and B % 2 == 0 and torch.equal(hidden_states[: B // 2], hidden_states[B // 2:])
+        return halves_equal and flag is not False
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Image token grid (h, w) for a generation of height x width pixels (default: the pipeline's)."""

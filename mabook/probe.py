@@ -11,18 +11,20 @@ Glossary.
          (`Tap(block_path, stream)`; `str(tap)` is the name).
   layer  a block, in forward order (`adapter.blocks`); each layer has one tap per stream.
   stream "img" (the image tokens, diffusers' `hidden_states`) or "txt" (`encoder_hidden_states`).
-  step   the index of the denoising step: the transformer is called once per scheduler timestep,
-         so step = number of earlier transformer calls in this generation. A call whose timestep is
-         higher than the previous call's starts a new generation (step 0 again); a call with the
-         same timestep is the same step (e.g. FLUX's "true CFG", which runs uncond separately).
+  step   the index of the denoising step in this generation, from 0: one scheduler position
+         (`scheduler.step_index`, timestep). A new schedule (or, for a bare transformer, a rising
+         timestep) starts a new generation; FLUX's "true CFG" makes two calls at one step; Heun's
+         two evaluations per step are two steps. The full rule is in `Hooks`.
+  call   one transformer call within a step.
 
-Pitfalls handled here: classifier-free guidance doubles the batch as [uncond; cond] -- hooks see
-the conditional half by default (`cfg="cond"`, or "uncond", "both"); FLUX single blocks
+Pitfalls handled here: classifier-free guidance doubles the batch as [uncond; cond], or (FLUX true
+CFG) adds a separate unconditional call -- hooks see the conditional samples by default
+(`cfg="cond"`, or "uncond", "both"), detected from what the transformer receives; FLUX single blocks
 concatenate [text; image] internally, but in diffusers 0.42 they return the two streams separately,
 as the adapter reports them.
 
 One hook signature across the package (`HookFn`): ``fn(tap, step, hidden_states) -> Tensor | None``
-with hidden_states (batch_size, sequence_length, channels) of the selected CFG half; returning a
+with hidden_states (batch_size, sequence_length, channels) of the selected samples; returning a
 tensor of the same shape replaces it, returning None leaves the model untouched.
 
 What this is not: a general tracing library. Only block outputs are tapped; attention internals
@@ -31,7 +33,9 @@ need a custom attention processor (see `adapter.attention_modules()`).
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -120,10 +124,27 @@ class Hooks:
     """Context manager running `fn(tap, step, hidden_states)` at the chosen taps during any forward call.
 
     taps: Taps or names (default: all). steps: which denoising steps (default: all).
-    cfg: which half of a guidance batch `fn` sees. guidance_batch: whether transformer calls batch
-    [uncond; cond] (default: ask the adapter at each call). Inside the context, `step` and
-    `steps_seen` say where the pipeline is; `observed_bytes` is what storing every tapped hidden
-    state (full batch) would have cost.
+    cfg: which samples `fn` sees ("cond", "uncond" or "both"). guidance_batch: whether transformer
+    calls batch [uncond; cond] (default: detected at each call, see below). Inside the context,
+    `step`, `call` and `steps_seen` say where the pipeline is; `observed_bytes` is what storing every
+    tapped hidden state (full batch) would have cost.
+
+    Where the pipeline is -- the rule, for every family:
+
+    * a *generation* starts when the pipeline's scheduler has a new schedule (`set_timesteps` makes
+      a new `scheduler.timesteps` tensor), or when the timestep rises (a bare transformer);
+    * a *step* is one position of the scheduler, (`scheduler.step_index`, timestep): steps count
+      from 0 in each generation, so an img2img or truncated schedule starts at step 0 wherever it
+      enters the schedule, and a sampler that evaluates the model twice per step (Heun) gives each
+      evaluation its own step and timestep (`steps_seen`);
+    * a *call* is one transformer call at a step: FLUX's "true CFG" makes two, the conditional one
+      and then the unconditional one (the pipeline's order; `Family.separate_uncond_call`).
+
+    Which samples are conditional: a call whose input `hidden_states` is two identical halves
+    [x; x] -- how every diffusers pipeline batches classifier-free guidance -- is [uncond; cond]
+    (unless the pipeline's `do_classifier_free_guidance` says False). Any other call has one role:
+    unconditional for a separate unconditional call, conditional otherwise. `fn` is called only
+    for the samples the `cfg` mode selects, and not at all for a call that has none of them.
     """
 
     def __init__(self, adapter: Adapter, fn: HookFn, taps: Iterable[Tap | str] | Tap | str | None = None, steps=None,
@@ -136,27 +157,42 @@ class Hooks:
             taps = [taps]
         self.taps = _all_taps(adapter) if taps is None else [resolve(adapter, t) for t in taps]
         self.steps = _check_steps(steps)
-        self.step = -1
-        self.steps_seen: dict[int, float] = {}  # step -> timestep
+        self.step, self.call = -1, 0
+        self.steps_seen: dict[int, float | None] = {}  # step -> timestep (of the current generation)
         self.observed_bytes = 0
-        self._last_timestep: float | None = None
-        self._active, self._cfg_batch = True, False  # set per transformer call by _pre_transformer
+        self._schedule = self._position = self._last_timestep = None
+        self._active, self._roles = True, ("cond",)  # set per transformer call by _pre_transformer
+        self._signature = inspect.signature(adapter.transformer.forward)
         self._handles: list = []
 
-    # 1. count steps: one transformer call per scheduler timestep
+    # 1. where the pipeline is, and which samples of this call are conditional
     def _pre_transformer(self, module, args, kwargs):
-        t = kwargs.get("timestep")
+        bound = self._signature.bind_partial(*args, **kwargs).arguments  # timestep may be positional
+        t = bound.get("timestep")
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (float(t) if t is not None else None)
-        if t is None or self._last_timestep is None or t < self._last_timestep:
-            self.step += 1
-        elif t > self._last_timestep:
-            self.step = 0
-        self._last_timestep = t
+        scheduler = getattr(self.adapter.pipe, "scheduler", None)
+        schedule = getattr(scheduler, "timesteps", None)
+        position = (getattr(scheduler, "step_index", None), t)
+        if (self.step < 0 or (schedule is not None and schedule is not self._schedule)
+                or (t is not None and self._last_timestep is not None and t > self._last_timestep)):
+            self.step, self.call = 0, 0  # a new generation
+        elif position == (None, None) or position != self._position:
+            self.step, self.call = self.step + 1, 0  # (nothing tells where we are: one call, one step)
+        else:
+            self.call += 1
+        self._schedule, self._position, self._last_timestep = schedule, position, t
         self.steps_seen[self.step] = t
         self._active = self.steps is None or self.step in self.steps
-        self._cfg_batch = self.adapter.guidance_batch() if self.guidance_batch is None else self.guidance_batch
+        if self.guidance_batch is None:
+            batched = self.adapter.guidance_batch(bound.get("hidden_states"))
+        else:
+            batched = self.guidance_batch
+        if batched:
+            self._roles = ("uncond", "cond")
+        else:
+            self._roles = ("uncond",) if self.call > 0 and self.adapter.family.separate_uncond_call else ("cond",)
 
-    # 2. at each block output, hand the chosen half of each chosen stream to fn
+    # 2. at each block output, hand the selected samples of each chosen stream to fn
     def _block_hook(self, block_taps: list[Tap]):
         def hook(module, args, output):
             if not self._active:
@@ -168,31 +204,35 @@ class Hooks:
                 if hidden_states is None:  # SD3's last block has no text output
                     continue
                 self.observed_bytes += hidden_states.numel() * hidden_states.element_size()
-                half = self._select(hidden_states)
-                result = self.fn(tap, self.step, half)
-                if result is None or result is half:
+                part = self._select(hidden_states)
+                if part is None:  # this call holds no sample of the selected kind
                     continue
-                if result.shape != half.shape:
-                    raise ValueError(f"hook at {tap} step {self.step} returned shape {tuple(result.shape)}, expected {tuple(half.shape)}")
+                result = self.fn(tap, self.step, part)
+                if result is None or result is part:
+                    continue
+                if result.shape != part.shape:
+                    raise ValueError(f"hook at {tap} step {self.step} returned shape {tuple(result.shape)}, expected {tuple(part.shape)}")
                 new_output = self.adapter.replace(new_output, tap.stream, self._merge(hidden_states, result))
             return None if new_output is output else new_output
 
         return hook
 
-    def _select(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self._cfg_batch or self.cfg == "both":
+    def _select(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg == "both":
             return hidden_states
+        if len(self._roles) == 1:
+            return hidden_states if self._roles[0] == self.cfg else None
         B = hidden_states.shape[0]
         if B % 2:
             raise ValueError(f"a guidance batch must be even ([uncond; cond]), got batch {B}; pass guidance_batch=False")
         return hidden_states[B // 2:] if self.cfg == "cond" else hidden_states[: B // 2]
 
-    def _merge(self, hidden_states: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
-        if not self._cfg_batch or self.cfg == "both":
-            return half.to(hidden_states.dtype)
+    def _merge(self, hidden_states: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        if self.cfg == "both" or len(self._roles) == 1:
+            return part.to(hidden_states.dtype)
         B = hidden_states.shape[0] // 2
         other = hidden_states[:B] if self.cfg == "cond" else hidden_states[B:]
-        parts = (other, half) if self.cfg == "cond" else (half, other)
+        parts = (other, part) if self.cfg == "cond" else (part, other)
         return torch.cat([p.to(hidden_states.dtype) for p in parts])
 
     def __enter__(self):
@@ -233,55 +273,101 @@ hooks = Hooks  # the generic verb: `with probe.hooks(adapter, fn): pipe(...)`
 # Statistics: per (step, tap, channel), streaming, memory independent of tokens and batch
 # ---------------------------------------------------------------------------------------------
 
+MEDIAN_TOKENS = 256  # median_abs is exact over at most this many tokens per sample (see channel_moments)
+_ROWS = ("abs_mean_sum", "mean", "m2", "median_abs_sum", "max_abs")  # the accumulator's rows
+FORMAT = 2  # version of the saved layout (1: E[x^2] - E[x]^2 moments, first-sample medians)
 
-def channel_sums(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel reductions of one call: a few fused ops, no loop over channels.
 
-    hidden_states: (batch_size, sequence_length, channels). Returns sums (4, channels) float64 --
-    [|token mean|, token mean, token mean of x^2] summed over samples, and the token median of |x|
-    of the first sample only -- and max_abs (channels,) float64.
-    The median is the one costly reduction (a selection per channel, ~30x a mean on CPU), so it is
-    taken on one sample per call; averaged over calls it is an estimate, used as a normaliser.
+def median_tokens(num_tokens: int) -> torch.Tensor | None:
+    """The tokens median_abs reads: all of them up to MEDIAN_TOKENS, else a fixed random subset.
+
+    The subset depends only on the sequence length (seeded by it), never on batching or the call.
+    """
+    if num_tokens <= MEDIAN_TOKENS:
+        return None
+    g = torch.Generator().manual_seed(num_tokens)
+    return torch.randperm(num_tokens, generator=g)[:MEDIAN_TOKENS].sort().values
+
+
+def channel_moments(hidden_states: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-channel moments of one call: a few fused ops, no loop over channels.
+
+    hidden_states: (batch_size, sequence_length, channels). Returns (rows (5, channels) float64,
+    tokens) with rows as in `_ROWS`: sum over samples of |mean over tokens|; the mean over all
+    tokens and samples; m2, the sum of squared deviations from that mean (centred, so a channel at
+    1e4 with std 1 keeps its std: E[x^2] - E[x]^2 would cancel to 0 in float32); the sum over
+    samples of each sample's median |x| over `median_tokens` (torch's lower median); max |x|.
     """
     x = hidden_states.detach().float()  # statistics never join an autograd graph
-    mean = x.mean(1)  # (B, C)
-    median = x[0].abs().median(0).values  # (C,)
-    sums = torch.stack((mean.abs().sum(0), mean.sum(0), x.square().mean(1).sum(0), median))
-    return sums.double(), x.abs().amax((0, 1)).double()
+    B, N, C = x.shape
+    token_mean = x.mean(1)  # (B, C)
+    mu = token_mean.mean(0)  # (C,)
+    d = x - mu  # exact in float32 where x is near mu (Sterbenz), which is where cancellation would bite
+    # mu's own rounding error e = mean(d) is corrected in float64: the exact mean is mu + e, and
+    # sum (d - e)^2 = sum d^2 - N e^2 is the centred sum of squares
+    e = d.sum((0, 1), dtype=torch.float64) / (B * N)
+    m2 = d.square().sum((0, 1), dtype=torch.float64) - e.square() * (B * N)
+    idx = median_tokens(N)
+    sub = x if idx is None else x[:, idx.to(x.device)]
+    median = sub.abs().median(1).values.sum(0, dtype=torch.float64)  # (C,)
+    rows = torch.stack((token_mean.abs().sum(0, dtype=torch.float64), mu.double() + e, m2.clamp_min(0), median,
+                        x.abs().amax((0, 1)).double()))
+    return rows, B * N
+
+
+def _combine(a: torch.Tensor, na: int, b: torch.Tensor, nb: int) -> torch.Tensor:
+    """Pool two accumulators over na and nb tokens (Chan et al.'s parallel mean/variance update)."""
+    n = na + nb
+    out = a.clone()
+    out[0] += b[0]
+    out[3] += b[3]
+    delta = b[1] - a[1]
+    out[1] = a[1] + delta * (nb / n)
+    out[2] = a[2] + b[2] + delta.square() * (na * nb / n)
+    torch.maximum(a[4], b[4], out=out[4])
+    return out
 
 
 class Statistics:
     """Streaming per-channel statistics of hidden states, per (step, tap).
 
-    Per sample and call, over the tokens of the stream: `abs_mean` = |mean over tokens| (the
-    paper's statistic on the image stream), `mean`, `std` (pooled over tokens and samples),
-    `max_abs` = max |x|, `median_abs` = median over tokens of |x|, computed exactly for the first
-    sample of each call and averaged over calls (an estimate). Each (step, tap) holds one
-    (5, channels) float64 tensor and two counts: memory does not grow with tokens or batch.
+    Over the tokens of one stream, per channel:
+      abs_mean    |mean over tokens| per sample, averaged over samples (the paper's statistic)
+      mean        mean over tokens and samples
+      std         standard deviation over tokens and samples (population; stable at any mean)
+      max_abs     max |x| over tokens and samples
+      median_abs  median |x| over tokens per sample (exact for <= MEDIAN_TOKENS tokens, else over a
+                  fixed subset of that many), averaged over samples: the same number however the
+                  samples are batched
+    Each (step, tap) holds one (5, channels) float64 tensor and three counts (samples, tokens,
+    calls): memory does not grow with tokens or batch. Merging is exact (Chan's update).
     """
 
     def __init__(self):
         self.taps: list[Tap] = []  # in the order first seen (forward order)
-        self.timesteps: dict[int, float] = {}
+        self.timesteps: dict[int, float | None] = {}
         self._acc: dict[tuple[int, Tap], torch.Tensor] = {}
         self._count: dict[tuple[int, Tap], int] = {}  # samples
-        self._calls: dict[tuple[int, Tap], int] = {}  # forward calls (one median sample each)
+        self._tokens: dict[tuple[int, Tap], int] = {}  # samples x tokens
+        self._calls: dict[tuple[int, Tap], int] = {}  # forward calls
 
     # -- accumulation (called from the hook) ---------------------------------------------------
 
     def update(self, tap: Tap, step: int, hidden_states: torch.Tensor) -> None:
-        sums, max_abs = channel_sums(hidden_states)
-        key = (step, tap)
-        acc = self._acc.get(key)
-        if acc is None:
-            if tap not in self.taps:
-                self.taps.append(tap)
-            acc = self._acc[key] = torch.zeros(5, sums.shape[1], dtype=torch.float64, device=sums.device)
-            self._count[key] = self._calls[key] = 0
-        acc[:4] += sums
-        torch.maximum(acc[4], max_abs, out=acc[4])
-        self._count[key] += hidden_states.shape[0]
-        self._calls[key] += 1
+        rows, tokens = channel_moments(hidden_states)
+        self._add((step, tap), rows, hidden_states.shape[0], tokens, 1)
+
+    def _add(self, key: tuple[int, Tap], rows: torch.Tensor, samples: int, tokens: int, calls: int) -> None:
+        if key not in self._acc:
+            if key[1] not in self.taps:
+                self.taps.append(key[1])
+            self._acc[key] = rows.clone()
+            self._count[key], self._tokens[key], self._calls[key] = samples, tokens, calls
+            return
+        self._acc[key] = _combine(self._acc[key], self._tokens[key], rows, tokens)
+        self._count[key] += samples
+        self._tokens[key] += tokens
+        self._calls[key] += calls
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -297,6 +383,11 @@ class Statistics:
     def layers(self, stream: str = "img") -> list[Tap]:
         return [t for t in self.taps if t.stream == stream]
 
+    def counts(self, tap: Tap | str, step: int) -> dict[str, int]:
+        """{"samples", "tokens", "calls"} accumulated at one (step, tap)."""
+        key = (step, self._check("mean", tap, step))
+        return {"samples": self._count[key], "tokens": self._tokens[key], "calls": self._calls[key]}
+
     def _check(self, name: str, tap: Tap | str, step: int | None) -> Tap:
         if name not in STATISTICS:
             raise ValueError(f"unknown statistic {name!r}; allowed: {list(STATISTICS)}")
@@ -311,16 +402,19 @@ class Statistics:
         """One statistic (channels,) float64 at one tap, at `step` or pooled over all steps (None)."""
         tap = self._check(name, tap, step)
         keys = [(step, tap)] if step is not None else [(s, tap) for s in self.steps if (s, tap) in self._acc]
-        if name == "max_abs":
-            return torch.stack([self._acc[k][4] for k in keys]).amax(0)
-        if name == "median_abs":
-            return sum(self._acc[k][3] for k in keys) / sum(self._calls[k] for k in keys)
-        total = sum(self._acc[k][:3] for k in keys) / sum(self._count[k] for k in keys)  # (3, C) per-sample averages
+        acc, tokens = self._acc[keys[0]], self._tokens[keys[0]]
+        for k in keys[1:]:
+            acc, tokens = _combine(acc, tokens, self._acc[k], self._tokens[k]), tokens + self._tokens[k]
+        samples = sum(self._count[k] for k in keys)
         if name == "abs_mean":
-            return total[0]
+            return acc[0] / samples
         if name == "mean":
-            return total[1]
-        return (total[2] - total[1] ** 2).clamp_min(0).sqrt()  # std
+            return acc[1].clone()
+        if name == "std":
+            return (acc[2] / tokens).sqrt()
+        if name == "median_abs":
+            return acc[3] / samples
+        return acc[4].clone()  # max_abs
 
     def array(self, name: str, stream: str = "img", step: int | None = None) -> np.ndarray:
         """(layers, channels) numpy array of a statistic for every layer of a stream."""
@@ -332,23 +426,26 @@ class Statistics:
 
     @classmethod
     def merge(cls, runs: Sequence["Statistics"]) -> "Statistics":
-        """Pool several runs (e.g. one per prompt) as if they had been collected in one."""
+        """Pool several runs (e.g. one per prompt, or one per process) as if collected in one.
+
+        Steps are pooled by index, so the runs must share a schedule: a step whose timestep
+        differs between two runs (other num_inference_steps, scheduler or strength) is refused.
+        """
         if not runs or not all(isinstance(r, Statistics) for r in runs):
             raise TypeError("merge needs a non-empty sequence of Statistics")
         out = cls()
-        for r in runs:
+        for i, r in enumerate(runs):
+            for step, t in r.timesteps.items():
+                known = out.timesteps.get(step)
+                if known is not None and t is not None and not math.isclose(known, t, rel_tol=1e-5, abs_tol=1e-6):
+                    raise ValueError(
+                        f"cannot merge statistics from different schedules: step {step} ran at timestep {known:g} "
+                        f"in an earlier run but at {t:g} in run {i}; merge only runs with the same num_inference_steps, "
+                        "scheduler and strength")
+                out.timesteps.setdefault(step, t)
             for key, acc in r._acc.items():
-                if key[1] not in out.taps:
-                    out.taps.append(key[1])
-                if key not in out._acc:
-                    out._acc[key] = acc.clone()
-                    out._count[key], out._calls[key] = r._count[key], r._calls[key]
-                    continue
-                out._acc[key][:4] += acc[:4]
-                torch.maximum(out._acc[key][4], acc[4], out=out._acc[key][4])
-                out._count[key] += r._count[key]
-                out._calls[key] += r._calls[key]
-            out.timesteps = {**r.timesteps, **out.timesteps}
+                out._add(key, acc, r._count[key], r._tokens[key], r._calls[key])
+        out.timesteps = dict(sorted(out.timesteps.items()))
         return out
 
     # -- files -------------------------------------------------------------------------------------
@@ -359,11 +456,14 @@ class Statistics:
 
         tensors = {f"{s}/{t}": a.cpu().contiguous() for (s, t), a in self._acc.items()}
         meta = {
+            "format": FORMAT,
             "taps": [[t.block_path, t.stream] for t in self.taps],
             "counts": {f"{s}/{t}": c for (s, t), c in self._count.items()},
+            "tokens": {f"{s}/{t}": c for (s, t), c in self._tokens.items()},
             "calls": {f"{s}/{t}": c for (s, t), c in self._calls.items()},
             "timesteps": {str(s): v for s, v in self.timesteps.items()},
-            "rows": ["abs_mean_sum", "mean_sum", "sq_mean_sum", "median_abs_sum_first_sample", "max_abs"],
+            "rows": list(_ROWS),
+            "median_tokens": MEDIAN_TOKENS,
         }
         save_file(tensors, str(path), metadata={"mabook_statistics": json.dumps(meta)})
 
@@ -373,7 +473,13 @@ class Statistics:
 
         stats = cls()
         with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["mabook_statistics"])
+            raw = (f.metadata() or {}).get("mabook_statistics")
+            if raw is None:
+                raise ValueError(f"{path} is not a mabook statistics file (no 'mabook_statistics' metadata)")
+            meta = json.loads(raw)
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} holds statistics in format {meta.get('format', 1)}, this mabook reads format "
+                                 f"{FORMAT}: collect them again")
             stats.taps = [Tap(b, s) for b, s in meta["taps"]]
             by_name = {str(t): t for t in stats.taps}
             for key in f.keys():
@@ -381,6 +487,7 @@ class Statistics:
                 k = (int(step), by_name[name])
                 stats._acc[k] = f.get_tensor(key)
                 stats._count[k] = int(meta["counts"][key])
+                stats._tokens[k] = int(meta["tokens"][key])
                 stats._calls[k] = int(meta["calls"][key])
         stats.timesteps = {int(s): v for s, v in meta["timesteps"].items()}
         return stats
@@ -389,7 +496,13 @@ class Statistics:
 class Probe(Hooks):
     """`collect`'s context: accumulates `stats` at every tap and step, and captures full hidden
     states for the requested (tap, step) pairs only (`captured[(tap_name, step)]`:
-    (batch_size, sequence_length, channels), the selected CFG half, detached copies)."""
+    (batch_size, sequence_length, channels) of the samples the cfg mode selects, detached copies;
+    the last generation's, and [uncond; cond] where FLUX's true CFG makes two calls).
+
+    Steps are pooled by index over the generations in one context, so they must share a schedule:
+    a step that runs at another timestep than before (another num_inference_steps, an img2img
+    strength) is refused.
+    """
 
     def __init__(self, adapter: Adapter, taps=None, steps=None, cfg: str = "cond", guidance_batch: bool | None = None,
                  capture: Iterable[tuple[Tap | str, int]] = ()):
@@ -397,6 +510,7 @@ class Probe(Hooks):
         self.stats = Statistics()
         self.captured: dict[tuple[str, int], torch.Tensor] = {}
         self._capture: set[tuple[Tap, int]] = set()
+        self._schedule_seen: dict[int, float | None] = {}
         for item in capture:
             if not (isinstance(item, tuple) and len(item) == 2):
                 raise TypeError(f"capture items must be (tap, step) pairs, got {item!r}")
@@ -405,15 +519,27 @@ class Probe(Hooks):
                 raise ValueError(f"capture step must be a non-negative int, got {step!r}")
             self._capture.add((resolve(adapter, tap), int(step)))
 
+    def _pre_transformer(self, module, args, kwargs):
+        super()._pre_transformer(module, args, kwargs)
+        t, known = self.steps_seen[self.step], self._schedule_seen.setdefault(self.step, self.steps_seen[self.step])
+        if t is not None and known is not None and not math.isclose(t, known, rel_tol=1e-5, abs_tol=1e-6):
+            raise ValueError(
+                f"step {self.step} ran at timestep {t:g} here but at {known:g} in an earlier generation of this collect: "
+                "statistics pool steps by index, so collect each schedule (num_inference_steps, strength) separately "
+                "and compare the runs")
+
     def _record(self, tap: Tap, step: int, hidden_states: torch.Tensor) -> None:
         self.stats.update(tap, step, hidden_states)
         if (tap, step) in self._capture:
-            self.captured[(str(tap), step)] = hidden_states.detach().clone()
+            key, copy = (str(tap), step), hidden_states.detach().clone()
+            if self.call > 0 and key in self.captured and self.cfg == "both":  # a separate unconditional call
+                copy = torch.cat([copy, self.captured[key]] if self._roles == ("uncond",) else [self.captured[key], copy])
+            self.captured[key] = copy
         return None
 
     def __exit__(self, exc_type, exc, tb):
         self.remove()
-        self.stats.timesteps = dict(self.steps_seen)
+        self.stats.timesteps = dict(self._schedule_seen)
         if exc_type is None and self._capture:
             self.check_steps_ran([s for _, s in self._capture], "capture")
         return False
@@ -440,11 +566,12 @@ EDIT_OPS = ("zero", "mean", "set", "scale")
 class Edit:
     """Replace `channels` of the hidden states at `tap`, at `steps` (None: every step).
 
-    op: "zero"; "mean" (each channel set to its mean over this call's tokens, per sample: keeps its
-    level, removes its spatial pattern); "set" (to `value`, a float or a (len(channels),) tensor,
+    op: "zero"; "mean" (each channel set to its mean over the edited tokens -- all of them, or those
+    in token_mask -- per sample: keeps its level, removes its spatial pattern); "set" (to `value`, a float or a (len(channels),) tensor,
     e.g. a mean from `Statistics`); "scale" (multiply by `value`); or a callable mapping the
     selected values (batch_size, sequence_length, len(channels)) to new ones of the same shape.
-    token_mask: optional bool (sequence_length,) or (batch_size, sequence_length): edit only these tokens.
+    token_mask: optional bool (sequence_length,) or (batch_size, sequence_length): edit only these tokens
+    (a per-image mask applies to each guidance half alike when the edit sees both).
     """
 
     tap: Tap | str
@@ -454,13 +581,28 @@ class Edit:
     steps: Sequence[int] | int | None = None
     token_mask: torch.Tensor | None = None
 
+    def _mask(self, selected: torch.Tensor) -> torch.Tensor:
+        """token_mask as (batch_size or 1, sequence_length, 1) bool on the hidden states' device."""
+        mask = self.token_mask.to(selected.device, torch.bool)
+        B, N = selected.shape[:2]
+        if mask.dim() not in (1, 2) or mask.shape[-1] != N or (mask.dim() == 2 and B % mask.shape[0]):
+            raise ValueError(f"token_mask at {self.tap} has shape {tuple(mask.shape)}; expected ({N},) or "
+                             f"(batch, {N}) with batch dividing the {B} samples edited")
+        if mask.dim() == 1:
+            return mask[None, :, None]
+        return mask.repeat(B // mask.shape[0], 1)[..., None]  # (B, N) per image repeats over [uncond; cond]
+
     def apply(self, hidden_states: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         """(batch_size, sequence_length, C) -> edited copy."""
         selected = hidden_states[..., channels]  # (B, N, k), a copy
         if self.op == "zero":
             new = torch.zeros_like(selected)
-        elif self.op == "mean":
-            new = selected.mean(1, keepdim=True).expand_as(selected)
+        elif self.op == "mean":  # over the tokens being edited: a masked edit reads nothing outside its mask
+            if self.token_mask is None:
+                new = selected.mean(1, keepdim=True).expand_as(selected)
+            else:
+                w = self._mask(selected).to(selected.dtype)  # (B or 1, N, 1)
+                new = ((selected * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)).expand_as(selected)
         elif self.op == "set":
             new = torch.as_tensor(self.value, dtype=selected.dtype, device=selected.device).expand_as(selected)
         elif self.op == "scale":
@@ -471,8 +613,7 @@ class Edit:
                 got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
                 raise ValueError(f"edit callable at {self.tap} must return a tensor of shape {tuple(selected.shape)}, got {got}")
         if self.token_mask is not None:
-            mask = self.token_mask.to(selected.device)
-            new = torch.where(mask[..., None] if mask.dim() == 2 else mask[None, :, None], new, selected)
+            new = torch.where(self._mask(selected), new, selected)
         out = hidden_states.clone()
         out[..., channels] = new.to(out.dtype)
         return out

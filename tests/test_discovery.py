@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import mabook
 from mabook import discovery
 from mabook.probe import Statistics, Tap
 
@@ -116,3 +117,49 @@ def test_table_rows_have_every_field():
 def test_unknown_stream_is_a_clear_error():
     with pytest.raises(ValueError, match="no 'txt' taps"):
         discovery.massive_channels(planted_statistics(), k=1, stream="txt")
+
+
+def statistics_of(x: torch.Tensor) -> Statistics:
+    stats = Statistics()
+    stats.update(Tap("transformer_blocks.0", "img"), 0, x)
+    return stats
+
+
+@pytest.mark.parametrize("level,spread,expected", [
+    (150.0, 1.0, False),   # magnitude > 100, but only ~150x the median |x|: fails the ratio condition only
+    (50.0, 0.01, False),   # ~5000x the median |x|, but 50 < 100: fails the magnitude condition only
+    (5000.0, 1.0, True),   # both
+])
+def test_sun_criterion_needs_both_magnitude_and_ratio(level, spread, expected):
+    g = torch.Generator().manual_seed(0)
+    x = spread * torch.randn(1, 64, C, generator=g)
+    x[0, 5, MASSIVE] = level  # one massive activation
+    report = discovery.massive_channels(statistics_of(x), k=1)[0]
+    median = float(np.median(np.sort(np.abs(x[0].numpy()), axis=0)[31]))  # numpy: lower median per channel, median over channels
+    assert report.max_abs == pytest.approx(level)
+    assert report.median_abs == pytest.approx(median, rel=1e-6)
+    assert (report.max_abs > 100) == (level > 100) and (report.sun_ratio >= 1000) == (level / median >= 1000)
+    assert report.sun_massive is expected
+
+
+def test_collect_statistics_seeds_each_batch_and_passes_cfg():
+    from mabook import organism, probe
+
+    torch.manual_seed(0)
+    pipe = organism.build_pipeline()
+    adapter = mabook.adapter_for(pipe)
+    prompts = ["a red circle at the center on a black background", "a blue square at the left on a white background",
+               "a small green triangle at the top on a gray background"]
+    stats = discovery.collect_statistics(adapter, prompts, num_inference_steps=2, seed=5, batch_size=2)
+    # independently: batch b is generated with generator seed 5 + b
+    runs = []
+    for b, batch in enumerate((prompts[:2], prompts[2:])):
+        with probe.collect(adapter) as run:
+            pipe(batch, num_inference_steps=2, generator=torch.Generator().manual_seed(5 + b), output_type="pt")
+        runs.append(run.stats)
+    expected = Statistics.merge(runs)
+    for name in ("abs_mean", "std", "max_abs", "median_abs"):
+        np.testing.assert_allclose(stats.array(name), expected.array(name), rtol=1e-6, atol=1e-7)
+    both = discovery.collect_statistics(adapter, prompts, num_inference_steps=2, seed=5, batch_size=2, cfg="both")
+    tap = both.layers()[0]
+    assert both.counts(tap, 0)["samples"] == 2 * len(prompts) and stats.counts(tap, 0)["samples"] == len(prompts)

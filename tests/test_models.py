@@ -215,3 +215,85 @@ def test_import_mabook_stays_light():
 def test_cpu_offload_on_cpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cpu_offload=True.*device='cpu'"):
         mabook.load(tmp_path, device="cpu", cpu_offload=True)
+
+
+# -- which samples are conditional, per family, with guidance on and off ----------------------------
+
+GUIDANCE = {  # family -> pipeline kwargs that turn guidance on (flux: "true CFG", a separate call)
+    "flux": dict(true_cfg_scale=3.0, negative_prompt="circle"),
+    "sd3": dict(guidance_scale=5.0),
+    "pixart": dict(guidance_scale=4.5),
+    "sana": dict(guidance_scale=4.5),
+}
+NO_GUIDANCE = {"flux": {}, "sd3": dict(guidance_scale=1.0), "pixart": dict(guidance_scale=1.0), "sana": dict(guidance_scale=1.0)}
+PAIR = ["a red circle", "red"]
+
+
+def built(family):
+    """A tiny pipeline in eval mode (built from configs, its text encoders would run dropout)."""
+    torch.manual_seed(0)
+    pipe, call = FAMILIES[family][0]()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe, {k: v for k, v in call.items() if k != "guidance_scale"}
+
+
+def step0(pipe, adapter, call, cfg, prompts=PAIR, **kwargs):
+    """(stats, captured or None) at the first image tap, step 0, under `cfg`."""
+    tap = probe.taps(adapter, ["img"])[0]
+    with probe.collect(adapter, cfg=cfg, capture=[(tap, 0)]) as run:
+        pipe(prompts, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0), **call, **kwargs)
+    return run.stats, run.captured.get((str(tap), 0)), tap
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_conditional_samples_are_the_conditional_ones_with_guidance_on_and_off(family):
+    pipe, call = built(family)
+    adapter = mabook.adapter_for(pipe)
+    # guidance off: every sample is conditional, one per prompt
+    off_stats, off, tap = step0(pipe, adapter, call, "cond", **NO_GUIDANCE[family])
+    assert off.shape[0] == len(PAIR) and off_stats.counts(tap, 0)["samples"] == len(PAIR)
+    none, nothing, _ = step0(pipe, adapter, call, "uncond", **NO_GUIDANCE[family])  # no unconditional sample at all
+    assert nothing is None and none.steps == []
+    # guidance on: the "cond" samples are exactly what the same prompts give without guidance at step 0
+    # (same noise, same prompts), and the "uncond" ones are not
+    on_stats, cond, _ = step0(pipe, adapter, call, "cond", **GUIDANCE[family])
+    _, uncond, _ = step0(pipe, adapter, call, "uncond", **GUIDANCE[family])
+    torch.testing.assert_close(cond, off, rtol=1e-4, atol=1e-5)
+    assert cond.shape == uncond.shape and (cond - uncond).abs().max() > 1e-4
+    assert on_stats.counts(tap, 0)["samples"] == len(PAIR)
+    torch.testing.assert_close(on_stats.get("mean", tap, 0), off_stats.get("mean", tap, 0), rtol=1e-4, atol=1e-5)
+
+
+def test_uncond_mode_sees_nothing_in_calls_without_unconditional_samples():
+    pipe, call = built("flux")
+    adapter = mabook.adapter_for(pipe)
+    tap = probe.taps(adapter, ["img"])[0]
+    with probe.collect(adapter, cfg="uncond") as run:
+        pipe("a red circle", num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0), **call)
+    assert run.stats.taps == [] and run.stats.steps == []
+    with probe.collect(adapter, cfg="both", capture=[(tap, 0)]) as both:  # true CFG: [uncond; cond] like a batch
+        pipe("a red circle", num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
+             **call, **GUIDANCE["flux"])
+    _, cond, _ = step0(pipe, adapter, call, "cond", prompts=["a red circle"], **GUIDANCE["flux"])
+    _, uncond, _ = step0(pipe, adapter, call, "uncond", prompts=["a red circle"], **GUIDANCE["flux"])
+    assert torch.equal(both.captured[(str(tap), 0)], torch.cat([uncond, cond]))
+    assert both.stats.counts(tap, 0) == {"samples": 2, "tokens": 2 * 16, "calls": 2}
+
+
+def test_img2img_below_the_last_timestep_starts_at_step_zero():
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe, call = built("flux")
+    img2img = FluxImg2ImgPipeline(**pipe.components)
+    adapter = mabook.adapter_for(pipe)
+    seen = []
+    with probe.hooks(adapter, lambda tap, step, h: seen.append((step, hooks.steps_seen[step])),
+                     taps=[probe.taps(adapter)[0]]) as hooks:
+        pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt", **call)
+        image = torch.rand(1, 3, 8, 8)
+        img2img("a red circle", image=image, strength=0.2, num_inference_steps=10,
+                generator=torch.Generator().manual_seed(0), output_type="pt", **call)
+    assert [s for s, _ in seen] == [0, 1, 2, 3, 0, 1]
+    assert seen[4][1] < seen[3][1]  # the case that matters: it starts below where the last generation ended

@@ -111,3 +111,57 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     a, _ = trainer.train(cfg, tmp_path / "a.safetensors", verbose=False)
     b, _ = trainer.train(cfg, tmp_path / "b.safetensors", verbose=False)
     assert organism.sha256(tmp_path / "a.safetensors") == organism.sha256(tmp_path / "b.safetensors")
+
+
+def tiny_config(**kwargs):
+    return trainer.TrainConfig(**{"steps": 6, "batch_size": 4, "warmup": 2, "log_every": 2, "probe_every": 2,
+                                  "state_every": 2, "save_at": (2, 4), **kwargs})
+
+
+def test_training_resumes_bit_identically(tmp_path):
+    cfg = tiny_config()
+    trainer.train(cfg, tmp_path / "straight.safetensors", verbose=False)
+    trainer.train(cfg, tmp_path / "resumed.safetensors", verbose=False, state_dir=tmp_path / "state", stop_after=3)
+    assert not (tmp_path / "resumed.safetensors").exists()  # stopped: state only
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["step"] == 3
+    trainer.train(cfg, tmp_path / "resumed.safetensors", verbose=False, state_dir=tmp_path / "state")
+    assert organism.sha256(tmp_path / "straight.safetensors") == organism.sha256(tmp_path / "resumed.safetensors")
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("straight", "resumed"))
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert a["emergence"] == b["emergence"]
+    with pytest.raises(ValueError, match=r"another config .*'lr': \(0.0006, 0.001\)"):
+        trainer.train(tiny_config(lr=1e-3), tmp_path / "other.safetensors", verbose=False, state_dir=tmp_path / "state")
+
+
+def test_emergence_log_is_written_and_read_back(tmp_path):
+    pipe, _ = trainer.train(tiny_config(), tmp_path / "o.safetensors", verbose=False)
+    card = organism.load(tmp_path / "o.safetensors").card
+    log = card["emergence"]
+    assert [row["step"] for row in log] == [1, 2, 4, 6]
+    taps = [f"transformer_blocks.{i}.img" for i in range(4)] + [f"single_transformer_blocks.{i}.img" for i in range(4)]
+    for which in ("raw", "ema"):
+        assert [layer["tap"] for layer in log[-1][which]] == taps
+        assert log[0][which][0]["jaccard_prev"] is None and 0 <= log[-1][which][0]["jaccard_prev"] <= 1
+    # the logged numbers are what the probe measures on the saved EMA weights (fp16-rounded: close, not equal)
+    batch = trainer.ProbeBatch.make(pipe.organism_config)
+    again = trainer.measure_emergence(organism.load(tmp_path / "o.safetensors"), batch, 4)
+    for logged, measured in zip(log[-1]["ema"], again):
+        assert logged["max_abs"] == pytest.approx(measured["max_abs"], rel=2e-2)
+    # snapshots at the log-spaced steps, each with the log up to its step
+    snaps = organism.snapshots(tmp_path / "o.safetensors")
+    assert list(snaps) == [2, 4, 6]
+    assert [r["step"] for r in organism.load(snaps[4]).card["emergence"]] == [1, 2, 4]
+
+
+def test_corrupt_snapshot_is_refused(tmp_path):
+    trainer.train(tiny_config(steps=3, save_at=(2,)), tmp_path / "o.safetensors", verbose=False)
+    snap = organism.snapshots(tmp_path / "o.safetensors")[2]
+    data = bytearray(snap.read_bytes())
+    data[-3] ^= 0xFF
+    snap.write_bytes(bytes(data))
+    with pytest.raises(organism.ChecksumError, match=r"o-step2.safetensors has SHA-256 .* corrupt"):
+        organism.load(snap)
+
+
+def test_log_spaced_snapshot_steps():
+    assert trainer.log_spaced(250, 4000) == (250, 500, 1000, 2000, 4000)

@@ -62,20 +62,132 @@ def test_probe_does_not_change_output(adapter):
     assert torch.equal(baseline, probed)
 
 
-def test_statistics_match_captured_hidden_states(adapter):
+def numpy_statistics(chunks):
+    """The reference: statistics of raw hidden states with numpy in float64, no streaming.
+
+    chunks: list of (batch, tokens, C) arrays (one per call, any batching)."""
+    x = np.concatenate([np.asarray(c, dtype=np.float64) for c in chunks])  # (samples, tokens, C)
+    flat = x.reshape(-1, x.shape[-1])
+    lower_median = lambda a: np.sort(np.abs(a), axis=0)[(a.shape[0] - 1) // 2]  # torch.median's convention
+    return {
+        "abs_mean": np.abs(x.mean(1)).mean(0),
+        "mean": flat.mean(0),
+        "std": flat.std(0),
+        "max_abs": np.abs(flat).max(0),
+        "median_abs": np.mean([lower_median(s) for s in x], axis=0),
+    }
+
+
+def assert_statistics_close(stats, tap, step, reference, rtol=1e-6, atol=1e-9):
+    for name, expected in reference.items():
+        np.testing.assert_allclose(stats.get(name, tap, step).numpy(), expected, rtol=rtol, atol=atol, err_msg=name)
+
+
+def test_statistics_match_numpy_on_captured_hidden_states(adapter):
     tap = "single_transformer_blocks.2.img"
     with probe.collect(adapter, capture=[(tap, 1)]) as run:
         generate(adapter)
-    x = run.captured[(tap, 1)].double()  # (batch, tokens, C): conditional half only
+    x = run.captured[(tap, 1)]  # (batch, tokens, C): conditional half only
     assert x.shape == (len(PROMPTS), 64, adapter.width)
-    s = run.stats
-    torch.testing.assert_close(s.get("abs_mean", tap, 1), x.mean(1).abs().mean(0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s.get("mean", tap, 1), x.mean((0, 1)), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s.get("std", tap, 1), x.reshape(-1, x.shape[-1]).std(0, unbiased=False), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(s.get("max_abs", tap, 1), x.abs().amax((0, 1)), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(s.get("median_abs", tap, 1), x[0].abs().median(0).values, rtol=1e-5, atol=1e-6)
-    assert s.array("abs_mean").shape == (len(adapter.blocks), adapter.width)
-    assert s.per_step("abs_mean").shape == (STEPS, len(adapter.blocks), adapter.width)
+    assert_statistics_close(run.stats, tap, 1, numpy_statistics([x.numpy()]), rtol=1e-5, atol=1e-6)
+    assert run.stats.array("abs_mean").shape == (len(adapter.blocks), adapter.width)
+    assert run.stats.per_step("abs_mean").shape == (STEPS, len(adapter.blocks), adapter.width)
+
+
+def massive_hidden_states(batch, tokens=64, C=8, seed=0):
+    """float32 hidden states with std 1 and channel means 0, 1e3, 3e3, 1e4 (real-DiT magnitudes)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, C, generator=g)
+    x[..., 1] += 1e3
+    x[..., 2] += 3e3
+    x[..., 3] += 1e4
+    x[..., 4] = -1e4 + 0.01 * x[..., 4]  # a tiny spread under a huge negative level
+    return x
+
+
+def test_std_is_stable_for_massive_channels():
+    calls = [massive_hidden_states(b, seed=i) for i, b in enumerate((1, 3, 2))]  # three calls, mixed batching
+    stats = probe.Statistics()
+    for x in calls:
+        stats.update(Tap("transformer_blocks.0", "img"), 0, x)
+    ref = numpy_statistics([x.numpy() for x in calls])
+    std = stats.get("std", "transformer_blocks.0.img", 0).numpy()
+    np.testing.assert_allclose(std, ref["std"], rtol=1e-4)  # E[x^2] - E[x]^2 in float32 gave 0 at 3e3 and 1e4
+    assert std[3] == pytest.approx(1.0, rel=0.1) and std[4] == pytest.approx(0.01, rel=0.1)
+    assert_statistics_close(stats, "transformer_blocks.0.img", 0, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_pooled_and_merged_statistics_match_numpy_on_raw_hidden_states():
+    tap = Tap("transformer_blocks.0", "img")
+    data = {(run, step): [massive_hidden_states(b, tokens=16, seed=10 * run + step + 7 * b) for b in (1, 2)]
+            for run in range(3) for step in range(2)}
+    runs = []
+    for run in range(3):
+        s = probe.Statistics()
+        for step in range(2):
+            for x in data[(run, step)]:
+                s.update(tap, step, x)
+        s.timesteps = {0: 1000.0, 1: 500.0}
+        runs.append(s)
+    merged = probe.Statistics.merge(runs)
+    for step in range(2):
+        chunks = [x.numpy() for run in range(3) for x in data[(run, step)]]
+        assert_statistics_close(merged, tap, step, numpy_statistics(chunks), atol=1e-6)
+    pooled_all = [x.numpy() for chunks in data.values() for x in chunks]  # pooled over steps and runs
+    assert_statistics_close(merged, tap, None, numpy_statistics(pooled_all), atol=1e-6)
+    assert_statistics_close(runs[1], tap, None, numpy_statistics([x.numpy() for st in range(2) for x in data[(1, st)]]),
+                            atol=1e-6)
+    assert merged.counts(tap, 0) == {"samples": 9, "tokens": 9 * 16, "calls": 6}
+
+
+def test_median_abs_does_not_depend_on_batching_or_cfg_mode(adapter):
+    tap = "transformer_blocks.1.img"
+    latents = torch.randn(len(PROMPTS), 64, 48, generator=torch.Generator().manual_seed(3))
+    with probe.collect(adapter, taps=[tap]) as together:
+        generate(adapter, latents=latents)
+    singles = []
+    for i, p in enumerate(PROMPTS):
+        with probe.collect(adapter, taps=[tap]) as one:
+            generate(adapter, prompts=[p], latents=latents[i:i + 1])
+        singles.append(one.stats)
+    merged = probe.Statistics.merge(singles)
+    np.testing.assert_allclose(together.stats.get("median_abs", tap).numpy(), merged.get("median_abs", tap).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    # "both" holds the conditional samples' medians plus the unconditional ones': a mean over all samples
+    with probe.collect(adapter, taps=[tap], cfg="both", capture=[(tap, 0)]) as both:
+        generate(adapter, latents=latents)
+    x = both.captured[(tap, 0)].numpy()
+    np.testing.assert_allclose(both.stats.get("median_abs", tap, 0).numpy(), numpy_statistics([x])["median_abs"], rtol=1e-5)
+
+
+def test_median_abs_over_long_sequences_reads_a_fixed_token_subset():
+    x = massive_hidden_states(3, tokens=probe.MEDIAN_TOKENS * 4, seed=5)
+    idx = probe.median_tokens(x.shape[1])
+    assert idx is not None and len(idx) == probe.MEDIAN_TOKENS and torch.equal(idx, probe.median_tokens(x.shape[1]))
+    one, split = probe.Statistics(), probe.Statistics()
+    tap = Tap("transformer_blocks.0", "img")
+    one.update(tap, 0, x)
+    for i in range(3):
+        split.update(tap, 0, x[i:i + 1])
+    expected = numpy_statistics([x[:, idx].numpy()])["median_abs"]
+    np.testing.assert_allclose(one.get("median_abs", tap).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(split.get("median_abs", tap).numpy(), expected, rtol=1e-6)
+
+
+def test_merge_refuses_runs_with_different_schedules(adapter):
+    runs = []
+    for steps in (3, 5):
+        with probe.collect(adapter, taps=["transformer_blocks.0.img"]) as run:
+            generate(adapter, prompts=PROMPTS[:1], num_inference_steps=steps)
+        runs.append(run.stats)
+    with pytest.raises(ValueError, match="different schedules: step 1 ran at timestep"):
+        probe.Statistics.merge(runs)
+    assert probe.Statistics.merge([runs[1], runs[1]]).steps == list(range(5))
+    with pytest.raises(ValueError, match="step 1 ran at timestep .* in an earlier generation"):
+        with probe.collect(adapter, taps=["transformer_blocks.0.img"]):
+            generate(adapter, prompts=PROMPTS[:1], num_inference_steps=3)
+            generate(adapter, prompts=PROMPTS[:1], num_inference_steps=5)
+    assert_no_hooks(adapter)
 
 
 def test_cfg_selects_conditional_half_by_default(adapter):
@@ -128,10 +240,28 @@ def test_statistics_memory_independent_of_tokens_and_batch():
 def test_statistics_save_load_roundtrip(adapter, tmp_path):
     with probe.collect(adapter) as run:
         generate(adapter, prompts=PROMPTS[:1])
+        generate(adapter, prompts=PROMPTS)
     run.stats.save(tmp_path / "stats.safetensors")
     loaded = probe.Statistics.load(tmp_path / "stats.safetensors")
     assert loaded.taps == run.stats.taps and loaded.timesteps == run.stats.timesteps
-    np.testing.assert_array_equal(loaded.per_step("max_abs", "txt"), run.stats.per_step("max_abs", "txt"))
+    for tap in run.stats.taps:
+        for step in run.stats.steps:
+            assert loaded.counts(tap, step) == run.stats.counts(tap, step) == {"samples": 3, "tokens": 3 * (
+                64 if tap.stream == "img" else 32), "calls": 2}
+            for name in probe.STATISTICS:
+                assert torch.equal(loaded.get(name, tap, step), run.stats.get(name, tap, step)), (name, tap, step)
+
+
+def test_statistics_of_another_format_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"0/transformer_blocks.0.img": torch.zeros(5, 4, dtype=torch.float64)}, str(tmp_path / "old.safetensors"),
+              metadata={"mabook_statistics": '{"taps": [["transformer_blocks.0", "img"]]}'})
+    with pytest.raises(ValueError, match="format 1, this mabook reads format 2"):
+        probe.Statistics.load(tmp_path / "old.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a mabook statistics file"):
+        probe.Statistics.load(tmp_path / "other.safetensors")
 
 
 def test_unknown_capture_step_error_names_steps_that_ran(adapter):
@@ -251,6 +381,125 @@ def test_token_mask_limits_edit_to_tokens(adapter):
             generate(adapter)
     x = run.captured[(tap, 0)]
     assert torch.all(x[:, :10, 1] == 0) and torch.all(x[:, 10:, 1] != 0)
+
+
+def edited_and_baseline(adapter, edit, tap, cfg="cond", edit_cfg="both", prompts=PROMPTS):
+    """Step-0 hidden states at `tap` with and without `edit` (step 0: both runs see the same input)."""
+    out = []
+    for edits in ([edit], []):
+        with probe.edit(adapter, edits, cfg=edit_cfg) if edits else probe.hooks(adapter, lambda *a: None):
+            with probe.collect(adapter, taps=[tap], capture=[(tap, 0)], cfg=cfg) as run:
+                generate(adapter, prompts=prompts)
+        out.append(run.captured[(tap, 0)])
+    return out
+
+
+def test_scale_and_tensor_set_edits(adapter):
+    tap = "transformer_blocks.2.img"
+    edited, base = edited_and_baseline(adapter, Edit(tap, [5], "scale", value=-2.0), tap)
+    assert torch.equal(edited[..., 5], -2.0 * base[..., 5]) and torch.equal(edited[..., 6], base[..., 6])
+    value = torch.tensor([1.5, -250.0])
+    edited, base = edited_and_baseline(adapter, Edit(tap, [3, 7], "set", value=value), tap)
+    assert torch.all(edited[..., 3] == 1.5) and torch.all(edited[..., 7] == -250.0)
+    assert torch.equal(edited[..., 4], base[..., 4])
+
+
+def test_two_dimensional_token_mask_edits_each_image_its_own_tokens(adapter):
+    tap = "transformer_blocks.1.img"
+    mask = torch.zeros(len(PROMPTS), 64, dtype=torch.bool)
+    mask[0, :8] = True
+    mask[1, 40:] = True
+    edited, base = edited_and_baseline(adapter, Edit(tap, [2], "set", value=7.0, token_mask=mask), tap, cfg="both")
+    for half in (edited[: len(PROMPTS)], edited[len(PROMPTS):]):  # the per-image mask applies to both halves
+        assert torch.all(half[..., 2][mask] == 7.0) and not torch.any(half[..., 2][~mask] == 7.0)
+    with pytest.raises(ValueError, match=r"token_mask .* shape \(3, 64\)"):
+        with probe.edit(adapter, Edit(tap, [2], "zero", token_mask=torch.ones(3, 64, dtype=torch.bool))):
+            generate(adapter)
+    assert_no_hooks(adapter)
+
+
+def test_mean_edit_with_token_mask_uses_the_masked_tokens_mean(adapter):
+    tap = "transformer_blocks.1.img"
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[10:30] = True
+    edited, base = edited_and_baseline(adapter, Edit(tap, [4, 9], "mean", token_mask=mask), tap)
+    expected = base[:, mask][..., [4, 9]].mean(1)  # (B, 2): over the masked tokens only
+    torch.testing.assert_close(edited[:, mask][..., [4, 9]], expected[:, None].expand(-1, int(mask.sum()), -1))
+    assert torch.equal(edited[:, ~mask], base[:, ~mask]) and torch.equal(edited[..., 5], base[..., 5])
+
+
+def test_uncond_only_edit_leaves_conditional_half(adapter):
+    tap = "transformer_blocks.0.img"
+    edited, base = edited_and_baseline(adapter, Edit(tap, [1], "zero"), tap, cfg="both", edit_cfg="uncond")
+    n = len(PROMPTS)
+    assert torch.all(edited[:n, :, 1] == 0) and torch.equal(edited[n:], base[n:])
+
+
+def test_text_stream_edit_takes_effect(adapter):
+    tap = "transformer_blocks.1.txt"
+    edited, base = edited_and_baseline(adapter, Edit(tap, list(range(adapter.width)), "zero"), tap)
+    assert torch.all(edited == 0) and base.abs().max() > 0
+    baseline = generate(adapter)
+    with probe.edit(adapter, Edit(tap, list(range(adapter.width)), "zero")):
+        assert (generate(adapter) - baseline).abs().max() > 1e-3  # the text stream feeds later blocks
+
+
+# -- where the pipeline is: generations, steps, calls ---------------------------------------------
+
+
+def recorded_steps(adapter, run, tap="transformer_blocks.0.img", **hook_kwargs):
+    """[(step, call, timestep)] for every transformer call made by run()."""
+    seen = []
+    with probe.hooks(adapter, lambda t, step, h: seen.append((step, hooks.call, hooks.steps_seen[step])),
+                     taps=[tap], cfg="both", **hook_kwargs) as hooks:
+        run()
+    return seen
+
+
+def test_heun_gives_each_model_evaluation_its_own_step(adapter):
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    stock = adapter.pipe.scheduler
+    adapter.pipe.scheduler = FlowMatchHeunDiscreteScheduler()
+    try:
+        seen = recorded_steps(adapter, lambda: generate(adapter, prompts=PROMPTS[:1], num_inference_steps=3))
+    finally:
+        adapter.pipe.scheduler = stock
+    steps, calls, timesteps = zip(*seen)
+    assert len(seen) == 5  # Heun: 2 * 3 - 1 evaluations
+    assert list(steps) == [0, 1, 2, 3, 4] and set(calls) == {0}
+    assert timesteps[1] == timesteps[2]  # the correction step re-evaluates at the same timestep: still a new step
+
+
+def test_direct_transformer_calls_with_positional_timestep():
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    adapter = mabook.adapter_for(transformer)
+    x, text, pooled = torch.randn(1, 16, 4), torch.randn(1, 5, 16), torch.randn(1, 16)
+
+    def run():
+        for t in (0.9, 0.5, 0.5, 0.9, 0.2):  # positional: (hidden_states, encoder_hidden_states, pooled, timestep)
+            transformer(x, text, pooled, torch.tensor([t]), organism.image_ids(4), torch.zeros(5, 3))
+
+    seen = recorded_steps(adapter, run, guidance_batch=False)
+    assert [(s, c) for s, c, _ in seen] == [(0, 0), (1, 0), (1, 1), (0, 0), (1, 0)]
+    assert [t for *_, t in seen] == pytest.approx([0.9, 0.5, 0.5, 0.9, 0.2])
+
+
+def test_guidance_batch_is_read_from_the_input(adapter):
+    n = len(PROMPTS)
+    with probe.collect(adapter, taps=["transformer_blocks.0.img"]) as run:
+        generate(adapter, guidance_scale=1.0)  # two prompts, no guidance: both samples are conditional
+    assert run.stats.counts("transformer_blocks.0.img", 0)["samples"] == n
+    with probe.collect(adapter, taps=["transformer_blocks.0.img"]) as run:
+        generate(adapter)  # [uncond; cond]
+    assert run.stats.counts("transformer_blocks.0.img", 0)["samples"] == n
+    latents = torch.randn(1, 64, 48).expand(2, -1, -1)  # identical latents on purpose, no guidance
+    with probe.collect(adapter, taps=["transformer_blocks.0.img"]) as run:
+        generate(adapter, latents=latents, guidance_scale=1.0)  # the pipeline's flag says: not a guidance batch
+    assert run.stats.counts("transformer_blocks.0.img", 0)["samples"] == 2
 
 
 def test_bad_edits_give_clear_errors(adapter):

@@ -319,6 +319,18 @@ def save(pipe: OrganismPipeline, path: Path, info: dict | None = None) -> str:
     return digest
 
 
+def snapshots(path: str | Path | None = None) -> dict[int, Path]:
+    """{training step: file} of the weight snapshots saved beside a checkpoint (`<stem>-step<N>.safetensors`),
+    the checkpoint itself included at its final step; each loads with `load(file)` (hash-checked)."""
+    path = Path(path) if path is not None else CHECKPOINT
+    found = {}
+    for file in sorted(path.parent.glob(f"{path.stem}-step*.safetensors")) + [path]:
+        card = card_path(file)
+        if file.is_file() and card.is_file():
+            found[int(json.loads(card.read_text())["step"])] = file
+    return dict(sorted(found.items()))
+
+
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> OrganismPipeline:
     """Load the organism from a safetensors checkpoint, verifying its SHA-256 first."""
     path = Path(path) if path is not None else CHECKPOINT

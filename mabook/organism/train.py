@@ -7,7 +7,16 @@ with t drawn logit-normally (SD3's choice: more weight on mid-trajectory), capti
 cosine decay, and an exponential moving average (EMA) of the weights, which is what is saved.
 The shapes world is generated on the fly, never showing a held-out caption.
 
-Deterministic for a seed on a given machine and thread count.
+Emergence of massive activations is logged while training (`emergence`): every `probe_every`
+steps, a fixed probe batch (held-out images noised at three fixed timesteps) goes through the
+raw and the EMA weights under `mabook.probe.collect`, and the per-layer top channel, its
+|mean| / median-channel ratio, max |x| and the top-k set's Jaccard with the previous measurement
+go into the checkpoint card. Weight-only fp16 snapshots are kept at log-spaced steps.
+
+Resumable: with `--state DIR`, the full training state (weights, EMA, optimizer moments, every
+random generator, logs) is written there every `state_every` steps as safetensors + JSON, and a
+run started with the same DIR and config continues from it, bit-identically to an uninterrupted
+run. Deterministic for a seed on a given machine and thread count.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +37,32 @@ from mabook import world
 from mabook.organism import CHECKPOINT, OrganismConfig, build_pipeline, image_ids, patchify, save
 
 
+def log_spaced(first: int = 250, last: int = 64000) -> tuple[int, ...]:
+    """250, 500, 1000, 2000, ...: snapshot steps, doubling (enough points for an emergence curve)."""
+    out, s = [], first
+    while s <= last:
+        out.append(s)
+        s *= 2
+    return tuple(out)
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 4500
+    steps: int = 8000
     batch_size: int = 32
     lr: float = 6e-4
     warmup: int = 200
     min_lr_fraction: float = 0.05  # cosine decays to this fraction of lr
     weight_decay: float = 0.01
-    ema_decay: float = 0.999  # ~1000-step window: smooths the last sixth of training
+    ema_decay: float = 0.999  # ~1000-step window: smooths the last eighth of training
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 50
-    save_at: tuple[int, ...] = (500, 2000)  # extra snapshots, to watch massive activations emerge
+    save_at: tuple[int, ...] = log_spaced()  # weight-only snapshots (those < steps), for the emergence curve
+    probe_every: int = 250  # emergence measurement period (0: never); ~0.3 s each on one thread
+    probe_k: int = 4  # size of the top-k set whose Jaccard with the previous measurement is logged
+    state_every: int = 500  # resumable-state period when a state directory is given
     threads: int = 1  # one thread: reproducible, and robust to a busy second core
 
 
@@ -59,8 +81,13 @@ def flow_matching_loss(pipe, images: torch.Tensor, captions: list[str], generato
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.sigmoid(torch.randn(B, generator=generator))  # logit-normal(0, 1)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    return torch.nn.functional.mse_loss(_denoise(pipe, xt, captions, t), noise - x0)
+
+
+def _denoise(pipe, xt: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
+    cfg = pipe.organism_config
     prompt_embeds, pooled = pipe.encode_prompt(captions)
-    pred = pipe.transformer(
+    return pipe.transformer(
         hidden_states=xt,
         encoder_hidden_states=prompt_embeds,
         pooled_projections=pooled,
@@ -69,11 +96,147 @@ def flow_matching_loss(pipe, images: torch.Tensor, captions: list[str], generato
         txt_ids=torch.zeros(cfg.max_text_length, 3),
         return_dict=False,
     )[0]
-    return torch.nn.functional.mse_loss(pred, noise - x0)
 
 
-def train(cfg: TrainConfig, out: Path = CHECKPOINT, organism_config: OrganismConfig = OrganismConfig(), verbose: bool = True):
-    """Train and save; returns (pipeline with EMA weights, loss history)."""
+# ---------------------------------------------------------------------------------------------
+# Emergence: massive-activation statistics of the weights being trained, on a fixed probe batch
+# ---------------------------------------------------------------------------------------------
+
+PROBE_TIMESTEPS = (0.75, 0.5, 0.25)  # descending, as in sampling: the probe counts them as steps 0, 1, 2
+
+
+@dataclass
+class ProbeBatch:
+    """Fixed inputs for emergence measurements: held-out images, their captions, fixed noise."""
+
+    captions: list[str]
+    x0: torch.Tensor  # (n, tokens, in_channels)
+    noise: torch.Tensor  # same shape
+
+    @classmethod
+    def make(cls, organism_config: OrganismConfig, n: int = 8, seed: int = 1234) -> "ProbeBatch":
+        samples = world.sample(n, seed=seed, n_objects=1, split="heldout")
+        x0 = patchify(world.to_tensor_batch(samples), organism_config.patch_size)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        return cls([s.caption for s in samples], x0, noise)
+
+
+@torch.no_grad()
+def measure_emergence(pipe, batch: ProbeBatch, k: int = 4) -> list[dict]:
+    """Per image-stream layer: top channel by |mean over image tokens|, ratio to the median channel,
+    max |x|, and the top-k channels; pooled over the probe batch and PROBE_TIMESTEPS."""
+    from mabook import discovery, probe
+    from mabook.models import adapter_for
+
+    adapter = adapter_for(pipe)
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    pipe.text_encoder.eval()
+    try:
+        with probe.collect(adapter, cfg="both", guidance_batch=False) as run:
+            for t in PROBE_TIMESTEPS:
+                xt = (1 - t) * batch.x0 + t * batch.noise
+                _denoise(pipe, xt, batch.captions, torch.full((len(batch.captions),), t))
+    finally:
+        pipe.transformer.train(was_training)
+        pipe.text_encoder.train(was_training)
+    return [
+        {"tap": r.tap, "top": r.top[0], "top_k": r.top, "ratio": r.ratio_to_median, "max_abs": r.max_abs}
+        for r in discovery.massive_channels(run.stats, k)
+    ]
+
+
+def emergence_row(step: int, raw: list[dict], ema: list[dict], previous: dict | None) -> dict:
+    """One emergence-log entry; jaccard = overlap of each layer's top-k with the previous entry's."""
+    from mabook.discovery import jaccard
+
+    row = {"step": step, "raw": raw, "ema": ema}
+    for which in ("raw", "ema"):
+        for i, layer in enumerate(row[which]):
+            layer["jaccard_prev"] = jaccard(layer["top_k"], previous[which][i]["top_k"]) if previous else None
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable state: safetensors for tensors, JSON for the rest (no pickle)
+# ---------------------------------------------------------------------------------------------
+
+
+def _state_tensors(pipe, ema, opt, gen) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, model in (("model", pipe), ("ema", ema)):
+        for part in ("transformer", "text_encoder"):
+            for k, v in getattr(model, part).state_dict().items():
+                tensors[f"{name}.{part}.{k}"] = v.detach().contiguous()
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().contiguous()
+    tensors["rng.generator"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    return tensors
+
+
+def save_state(directory: Path, step: int, cfg: TrainConfig, pipe, ema, opt, gen, rng, logs: dict) -> None:
+    """Write the full training state atomically (a killed run leaves the previous state intact)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "state.safetensors.tmp"
+    save_file(_state_tensors(pipe, ema, opt, gen), str(tmp))
+    meta = {"step": step, "train_config": asdict(cfg), "numpy_rng": rng.bit_generator.state, **logs}
+    meta_tmp = directory / "state.json.tmp"
+    meta_tmp.write_text(json.dumps(meta))
+    os.replace(tmp, directory / "state.safetensors")
+    os.replace(meta_tmp, directory / "state.json")  # written last: its step names a complete state
+
+
+def load_state(directory: Path, cfg: TrainConfig, pipe, ema, opt, gen, rng) -> tuple[int, dict]:
+    """Restore a state written by `save_state`; returns (step, logs). Refuses another config."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / "state.json").read_text())
+    saved = meta["train_config"]
+    mine = json.loads(json.dumps(asdict(cfg)))
+    if saved != mine:
+        diff = {k: (saved.get(k), mine[k]) for k in mine if saved.get(k) != mine[k]}
+        raise ValueError(f"the state in {directory} was written with another config (saved, now): {diff}")
+    tensors = load_file(str(directory / "state.safetensors"))
+    for name, model in (("model", pipe), ("ema", ema)):
+        for part in ("transformer", "text_encoder"):
+            prefix = f"{name}.{part}."
+            getattr(model, part).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    opt_state = opt.state_dict()
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt_state["state"] = state
+    opt.load_state_dict(opt_state)
+    gen.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    return meta["step"], {k: meta[k] for k in ("history", "emergence", "running", "elapsed")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def snapshot_path(out: Path, step: int) -> Path:
+    return Path(out).with_name(f"{Path(out).stem}-step{step}.safetensors")
+
+
+def train(cfg: TrainConfig, out: Path = CHECKPOINT, organism_config: OrganismConfig = OrganismConfig(),
+          verbose: bool = True, state_dir: Path | None = None, stop_after: int | None = None):
+    """Train and save; returns (pipeline with EMA weights, loss history).
+
+    state_dir: resumable state (continued from if present). stop_after: stop (saving the state,
+    not the checkpoint) once this many steps are done -- for tests of resuming, and for budgets.
+    """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -83,11 +246,20 @@ def train(cfg: TrainConfig, out: Path = CHECKPOINT, organism_config: OrganismCon
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = copy.deepcopy(pipe)
     ema_params = list(ema.transformer.parameters()) + list(ema.text_encoder.parameters())
+    probe_batch = ProbeBatch.make(organism_config) if cfg.probe_every else None
+
+    start, logs = 0, {"history": [], "emergence": [], "running": [], "elapsed": 0.0}
+    if state_dir is not None and (Path(state_dir) / "state.json").is_file():
+        start, logs = load_state(state_dir, cfg, pipe, ema, opt, gen, rng)
+        if verbose:
+            print(f"resumed from {state_dir} at step {start}", flush=True)
+    history, emergence = logs["history"], logs["emergence"]
     pipe.transformer.train()
     pipe.text_encoder.train()
 
-    history, t0, running = [], time.time(), []
-    for step in range(cfg.steps):
+    t0, running = time.time() - logs["elapsed"], logs["running"]
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in range(start, end):
         samples = [world.render(world.sample_scene(rng, split="train")) for _ in range(cfg.batch_size)]
         captions = [s.caption if rng.random() >= cfg.caption_dropout else "" for s in samples]
         for g in opt.param_groups:
@@ -101,16 +273,30 @@ def train(cfg: TrainConfig, out: Path = CHECKPOINT, organism_config: OrganismCon
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up for the average
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         running.append(loss.item())
-        if (step + 1) % cfg.log_every == 0:
-            history.append({"step": step + 1, "loss": float(np.mean(running)), "seconds": round(time.time() - t0, 1)})
+        done = step + 1
+        if done % cfg.log_every == 0:
+            history.append({"step": done, "loss": float(np.mean(running)), "seconds": round(time.time() - t0, 1)})
             running = []
             if verbose:
                 print(json.dumps(history[-1]), flush=True)
-        if (step + 1) in cfg.save_at and (step + 1) < cfg.steps:
-            snap = Path(out).with_name(f"{Path(out).stem}-step{step + 1}.safetensors")
-            save(ema, snap, {"train_config": asdict(cfg), "step": step + 1})
-    info = {"train_config": asdict(cfg), "step": cfg.steps, "history": history, "train_seconds": round(time.time() - t0, 1),
-            "torch": torch.__version__, "device": "cpu", "threads": cfg.threads}
+        if cfg.probe_every and (done % cfg.probe_every == 0 or done == 1):
+            row = emergence_row(done, measure_emergence(pipe, probe_batch, cfg.probe_k),
+                                measure_emergence(ema, probe_batch, cfg.probe_k), emergence[-1] if emergence else None)
+            emergence.append(row)
+            if verbose:
+                top = max(row["ema"], key=lambda r: r["ratio"])
+                print(json.dumps({"step": done, "ema_top": top["top"], "ema_ratio": round(top["ratio"], 1),
+                                  "ema_max_abs": round(max(r["max_abs"] for r in row["ema"]), 2)}), flush=True)
+        if done in cfg.save_at and done < cfg.steps:
+            save(ema, snapshot_path(out, done), {"train_config": asdict(cfg), "step": done, "emergence": emergence})
+        if state_dir is not None and (done % cfg.state_every == 0 or done == end):
+            logs = {"history": history, "emergence": emergence, "running": running, "elapsed": round(time.time() - t0, 1)}
+            save_state(state_dir, done, cfg, pipe, ema, opt, gen, rng, logs)
+    if end < cfg.steps:
+        return ema, history
+    info = {"train_config": asdict(cfg), "step": cfg.steps, "history": history, "emergence": emergence,
+            "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__, "device": "cpu",
+            "threads": cfg.threads}
     save(ema, out, info)
     ema.transformer.eval()
     ema.text_encoder.eval()
@@ -120,16 +306,17 @@ def train(cfg: TrainConfig, out: Path = CHECKPOINT, organism_config: OrganismCon
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = TrainConfig()
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads)
+    for f in fields(TrainConfig):
+        if f.name == "save_at":
+            continue
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=getattr(d, f.name))
     p.add_argument("--out", type=Path, default=CHECKPOINT)
+    p.add_argument("--state", type=Path, default=None, help="resumable-state directory (continued from if present)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (state kept)")
     a = p.parse_args(argv)
-    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads)
-    train(cfg, a.out)
-    print(f"saved {a.out}")
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name != "save_at"})
+    train(cfg, a.out, state_dir=a.state, stop_after=a.stop_after)
+    print(f"saved {a.out}" if a.stop_after is None or a.stop_after >= cfg.steps else f"state saved in {a.state}")
 
 
 if __name__ == "__main__":
