@@ -26,3 +26,23 @@ def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples:
     except TypeError:  # scipy < 1.15 calls it random_state
         res = bootstrap((values,), np.mean, random_state=np.random.default_rng(seed), **kwargs)
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def paired_ratio_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap CI of mean(a) / mean(b) for paired values (a[i], b[i] measured on the same unit):
+    units are resampled together, so what they share cancels (e.g. top-k vs control damage per image)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise ValueError(f"paired_ratio_ci needs two 1-D arrays of the same length >= 2, got {a.shape} and {b.shape}")
+    from scipy.stats import bootstrap
+
+    def ratio(x, y, axis=-1):
+        return x.mean(axis) / y.mean(axis)
+
+    kwargs = dict(confidence_level=confidence, n_resamples=n_resamples, method="percentile", paired=True, vectorized=True)
+    try:
+        res = bootstrap((a, b), ratio, rng=np.random.default_rng(seed), **kwargs)
+    except TypeError:  # scipy < 1.15 calls it random_state
+        res = bootstrap((a, b), ratio, random_state=np.random.default_rng(seed), **kwargs)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)

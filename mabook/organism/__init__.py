@@ -192,7 +192,7 @@ class OrganismPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -222,6 +222,12 @@ class OrganismPipeline(DiffusionPipeline):
 
         # 2. prepare latents: Gaussian noise in patch space
         shape = (batch_size, cfg.grid * cfg.grid, cfg.in_channels)
+        if isinstance(generator, list):  # one generator per image, as in diffusers: noise independent of batching
+            if len(generator) != batch_size:
+                raise ValueError(f"got {len(generator)} generators for {batch_size} images; pass one per image "
+                                 "(len(prompt) * num_images_per_prompt) or a single generator")
+            if latents is None:
+                latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
         if latents is None:
             latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
         if tuple(latents.shape) != shape:

@@ -1,0 +1,415 @@
+"""Disruption: edit a channel set during generation and measure what changes (chapter 2).
+
+The paper's first claim (arXiv 2605.13974): zeroing the few massive channels collapses generation,
+zeroing equally many low-statistic channels barely matters. Three steps test it:
+
+1. `baseline(adapter, prompts, seeds)` generates every (prompt, seed) unit once, unedited, and
+   keeps the images, the probe's `Statistics` (both guidance halves: the dataset means for
+   mean-replacement) and each unit's per-step channel means (for the prompt-vs-timestep split);
+2. `conditions(stats, ...)` builds the channel sets -- top-k and its controls: bottom-k by |mean|
+   (the paper's), bottom-k by RMS (a zero-mean channel can still carry a large signal), seeded
+   random-k excluding the top-k -- with an op (zero, dataset-mean, per-token-mean, scale) and a
+   window of layers x steps;
+3. `run(base, conditions)` regenerates every unit under each condition with `probe.edit` and
+   returns a tidy table, one row per (unit, condition): the judge's attributes, cleanliness and
+   mask IoU (organism captions), pixel MSE and SSIM to the same unit's baseline.
+
+`summary(table)` gives means with bootstrap 95 % CIs per condition, and `paired_ratios` the paired
+effect ratio top-k damage / control damage with its CI. `decomposition(base, channels)` splits a
+channel's per-image mean into a prompt-driven and a timestep-driven part: the two readings of the
+channels (semantics vs "Detail Guidance") predict opposite answers.
+
+What this is not: a judge of real-model images. On models other than the organism the table has
+pixel metrics (and CLIP-T when `clip_model` names a local CLIP), not attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mabook import discovery, probe, world
+from mabook.models import Adapter
+from mabook.probe import Edit, Statistics
+from mabook.stats import bootstrap_ci, paired_ratio_ci
+
+OPS = ("zero", "mean", "token_mean", "scale")  # mean: the channel's dataset mean at that step (from Statistics)
+KINDS = ("top", "bottom_abs_mean", "bottom_rms", "random")
+DEFAULT_KS = (1, 2, 4, 8, 16)
+PARTS = ("early", "mid", "late")  # window thirds, of the image-stream layers and of the steps
+ATTRIBUTES = world.ATTRIBUTES
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Baselines: every (prompt, seed) unit generated once
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    """Unedited generations of every unit, and what the edits and the table need from them."""
+
+    adapter: Adapter
+    units: list[tuple[str, int]]  # (prompt, seed)
+    images: np.ndarray  # (units, H, W, 3) float in [0, 1]
+    stats: Statistics  # both guidance halves, pooled over units
+    token_means: np.ndarray  # (units, steps, image layers, channels): each unit's conditional mean over tokens
+    num_inference_steps: int
+    pipe_kwargs: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)  # per unit, as in the table (baseline vs itself)
+
+    @property
+    def layers(self) -> list[str]:
+        return [str(t) for t in self.stats.layers("img")]
+
+
+def _check_units(prompts, seeds) -> list[tuple[str, int]]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"every prompt must be a non-empty str, got {p!r}")
+    if isinstance(seeds, (int, np.integer)):
+        seeds = [int(seeds)]
+    if not isinstance(seeds, Sequence) or not seeds or not all(isinstance(s, (int, np.integer)) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of non-negative ints, got {seeds!r}")
+    return [(p, int(s)) for s in seeds for p in prompts]
+
+
+def _generate(adapter: Adapter, units: Sequence[tuple[str, int]], num_inference_steps: int, batch_size: int,
+              pipe_kwargs: dict) -> np.ndarray:
+    """(units, H, W, 3) floats in [0, 1]; unit i's noise comes from its own seeded generator, so an
+    image does not depend on the batch it was generated in."""
+    out = []
+    for start in range(0, len(units), batch_size):
+        chunk = units[start:start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+        result = adapter.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
+                              output_type="np", **pipe_kwargs)
+        images = result.images
+        out.append(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
+    return np.concatenate(out).astype(np.float32)
+
+
+def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,), num_inference_steps: int = 20,
+             batch_size: int = 16, **pipe_kwargs) -> Baseline:
+    """Generate every (prompt, seed) unit once, unedited, under the probe."""
+    units = _check_units(prompts, seeds)
+    if adapter.pipe is None:
+        raise ValueError("disruption needs a pipeline; this adapter wraps a bare transformer")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    image_taps = probe.taps(adapter, ["img"])
+    means: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def record(tap, step, hidden_states):  # each unit's mean over tokens, per step and layer
+        means.setdefault((step, str(tap)), []).append(hidden_states.detach().float().mean(1).cpu())
+
+    with probe.collect(adapter, taps=image_taps, cfg="both") as run, probe.hooks(adapter, record, taps=image_taps):
+        images = _generate(adapter, units, num_inference_steps, batch_size, pipe_kwargs)
+    steps = sorted({s for s, _ in means})
+    token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
+    base = Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs))
+    base.metrics = _metrics(base, images)
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Conditions: channel sets x op x window
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One intervention: `op` on `channels[layer]` at each listed image-stream layer, at `steps`."""
+
+    name: str
+    kind: str  # one of KINDS, or "all" for a user-made set
+    k: int
+    op: str = "zero"
+    channels: tuple[tuple[str, tuple[int, ...]], ...] = ()  # ((tap name, channels), ...)
+    steps: tuple[int, ...] | None = None  # None: every step
+    value: float | None = None  # the factor of "scale"
+    window: str = "all layers, all steps"
+    seed: int | None = None  # the random set's seed
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"unknown op {self.op!r}; allowed: {list(OPS)}")
+        if self.op == "scale" and not isinstance(self.value, (int, float)):
+            raise ValueError(f"op 'scale' needs a numeric value (the factor), got {self.value!r}")
+        if not self.channels:
+            raise ValueError(f"condition {self.name!r} has no channels")
+        for tap, channels in self.channels:
+            if len(channels) != self.k:
+                raise ValueError(f"condition {self.name!r} has {len(channels)} channels at {tap}, expected k={self.k}")
+
+    def edits(self, stats: Statistics) -> list[Edit]:
+        """The `probe.Edit`s that carry this condition out."""
+        out = []
+        for tap, channels in self.channels:
+            if self.op == "zero":
+                out.append(Edit(tap, list(channels), "zero", steps=self.steps))
+            elif self.op == "token_mean":
+                out.append(Edit(tap, list(channels), "mean", steps=self.steps))
+            elif self.op == "scale":
+                out.append(Edit(tap, list(channels), "scale", value=self.value, steps=self.steps))
+            else:  # "mean": the channel's mean over the baseline units at the same step (it moves with the timestep)
+                for step in self.steps if self.steps is not None else stats.steps:
+                    value = stats.get("mean", tap, step)[list(channels)].float()
+                    out.append(Edit(tap, list(channels), "set", value=value, steps=[step]))
+        return out
+
+
+def channel_set(stats: Statistics, k: int, kind: str, stream: str = "img", seed: int = 0) -> dict[str, list[int]]:
+    """{tap name: channels} per layer of `stream`: top-k by |mean over tokens|, or a control."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown channel set kind {kind!r}; allowed: {list(KINDS)}")
+    out = {}
+    for tap in stats.layers(stream):
+        abs_mean = stats.get("abs_mean", tap).cpu().numpy()
+        k = discovery.check_k(k, len(abs_mean))
+        top = discovery.top_k(abs_mean, k)
+        if kind == "top":
+            chosen = top
+        elif kind == "bottom_abs_mean":
+            chosen = discovery.bottom_k(abs_mean, k)
+        elif kind == "bottom_rms":  # RMS over tokens = sqrt(mean^2 + std^2): small only if the channel is quiet
+            rms = np.sqrt(stats.get("mean", tap).cpu().numpy() ** 2 + stats.get("std", tap).cpu().numpy() ** 2)
+            chosen = discovery.bottom_k(rms, k)
+        else:
+            chosen = discovery.random_k(len(abs_mean), k, seed=seed, exclude=top)
+        out[str(tap)] = [int(c) for c in chosen]
+    return out
+
+
+def window(layers: Sequence[str], num_inference_steps: int, layer_part: str = "all", step_part: str = "all"):
+    """(layers, steps, label) of one window: "early", "mid", "late" thirds, or "all"."""
+    for part in (layer_part, step_part):
+        if part not in (*PARTS, "all"):
+            raise ValueError(f"unknown window part {part!r}; allowed: {[*PARTS, 'all']}")
+
+    def third(items, part):
+        if part == "all":
+            return list(items)
+        chunks = np.array_split(np.arange(len(items)), 3)
+        return [items[i] for i in chunks[PARTS.index(part)]]
+
+    chosen_layers = third(list(layers), layer_part)
+    chosen_steps = third(list(range(num_inference_steps)), step_part)
+    if not chosen_layers or not chosen_steps:
+        raise ValueError(f"window ({layer_part} layers, {step_part} steps) is empty for {len(layers)} layers x "
+                         f"{num_inference_steps} steps")
+    return chosen_layers, (None if step_part == "all" else tuple(chosen_steps)), f"{layer_part} layers, {step_part} steps"
+
+
+def conditions(base: Baseline, ks: Sequence[int] = DEFAULT_KS, kinds: Sequence[str] = KINDS, n_random: int = 5,
+               op: str = "zero", value: float | None = None, layer_part: str = "all", step_part: str = "all",
+               random_seed: int = 0) -> list[Condition]:
+    """Top-k and its controls for each k, with one op in one window (n_random seeded random sets per k)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; allowed: {list(OPS)}")
+    if op == "scale" and not isinstance(value, (int, float)):
+        raise ValueError(f"op 'scale' needs a numeric value (the factor), got {value!r}")
+    if isinstance(ks, (int, np.integer)):
+        ks = [ks]
+    if not ks:
+        raise ValueError("ks must be a non-empty list of ints")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown channel set kind {kind!r}; allowed: {list(KINDS)}")
+    if "random" in kinds and (not isinstance(n_random, int) or n_random < 1):
+        raise ValueError(f"n_random must be an int >= 1, got {n_random!r}")
+    layers, steps, label = window(base.layers, base.num_inference_steps, layer_part, step_part)
+    out = []
+    for k in ks:
+        discovery.check_k(k, base.adapter.width)
+        for kind in kinds:
+            seeds = [random_seed + i for i in range(n_random)] if kind == "random" else [None]
+            for seed in seeds:
+                sets = channel_set(base.stats, k, kind, seed=seed or 0)
+                channels = tuple((tap, tuple(sets[tap])) for tap in layers)
+                name = f"{kind}-{k}" + (f"#{seed}" if seed is not None else "")
+                out.append(Condition(name, kind, int(k), op, channels, steps, value, label, seed))
+    return out
+
+
+def window_conditions(base: Baseline, k: int = 4, kinds: Sequence[str] = ("top", "random"), op: str = "zero",
+                      random_seed: int = 0) -> list[Condition]:
+    """The k-sets zeroed in one window at a time: layers early/mid/late x steps early/mid/late."""
+    return [c for lp in PARTS for sp in PARTS
+            for c in conditions(base, [k], kinds, 1, op, layer_part=lp, step_part=sp, random_seed=random_seed)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Running the conditions, and the table
+# ---------------------------------------------------------------------------------------------
+
+
+def _ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image SSIM of (N, H, W, 3) images in [0, 1] (torchmetrics' implementation)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).double()
+    y = torch.from_numpy(b).permute(0, 3, 1, 2).double()
+    return ssim(x, y, data_range=1.0, reduction="none").numpy()
+
+
+def _judged(units) -> bool:
+    """Whether every prompt is a shapes-world caption (then the judge scores the images)."""
+    try:
+        for p, _ in units:
+            world.parse_caption(p)
+        return True
+    except ValueError:
+        return False
+
+
+def _metrics(base: Baseline, images: np.ndarray) -> list[dict]:
+    """Per unit: distances to the unit's baseline, and the judge's reading where it applies."""
+    from mabook import judge
+
+    mse = ((images - base.images) ** 2).mean((1, 2, 3))
+    ssim = _ssim(images, base.images)
+    rows = []
+    judged = _judged(base.units)
+    for i, (prompt, seed) in enumerate(base.units):
+        row = {"prompt": prompt, "seed": seed, "pixel_mse": float(mse[i]), "ssim": float(ssim[i])}
+        if judged:
+            j = judge.judge(images[i], prompt)
+            for a in ATTRIBUTES:
+                row[a] = float(np.mean([c[a] for c in j.correct]))
+            row["background"] = float(j.background_correct)
+            row["all_correct"] = float(j.all_correct)
+            row["cleanliness"] = float(j.cleanliness)
+            row["mask_iou"] = float(j.mask_iou)
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class Result:
+    table: list[dict]  # one row per (unit, condition), baseline rows included (condition "baseline")
+    images: dict[str, np.ndarray]  # condition name -> (units kept, H, W, 3) for grids
+    conditions: list[Condition]
+
+
+def run(base: Baseline, conds: Sequence[Condition], batch_size: int = 16, keep_images: int = 4) -> Result:
+    """Regenerate every unit of `base` under each condition; the tidy table of what changed."""
+    if not conds:
+        raise ValueError("conds must be a non-empty list of Condition")
+    names = [c.name + " | " + c.op + " | " + c.window for c in conds]
+    if len(set(names)) != len(names):
+        raise ValueError("conditions must be distinct (name, op, window); got duplicates")
+    table = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"}
+             for m in base.metrics]
+    kept = {"baseline": base.images[:keep_images]}
+    for c in conds:
+        if not isinstance(c, Condition):
+            raise TypeError(f"conditions must be Condition objects, got {type(c).__name__}")
+        with probe.edit(base.adapter, c.edits(base.stats)):
+            images = _generate(base.adapter, base.units, base.num_inference_steps, batch_size, base.pipe_kwargs)
+        for m in _metrics(base, images):
+            table.append({**m, "condition": c.name, "kind": c.kind, "k": c.k, "op": c.op, "window": c.window})
+        kept[f"{c.name} | {c.op} | {c.window}"] = images[:keep_images]
+    return Result(table, kept, list(conds))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Summaries: means with bootstrap CIs, paired ratios, semantics vs detail
+# ---------------------------------------------------------------------------------------------
+
+def _unit_key(row):
+    return row["prompt"], row["seed"]
+
+
+def unit_values(table: Sequence[dict], metric: str, **where) -> dict[tuple, float]:
+    """{(prompt, seed): value} of `metric` over the rows matching `where` (e.g. kind="random", k=4),
+    averaged over several matching rows of one unit (the random sets)."""
+    acc: dict[tuple, list[float]] = {}
+    for row in table:
+        if all(row.get(key) == value for key, value in where.items()):
+            if metric not in row:
+                raise ValueError(f"no metric {metric!r} in the table; it has {sorted(k for k in row if k not in where)}")
+            acc.setdefault(_unit_key(row), []).append(row[metric])
+    return {unit: float(np.mean(v)) for unit, v in acc.items()}
+
+
+def damage(table: Sequence[dict], metric: str, **where) -> dict[tuple, float]:
+    """Per unit damage: pixel_mse itself, 1 - ssim, or the drop of an accuracy-like metric
+    (attributes, cleanliness, mask_iou, all_correct) below the same unit's baseline."""
+    values = unit_values(table, metric, **where)
+    if metric == "pixel_mse":
+        return values
+    if metric == "ssim":
+        return {u: 1 - v for u, v in values.items()}
+    base = unit_values(table, metric, condition="baseline")
+    return {u: base[u] - v for u, v in values.items()}
+
+
+def summary(table: Sequence[dict], metrics: Sequence[str] | None = None) -> list[dict]:
+    """One row per (kind, k, op, window): mean of each metric over units with a bootstrap 95 % CI.
+    Random sets are averaged per unit first, so units stay the independent draws."""
+    if metrics is None:
+        metrics = [m for m in ("pixel_mse", "ssim", *ATTRIBUTES, "all_correct", "cleanliness", "mask_iou") if m in table[0]]
+    groups = []
+    for row in table:
+        g = (row["kind"], row["k"], row["op"], row["window"])
+        if g not in groups:
+            groups.append(g)
+    out = []
+    for kind, k, op, win in groups:
+        entry = {"kind": kind, "k": k, "op": op, "window": win}
+        for m in metrics:
+            vals = list(unit_values(table, m, kind=kind, k=k, op=op, window=win).values())
+            entry[m] = float(np.mean(vals))
+            entry[f"{m}_ci"] = bootstrap_ci(vals) if len(vals) > 1 else (float("nan"), float("nan"))
+        entry["n_units"] = len(vals)
+        out.append(entry)
+    return out
+
+
+def paired_ratios(table: Sequence[dict], metric: str = "pixel_mse", controls: Sequence[str] = ("bottom_abs_mean", "bottom_rms", "random"),
+                  op: str = "zero", window: str = "all layers, all steps") -> list[dict]:
+    """Per k: mean top-k damage / mean control damage over the same units, with a paired bootstrap CI."""
+    out = []
+    for k in sorted({r["k"] for r in table if r["kind"] == "top" and r["op"] == op and r["window"] == window}):
+        top = damage(table, metric, kind="top", k=k, op=op, window=window)
+        for control in controls:
+            ctrl = damage(table, metric, kind=control, k=k, op=op, window=window)
+            units = [u for u in top if u in ctrl]
+            if not units:
+                continue
+            a, b = np.array([top[u] for u in units]), np.array([ctrl[u] for u in units])
+            ratio = float(a.mean() / b.mean()) if b.mean() != 0 else float("inf")
+            low, high = paired_ratio_ci(a, b) if len(units) > 1 else (float("nan"), float("nan"))
+            out.append({"k": k, "control": control, "metric": metric, "top_damage": float(a.mean()),
+                        "control_damage": float(b.mean()), "ratio": ratio, "ci": (low, high), "n_units": len(units)})
+    return out
+
+
+def decomposition(base: Baseline, channels: dict[str, Sequence[int]]) -> list[dict]:
+    """Per layer: how much of the chosen channels' per-image mean varies with the prompt and how much
+    with the timestep.
+
+    From each unit's conditional mean over tokens m[unit, step] (per channel, averaged over the
+    set): prompt variance = variance across units at a fixed step, averaged over steps; timestep
+    variance = variance across steps for a fixed unit, averaged over units. prompt_share =
+    prompt / (prompt + timestep): near 1, the prompt drives the value (the semantic reading); near
+    0, the timestep does (the "Detail Guidance" reading).
+    """
+    out = []
+    for i, layer in enumerate(base.layers):
+        if layer not in channels:
+            continue
+        m = base.token_means[:, :, i, :][..., list(channels[layer])]  # (units, steps, k)
+        prompt_var = float(m.var(0).mean())
+        step_var = float(m.var(1).mean())
+        out.append({"layer": layer, "prompt_var": prompt_var, "timestep_var": step_var,
+                    "prompt_share": prompt_var / (prompt_var + step_var) if prompt_var + step_var > 0 else float("nan")})
+    return out

@@ -1,0 +1,199 @@
+"""mabook.disruption: baselines, channel sets, conditions, the table and its summaries.
+
+Checked against independent computations: numpy on raw hidden states for the channel sets and
+the dataset means, numpy means for ratios, planted signals for the prompt/timestep split.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import mabook
+from mabook import disruption, organism, probe, world
+from mabook.probe import Statistics, Tap
+
+torch.set_num_threads(1)
+PROMPTS = world.heldout_captions(3, 1, seed=0)
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    pipe, adapter = mabook.load("organism")
+    pipe.set_progress_bar_config(disable=True)
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def base(adapter):
+    return disruption.baseline(adapter, PROMPTS, seeds=[0, 1], num_inference_steps=STEPS)
+
+
+def assert_no_hooks(adapter):
+    for name, module in adapter.transformer.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"):
+            assert not getattr(module, attr), f"{name or 'transformer'}.{attr} not empty"
+
+
+def test_baseline_images_do_not_depend_on_batching(adapter, base):
+    again = disruption.baseline(adapter, PROMPTS, seeds=[0, 1], num_inference_steps=STEPS, batch_size=2)
+    assert base.units == [(p, s) for s in (0, 1) for p in PROMPTS]
+    np.testing.assert_allclose(again.images, base.images, atol=1e-5)
+    assert base.token_means.shape == (6, STEPS, 8, adapter.width)
+    assert all(m["pixel_mse"] == 0 and m["ssim"] == pytest.approx(1) for m in base.metrics)
+
+
+def test_identity_condition_changes_nothing(base):
+    cond = disruption.conditions(base, ks=[4], kinds=["top"], op="scale", value=1.0)
+    result = disruption.run(base, cond)
+    rows = [r for r in result.table if r["kind"] == "top"]
+    assert len(rows) == len(base.units)
+    assert all(r["pixel_mse"] == 0 and r["ssim"] == pytest.approx(1) for r in rows)
+
+
+def test_zeroing_top_channels_changes_images_and_table_has_judge_columns(base):
+    result = disruption.run(base, disruption.conditions(base, ks=[4], kinds=["top"]))
+    rows = [r for r in result.table if r["kind"] == "top"]
+    assert np.mean([r["pixel_mse"] for r in rows]) > 1e-4
+    for key in ("color", "shape", "size", "position", "cleanliness", "mask_iou", "ssim", "prompt", "seed"):
+        assert key in rows[0]
+    assert set(result.images) == {"baseline", "top-4 | zero | all layers, all steps"}
+
+
+def planted_statistics():
+    """Channel 0: level 50 (top); channel 1: +-20 alternating over tokens (|mean| 0, RMS 20); channel 2: zeros;
+    the rest N(0, 1). Returns (stats, raw arrays per step)."""
+    g = torch.Generator().manual_seed(0)
+    stats, raw = Statistics(), []
+    for step in range(2):
+        x = torch.randn(3, 16, 12, generator=g)
+        x[..., 0] += 50
+        x[..., 1] = 20 * torch.tensor([1.0, -1.0]).repeat(8)
+        x[..., 2] = 0
+        stats.update(Tap("transformer_blocks.0", "img"), step, x)
+        raw.append(x.numpy().astype(np.float64))
+    return stats, np.concatenate(raw)
+
+
+def test_channel_sets_match_numpy_on_raw_hidden_states():
+    stats, x = planted_statistics()
+    flat = x.reshape(-1, x.shape[-1])
+    abs_mean = np.abs(x.mean(1)).mean(0)
+    rms = np.sqrt((flat ** 2).mean(0))
+    k = 3
+    assert disruption.channel_set(stats, k, "top")["transformer_blocks.0.img"] == list(np.argsort(-abs_mean)[:k])
+    assert disruption.channel_set(stats, k, "bottom_abs_mean")["transformer_blocks.0.img"] == list(np.argsort(abs_mean)[:k])
+    assert disruption.channel_set(stats, k, "bottom_rms")["transformer_blocks.0.img"] == list(np.argsort(rms)[:k])
+    bottom_abs = disruption.channel_set(stats, 4, "bottom_abs_mean")["transformer_blocks.0.img"]
+    bottom_rms = disruption.channel_set(stats, 4, "bottom_rms")["transformer_blocks.0.img"]
+    assert 1 in bottom_abs and 1 not in bottom_rms  # the loud zero-mean channel: a "low statistic" only by |mean|
+    random = disruption.channel_set(stats, 3, "random", seed=4)["transformer_blocks.0.img"]
+    assert 0 not in random and random == disruption.channel_set(stats, 3, "random", seed=4)["transformer_blocks.0.img"]
+
+
+def test_mean_op_writes_each_steps_dataset_mean(adapter, base):
+    tap, step = "transformer_blocks.2.img", 1
+    # the dataset mean, independently: numpy over the baseline's hidden states (both guidance halves, all units)
+    generators = [torch.Generator().manual_seed(s) for _, s in base.units]
+    with probe.collect(adapter, taps=[tap], cfg="both", capture=[(tap, step)]) as run:
+        adapter.pipe([p for p, _ in base.units], num_inference_steps=STEPS, generator=generators, output_type="np")
+    expected = run.captured[(tap, step)].double().numpy().mean((0, 1))
+    cond = disruption.Condition("top-2", "top", 2, "mean", ((tap, (7, 66)),))
+    with probe.edit(adapter, cond.edits(base.stats)):
+        with probe.collect(adapter, taps=[tap], cfg="both", capture=[(tap, step)]) as edited:
+            adapter.pipe([p for p, _ in base.units], num_inference_steps=STEPS, generator=generators, output_type="np")
+    x = edited.captured[(tap, step)].numpy()
+    np.testing.assert_allclose(x[..., 7], expected[7], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x[..., 66], expected[66], rtol=1e-5, atol=1e-6)
+
+
+def synthetic_table():
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(10):
+        for kind, level in (("baseline", 0.0), ("top", 3.0), ("random", 1.0)):
+            for rep in range(1 if kind != "random" else 2):
+                value = level * (1 + u / 10) + (0.1 * rep if kind == "random" else 0)
+                rows.append({"prompt": f"p{u}", "seed": 0, "kind": kind, "k": 0 if kind == "baseline" else 4,
+                             "op": "none" if kind == "baseline" else "zero",
+                             "window": "none" if kind == "baseline" else "all layers, all steps",
+                             "condition": kind, "pixel_mse": value, "cleanliness": 1 - value / 10,
+                             "ssim": 1 - value / 10})
+    return rows
+
+
+def test_paired_ratio_and_summary_against_numpy():
+    table = synthetic_table()
+    top = np.array([3.0 * (1 + u / 10) for u in range(10)])
+    rnd = np.array([1.0 * (1 + u / 10) + 0.05 for u in range(10)])  # two random sets averaged per unit
+    (ratio,) = disruption.paired_ratios(table, "pixel_mse", controls=["random"])
+    assert ratio["ratio"] == pytest.approx(top.mean() / rnd.mean())
+    assert ratio["ci"][0] <= ratio["ratio"] <= ratio["ci"][1]
+    (clean,) = disruption.paired_ratios(table, "cleanliness", controls=["random"])  # drop below each unit's baseline
+    assert clean["top_damage"] == pytest.approx((top / 10).mean())
+    rows = {r["kind"]: r for r in disruption.summary(table, ["pixel_mse"])}
+    assert rows["top"]["pixel_mse"] == pytest.approx(top.mean()) and rows["top"]["n_units"] == 10
+    low, high = rows["top"]["pixel_mse_ci"]
+    assert low < top.mean() < high
+
+
+def test_decomposition_separates_prompt_from_timestep(base):
+    units, steps, layers, C = base.token_means.shape
+    timestep_only = np.broadcast_to(np.linspace(0, 5, steps)[None, :, None, None], base.token_means.shape)
+    prompt_only = np.broadcast_to(np.arange(units, dtype=float)[:, None, None, None], base.token_means.shape)
+    for values, share in ((timestep_only, 0.0), (prompt_only, 1.0)):
+        fake = disruption.Baseline(base.adapter, base.units, base.images, base.stats, np.array(values), STEPS)
+        rows = disruption.decomposition(fake, {base.layers[0]: [0, 1]})
+        assert rows[0]["prompt_share"] == pytest.approx(share)
+
+
+def test_windows_split_layers_and_steps_in_thirds(base):
+    layers, steps, label = disruption.window(base.layers, 20, "mid", "late")
+    assert layers == base.layers[3:6] and steps == tuple(range(14, 20)) and label == "mid layers, late steps"
+    conds = disruption.window_conditions(base, k=2)
+    assert len(conds) == 9 * 2 and {c.window for c in conds} == {f"{a} layers, {b} steps" for a in disruption.PARTS
+                                                                   for b in disruption.PARTS}
+
+
+def test_bad_input_gives_clear_errors(adapter, base):
+    with pytest.raises(ValueError, match="prompts must be a non-empty list"):
+        disruption.baseline(adapter, [], seeds=[0])
+    with pytest.raises(ValueError, match="every prompt must be a non-empty str, got ''"):
+        disruption.baseline(adapter, [""], seeds=[0])
+    with pytest.raises(ValueError, match=r"k=129 is out of range; allowed: 1 <= k <= 128"):
+        disruption.conditions(base, ks=[129])
+    with pytest.raises(ValueError, match="unknown op 'erase'; allowed"):
+        disruption.conditions(base, op="erase")
+    with pytest.raises(ValueError, match="op 'scale' needs a numeric value"):
+        disruption.conditions(base, op="scale")
+    with pytest.raises(ValueError, match="unknown window part 'middle'"):
+        disruption.conditions(base, layer_part="middle")
+    with pytest.raises(ValueError, match="window .* is empty"):
+        disruption.window(base.layers, 2, "all", "late")
+    with pytest.raises(ValueError, match="has 1 channels at transformer_blocks.0.img, expected k=2"):
+        disruption.Condition("x", "top", 2, "zero", (("transformer_blocks.0.img", (1,)),))
+    bad_tap = disruption.Condition("x", "top", 1, "zero", (("transformer_blocks.9.img", (1,)),))
+    with pytest.raises(ValueError, match="unknown tap 'transformer_blocks.9.img'"):
+        disruption.run(base, [bad_tap])
+    assert_no_hooks(adapter)
+
+
+def test_no_hook_survives_an_exception_mid_run(adapter, base):
+    class Boom(disruption.Condition):
+        def edits(self, stats):
+            return [probe.Edit("transformer_blocks.1.img", [1], lambda x: (_ for _ in ()).throw(KeyboardInterrupt()))]
+
+    with pytest.raises(KeyboardInterrupt):
+        disruption.run(base, [Boom("boom", "top", 1, "zero", (("transformer_blocks.1.img", (1,)),))])
+    assert_no_hooks(adapter)
+
+
+def test_runner_works_on_any_flux_architecture_model(tmp_path):
+    torch.manual_seed(1)
+    pipe = organism.build_pipeline()  # random weights, another checkpoint: only what the adapter provides is used
+    organism.save(pipe, tmp_path / "other.safetensors")
+    other, adapter = mabook.load("organism", path=tmp_path / "other.safetensors")
+    other.set_progress_bar_config(disable=True)
+    b = disruption.baseline(adapter, ["a red circle"], seeds=[0], num_inference_steps=2)
+    result = disruption.run(b, disruption.conditions(b, ks=[2], kinds=["top", "random"], n_random=1))
+    assert len(result.table) == 3
