@@ -61,6 +61,42 @@ def _mb(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
+def interleaved(timed: Callable, repeats: int, device: str = "cpu"):
+    """Time `timed(False)` (plain) and `timed(True)` (treated) in pairs A B, B A, A B, ... so that
+    drift in machine load hits both alike. Returns (plain, treated) lists of (wall, cpu) seconds and
+    the treated calls' results."""
+    import torch
+
+    def clock(treated: bool):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = timed(treated)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start, time.process_time() - cpu_start), result
+
+    plain, treated, results = [], [], []
+    for r in range(repeats):
+        for flag in ((False, True) if r % 2 == 0 else (True, False)):
+            seconds, result = clock(flag)
+            (treated if flag else plain).append(seconds)
+            if flag:
+                results.append(result)
+    return plain, treated, results
+
+
+def _report(label: str, plain, treated, target: float = 1.10) -> None:
+    wall_plain, wall_treated = [w for w, _ in plain], [w for w, _ in treated]
+    ratio = pystats.median(wall_treated) / pystats.median(wall_plain)
+    pairs = [p / q for p, q in zip(wall_treated, wall_plain)]
+    cpu = pystats.median([c for _, c in treated]) / pystats.median([c for _, c in plain])
+    print(f"without {label}: median {pystats.median(wall_plain):.3f} s  (runs: {', '.join(f'{t:.3f}' for t in wall_plain)})")
+    print(f"with {label}:    median {pystats.median(wall_treated):.3f} s  (runs: {', '.join(f'{t:.3f}' for t in wall_treated)})")
+    print(f"wall-time ratio: {ratio:.3f}x (ratio of medians; per-pair {min(pairs):.3f}-{max(pairs):.3f}; target <= {target:.2f}x)")
+    print(f"CPU-time ratio:  {cpu:.3f}x (process CPU time, robust to other load on the machine)")
+
+
 @subcommand(
     "probe",
     help="wall-time and memory overhead of probe.collect on the organism",
@@ -89,47 +125,75 @@ def probe(args: argparse.Namespace) -> int:
         return pipe(prompts, num_inference_steps=args.num_inference_steps, generator=generator, output_type="pt").images
 
     def timed(with_probe: bool):
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
         if with_probe:
             with probe_mod.collect(adapter) as run:
-                images = generate()
-        else:
-            run, images = None, generate()
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start, time.process_time() - cpu_start), run, images
+                return generate(), run
+        return generate(), None
 
     # 1. warm-up pair (allocator, kernels), and a check that probing leaves the images unchanged
-    _, _, plain_images = timed(False)
-    _, run, probed_images = timed(True)
+    (plain_images, _), (probed_images, run) = timed(False), timed(True)
     if not torch.equal(plain_images, probed_images):
         raise RuntimeError("the probe changed the generated images")
-    # 2. interleaved repeats: A B, B A, A B, ...
-    plain, probed = [], []  # (wall, cpu) seconds
-    for r in range(args.repeats):
-        for with_probe in ((False, True) if r % 2 == 0 else (True, False)):
-            seconds, result, _ = timed(with_probe)
-            (probed if with_probe else plain).append(seconds)
-            run = result or run
-    wall_plain, wall_probed = [w for w, _ in plain], [w for w, _ in probed]
-    ratio = pystats.median(wall_probed) / pystats.median(wall_plain)
-    pair_ratios = [p / q for p, q in zip(wall_probed, wall_plain)]
-    # CPU time of this process: unlike wall time, barely moved by other jobs on a shared machine
-    cpu_ratio = pystats.median([c for _, c in probed]) / pystats.median([c for _, c in plain])
-
+    # 2. interleaved repeats
+    plain, probed, results = interleaved(timed, args.repeats, args.device)
+    run = results[-1][1]
     taps = len(run.stats.taps)
     print(f"model: organism ({source}); {args.device}; {args.batch_size} images x {args.num_inference_steps} steps; "
           f"{taps} taps x {len(run.stats.steps)} steps, every tap and step probed")
-    print(f"without probe: median {pystats.median(wall_plain):.3f} s  (runs: {', '.join(f'{t:.3f}' for t in wall_plain)})")
-    print(f"with probe:    median {pystats.median(wall_probed):.3f} s  (runs: {', '.join(f'{t:.3f}' for t in wall_probed)})")
-    print(f"wall-time ratio: {ratio:.3f}x (ratio of medians; per-pair {min(pair_ratios):.3f}-{max(pair_ratios):.3f}; target <= 1.10x)")
-    print(f"CPU-time ratio:  {cpu_ratio:.3f}x (process CPU time, robust to other load on the machine)")
+    _report("probe", plain, probed)
     print(f"statistics memory: {_mb(run.stats.nbytes)} (5 x channels float64 per (step, tap); "
           f"does not depend on tokens or batch)")
     print(f"storing every tapped hidden state instead: {_mb(run.observed_bytes)} "
           f"({run.observed_bytes / run.stats.nbytes:.0f}x; grows with batch x tokens)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# edit: overhead of probe.edit at every image tap and step (what chapter 2's runner does)
+# ---------------------------------------------------------------------------------------------
+
+
+@subcommand(
+    "edit",
+    help="wall-time overhead of probe.edit (top-k zeroed at every image tap and step) on the organism",
+    arguments=[
+        arg("--checkpoint", default=None, help="organism checkpoint (default: the committed one, else random weights)"),
+        arg("--batch-size", type=int, default=16),
+        arg("--num-inference-steps", type=int, default=20),
+        arg("--k", type=int, default=4),
+        arg("--op", default="zero", choices=["zero", "mean", "set", "scale"]),
+        arg("--repeats", type=int, default=9, help="timed pairs (plus one untimed warm-up pair)"),
+        arg("--device", default="cpu"),
+    ],
+)
+def edit(args: argparse.Namespace) -> int:
+    import torch
+
+    from mabook import probe as probe_mod
+    from mabook import world
+
+    if args.repeats < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
+        raise ValueError("--repeats, --batch-size and --num-inference-steps must be >= 1")
+    pipe, adapter, source = _organism(args.checkpoint, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [s.caption for s in world.sample(args.batch_size, seed=0)]
+    channels = list(range(args.k))  # which channels does not change the cost
+    value = 0.5 if args.op in ("set", "scale") else None
+    edits = [probe_mod.Edit(t, channels, args.op, value=value) for t in probe_mod.taps(adapter, ["img"])]
+
+    def timed(with_edit: bool):
+        generator = torch.Generator(args.device).manual_seed(0)
+        call = lambda: pipe(prompts, num_inference_steps=args.num_inference_steps, generator=generator, output_type="pt")
+        if with_edit:
+            with probe_mod.edit(adapter, edits):
+                return call().images
+        return call().images
+
+    timed(False), timed(True)  # warm-up pair
+    plain, edited, _ = interleaved(timed, args.repeats, args.device)
+    print(f"model: organism ({source}); {args.device}; {args.batch_size} images x {args.num_inference_steps} steps; "
+          f"{args.op} on {args.k} channels at {len(edits)} image taps, every step")
+    _report("edits", plain, edited)
     return 0
 
 

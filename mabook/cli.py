@@ -1,9 +1,16 @@
-"""Command line: `mabook discover --model organism --prompts 16 --out runs/discovery`.
+"""Command line: one verb per chapter idea.
 
-Writes, into --out:
+`mabook discover --model organism --prompts 16 --out runs/discovery` writes, into --out:
   stats.safetensors  the streaming statistics (`mabook.probe.Statistics.load` reads it back)
   topk.json          run settings and one row per layer (top-k, controls, ratios, Sun criterion)
   topk.csv           the same rows as a table
+
+`mabook disrupt --model organism --k 1 2 4 8 --out runs/disruption` writes, into --out:
+  table.csv          one row per (prompt, seed, condition): judge attributes, cleanliness, mask IoU,
+                     pixel MSE and SSIM to the unit's baseline
+  summary.json       settings, means with bootstrap 95 % CIs, paired top/control ratios, the
+                     prompt-vs-timestep split of the top channels, and the table
+  grid.png           baseline / top-k / bottom-k / random-k images at the largest k (rows)
 
 --prompts is a text file (one prompt per line), an integer N (N held-out captions of the shapes
 world, for the organism), or the prompts themselves.
@@ -76,6 +83,67 @@ def discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args):
+    import torch
+
+    import mabook
+
+    pipe, adapter = mabook.load(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                                **({"path": args.checkpoint} if args.checkpoint else {}))
+    if pipe is None:
+        raise ValueError(f"{args.model} holds only a transformer; `{args.command}` needs a pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, adapter
+
+
+def disrupt(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from mabook import discovery, disruption
+
+    prompts = read_prompts(args.prompts)
+    pipe, adapter = _load(args)
+    for k in args.k:
+        discovery.check_k(k, adapter.width)  # fail before generating, not after
+    if args.op not in disruption.OPS:
+        raise ValueError(f"unknown --op {args.op!r}; allowed: {list(disruption.OPS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # 1. baselines, once per (prompt, seed); 2. the conditions; 3. regenerate under each
+    base = disruption.baseline(adapter, prompts, args.seeds, args.num_inference_steps, args.batch_size)
+    conds = disruption.conditions(base, args.k, args.kinds, args.n_random, args.op, args.value)
+    if args.windows:
+        conds += disruption.window_conditions(base, max(args.k), op=args.op)
+    result = disruption.run(base, conds, args.batch_size)
+    seconds = time.perf_counter() - start
+    # 4. write the table, the summary and the grid
+    table = result.table
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    top = disruption.channel_set(base.stats, max(args.k), "top")
+    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"prompts": prompts, "seconds": seconds}
+    checkpoint = getattr(pipe, "card", {}).get("sha256")
+    summary = {"settings": settings, "checkpoint_sha256": checkpoint,
+               "summary": disruption.summary(table), "paired_ratios": disruption.paired_ratios(table, op=args.op),
+               "decomposition": disruption.decomposition(base, top), "table": table}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    k = max(args.k)
+    names = ["baseline"] + [n for n in result.images if n.startswith((f"top-{k} ", f"bottom_abs_mean-{k} ",
+                                                                       f"bottom_rms-{k} ", f"random-{k}#"))][:4]
+    mosaic, names = disruption.grid(result, names)
+    Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST).save(out / "grid.png")
+    # 5. print the paired ratios
+    print(f"{len(base.units)} units x {len(conds)} conditions x {args.num_inference_steps} steps in {seconds:.1f} s -> {out}")
+    print(f"grid rows: {', '.join(names)}")
+    for r in summary["paired_ratios"]:
+        print(f"k={r['k']:<3d} top / {r['control']:16s} pixel MSE {r['top_damage']:.4f} / {r['control_damage']:.4f} = "
+              f"{r['ratio']:.2f}x (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mabook", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu")
     d.add_argument("--dtype", choices=DTYPES, default="float32")
     d.set_defaults(func=discover)
+
+    r = commands.add_parser("disrupt", help="edit top-k vs control channels during generation; table of what changes")
+    r.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
+    r.add_argument("--checkpoint", default=None, help="organism only: a checkpoint other than the committed one")
+    r.add_argument("--prompts", nargs="+", default=["8"], help="a file, an integer N, or prompts (default: 8)")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="channel-set sizes")
+    r.add_argument("--kinds", nargs="+", default=["top", "bottom_abs_mean", "bottom_rms", "random"],
+                   choices=["top", "bottom_abs_mean", "bottom_rms", "random"])
+    r.add_argument("--n-random", type=int, default=5, help="seeded random sets per k")
+    r.add_argument("--op", default="zero", help="zero, mean, token_mean or scale")
+    r.add_argument("--value", type=float, default=None, help="the factor of --op scale")
+    r.add_argument("--windows", action="store_true", help="also zero the largest k in each layer x step window")
+    r.add_argument("--num-inference-steps", type=int, default=20)
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", choices=DTYPES, default="float32")
+    r.set_defaults(func=disrupt)
     return parser
 
 

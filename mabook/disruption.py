@@ -413,3 +413,21 @@ def decomposition(base: Baseline, channels: dict[str, Sequence[int]]) -> list[di
         out.append({"layer": layer, "prompt_var": prompt_var, "timestep_var": step_var,
                     "prompt_share": prompt_var / (prompt_var + step_var) if prompt_var + step_var > 0 else float("nan")})
     return out
+
+
+def grid(result: Result, names: Sequence[str] | None = None, pad: int = 2) -> tuple[np.ndarray, list[str]]:
+    """A uint8 mosaic (rows = conditions, columns = the kept units) and the row labels.
+
+    names: keys of `result.images` (default: baseline, then every condition in run order)."""
+    names = list(result.images) if names is None else list(names)
+    missing = [n for n in names if n not in result.images]
+    if missing:
+        raise ValueError(f"no images kept for {missing}; kept: {list(result.images)}")
+    rows = [result.images[n] for n in names]
+    n, H, W, _ = rows[0].shape
+    mosaic = np.full((len(rows) * (H + pad) + pad, n * (W + pad) + pad, 3), 255, dtype=np.uint8)
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            y, x = pad + r * (H + pad), pad + c * (W + pad)
+            mosaic[y:y + H, x:x + W] = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    return mosaic, names

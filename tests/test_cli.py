@@ -79,3 +79,31 @@ def test_bench_subcommand_is_one_registered_function(capsys):
         assert capsys.readouterr().out.strip() == "ok"
     finally:
         del bench.COMMANDS["echo-test"]
+
+
+def test_disrupt_writes_table_summary_and_grid(checkpoint, tmp_path, capsys):
+    out = tmp_path / "disrupt"
+    code = cli.main(["disrupt", "--checkpoint", str(checkpoint), "--prompts", "2", "--out", str(out), "--k", "1", "2",
+                     "--n-random", "2", "--num-inference-steps", "2"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert len(rows) == 2 * (1 + 2 * (3 + 2))  # units x (baseline + k x (top, 2 bottoms, 2 random))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint_sha256"] == organism.sha256(checkpoint)
+    assert {r["control"] for r in summary["paired_ratios"]} == {"bottom_abs_mean", "bottom_rms", "random"}
+    from PIL import Image
+
+    assert Image.open(out / "grid.png").size[0] > 0
+    assert "top / random" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--k", "500"], "k=500 is out of range; allowed: 1 <= k <= 128"),
+    (["--op", "erase"], "unknown --op 'erase'"),
+    (["--prompts", ""], "every prompt must be a non-empty str"),
+])
+def test_disrupt_bad_input_is_one_line(checkpoint, tmp_path, capsys, argv, message):
+    code = cli.main(["disrupt", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--num-inference-steps", "1",
+                     *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
