@@ -117,3 +117,51 @@ def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, columns:
     fig.update_yaxes(**frame)
     fig.update_layout(height=110 * rows + 40, margin=dict(l=10, r=10, t=30, b=10))
     return fig
+
+
+def curves_with_bands(x: Sequence, series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], title: str,
+                      xaxis: str, yaxis: str, log_x: bool = False, log_y: bool = False) -> go.Figure:
+    """Lines with shaded confidence bands: series name -> (mean, low, high), each over x
+    (e.g. damage vs k for top-k and each control, bootstrap 95 % CIs)."""
+    palette = ["crimson", "royalblue", "darkorange", "seagreen", "purple", "grey"]
+    fig = go.Figure()
+    for i, (name, (mean, low, high)) in enumerate(series.items()):
+        color = palette[i % len(palette)]
+        fig.add_scatter(x=list(x) + list(x)[::-1], y=list(high) + list(low)[::-1], fill="toself", line=dict(width=0),
+                        fillcolor=color, opacity=0.15, hoverinfo="skip", showlegend=False, legendgroup=name)
+        fig.add_scatter(x=list(x), y=list(mean), mode="lines+markers", name=name, line=dict(color=color), legendgroup=name,
+                        customdata=np.stack([low, high], 1),
+                        hovertemplate=f"{name}<br>%{{x}}: %{{y:.4g}} (95% CI %{{customdata[0]:.4g}}-%{{customdata[1]:.4g}})<extra></extra>")
+    fig.update_layout(title=title, xaxis=dict(title=xaxis, type="log" if log_x else "linear"),
+                      yaxis=dict(title=yaxis, type="log" if log_y else "linear"))
+    return fig
+
+
+def heatmaps_dropdown(maps: dict[str, np.ndarray], rows: Sequence[str], columns: Sequence[str], title: str,
+                      colorbar: str = "") -> go.Figure:
+    """Small annotated heatmaps (e.g. layer window x step window) with a dropdown between them."""
+    fig = go.Figure()
+    names = list(maps)
+    for i, name in enumerate(names):
+        z = np.asarray(maps[name], dtype=float)
+        fig.add_heatmap(z=z, x=list(columns), y=list(rows), colorscale="Reds", visible=(i == 0), colorbar=dict(title=colorbar),
+                        text=np.vectorize(lambda v: f"{v:.3g}")(z), texttemplate="%{text}",
+                        hovertemplate="%{y}<br>%{x}<br>%{z:.4g}<extra></extra>")
+    buttons = [dict(label=name, method="update", args=[{"visible": [j == i for j in range(len(names))]},
+                                                       {"title": f"{title}: {name}"}]) for i, name in enumerate(names)]
+    fig.update_layout(title=f"{title}: {names[0]}", yaxis=dict(autorange="reversed"), height=380,
+                      updatemenus=[dict(buttons=buttons, x=1.0, y=1.2, xanchor="right")] if len(names) > 1 else [])
+    return fig
+
+
+def image_slider(mosaics: dict[str, np.ndarray], title: str, prefix: str = "") -> go.Figure:
+    """One uint8 image (e.g. a row of generations) per slider position: a static-page explorer."""
+    names = list(mosaics)
+    fig = go.Figure(go.Image(z=mosaics[names[0]]), frames=[go.Frame(data=[go.Image(z=mosaics[n])], name=n) for n in names])
+    slider = dict(active=0, currentvalue=dict(prefix=prefix), pad=dict(t=30),
+                  steps=[dict(label=n, method="animate", args=[[n], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
+                         for n in names])
+    fig.update_layout(title=title, sliders=[slider], margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    return fig
