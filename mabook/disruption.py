@@ -60,6 +60,7 @@ class Baseline:
     num_inference_steps: int
     pipe_kwargs: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)  # per unit, as in the table (baseline vs itself)
+    clip: tuple | None = field(default=None, repr=False)  # (CLIPModel, CLIPProcessor) for CLIP-T, if asked
 
     @property
     def layers(self) -> list[str]:
@@ -94,9 +95,24 @@ def _generate(adapter: Adapter, units: Sequence[tuple[str, int]], num_inference_
     return np.concatenate(out).astype(np.float32)
 
 
+def load_clip(name_or_path: str):
+    """(CLIPModel, CLIPProcessor) from a local directory or hub id (`from_pretrained`), in eval mode."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(name_or_path).eval()
+        processor = CLIPProcessor.from_pretrained(name_or_path)
+    except OSError as e:
+        raise ValueError(f"clip_model {name_or_path!r} could not be loaded (a local directory saved with save_pretrained, "
+                         f"or a hub id reachable from here): {str(e).splitlines()[0]}") from None
+    return model, processor
+
+
 def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,), num_inference_steps: int = 20,
-             batch_size: int = 16, **pipe_kwargs) -> Baseline:
-    """Generate every (prompt, seed) unit once, unedited, under the probe."""
+             batch_size: int = 16, clip_model: str | None = None, **pipe_kwargs) -> Baseline:
+    """Generate every (prompt, seed) unit once, unedited, under the probe.
+
+    clip_model: a CLIP directory or hub id: the table then also has CLIP-T (image-prompt CLIP score)."""
     units = _check_units(prompts, seeds)
     if adapter.pipe is None:
         raise ValueError("disruption needs a pipeline; this adapter wraps a bare transformer")
@@ -114,7 +130,8 @@ def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0
         images = _generate(adapter, units, num_inference_steps, batch_size, pipe_kwargs)
     steps = sorted({s for s, _ in means})
     token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
-    base = Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs))
+    base = Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs),
+                    clip=load_clip(clip_model) if clip_model else None)
     base.metrics = _metrics(base, images)
     return base
 
@@ -260,6 +277,23 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return ssim(x, y, data_range=1.0, reduction="none").numpy()
 
 
+def _clip_t(images: np.ndarray, prompts: Sequence[str], clip) -> np.ndarray:
+    """Per-image CLIP score (Hessel et al. 2021): max(100 x cosine(image, prompt embeddings), 0).
+
+    Computed with transformers' CLIP directly: torchmetrics' clip_score (1.9) breaks on
+    transformers 5, whose get_*_features return output objects rather than tensors.
+    """
+    model, processor = clip
+    uint8 = [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
+    inputs = processor(text=list(prompts), images=uint8, return_tensors="pt", padding=True, truncation=True)
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=inputs["pixel_values"])
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    img = img if isinstance(img, torch.Tensor) else img.pooler_output
+    txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
+    return (100 * torch.nn.functional.cosine_similarity(img, txt)).clamp_min(0).numpy()
+
+
 def _judged(units) -> bool:
     """Whether every prompt is a shapes-world caption (then the judge scores the images)."""
     try:
@@ -276,10 +310,13 @@ def _metrics(base: Baseline, images: np.ndarray) -> list[dict]:
 
     mse = ((images - base.images) ** 2).mean((1, 2, 3))
     ssim = _ssim(images, base.images)
+    clip_t = _clip_t(images, [p for p, _ in base.units], base.clip) if base.clip else None
     rows = []
     judged = _judged(base.units)
     for i, (prompt, seed) in enumerate(base.units):
         row = {"prompt": prompt, "seed": seed, "pixel_mse": float(mse[i]), "ssim": float(ssim[i])}
+        if clip_t is not None:
+            row["clip_t"] = float(clip_t[i])
         if judged:
             j = judge.judge(images[i], prompt)
             for a in ATTRIBUTES:
@@ -341,8 +378,8 @@ def unit_values(table: Sequence[dict], metric: str, **where) -> dict[tuple, floa
 
 
 def damage(table: Sequence[dict], metric: str, **where) -> dict[tuple, float]:
-    """Per unit damage: pixel_mse itself, 1 - ssim, or the drop of an accuracy-like metric
-    (attributes, cleanliness, mask_iou, all_correct) below the same unit's baseline."""
+    """Per unit damage: pixel_mse itself, 1 - ssim, or the drop of a higher-is-better metric
+    (attributes, cleanliness, mask_iou, all_correct, clip_t) below the same unit's baseline."""
     values = unit_values(table, metric, **where)
     if metric == "pixel_mse":
         return values
@@ -356,7 +393,8 @@ def summary(table: Sequence[dict], metrics: Sequence[str] | None = None) -> list
     """One row per (kind, k, op, window): mean of each metric over units with a bootstrap 95 % CI.
     Random sets are averaged per unit first, so units stay the independent draws."""
     if metrics is None:
-        metrics = [m for m in ("pixel_mse", "ssim", *ATTRIBUTES, "all_correct", "cleanliness", "mask_iou") if m in table[0]]
+        metrics = [m for m in ("pixel_mse", "ssim", "clip_t", *ATTRIBUTES, "all_correct", "cleanliness", "mask_iou")
+                   if m in table[0]]
     groups = []
     for row in table:
         g = (row["kind"], row["k"], row["op"], row["window"])

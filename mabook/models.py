@@ -27,6 +27,7 @@ What this is not: a model zoo. Hub ids are passed to `DiffusionPipeline.from_pre
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,18 +135,37 @@ class Adapter:
     def guidance_batch(self, hidden_states: torch.Tensor | None = None) -> bool:
         """Whether a transformer call batches [uncond; cond] (classifier-free guidance).
 
-        Given the call's input `hidden_states`, read from it: every diffusers pipeline batches
-        guidance as `torch.cat([latents] * 2)`, so the batch is two identical halves (unless the
-        pipeline's `do_classifier_free_guidance`, where it has one, says False: identical latents
-        passed on purpose). Without it: the pipeline's flag, else the family's default call.
+        Inside a pipeline call, the pipeline says so: its `do_classifier_free_guidance` (a local
+        variable of PixArt's `__call__`, a property of SD3's, SANA's and the organism's), else the
+        family's fixed behaviour (FLUX never batches guidance). Given the call's input
+        `hidden_states`, a guidance batch must also be what diffusers builds, `torch.cat([latents] * 2)`:
+        two identical halves -- so two prompts that share one noise seed without guidance are not
+        mistaken for one. For direct transformer calls, the halves decide (unless the pipeline's
+        flag says False).
         """
-        flag = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
-        flag = flag if isinstance(flag, bool) else None
+        call = self._pipeline_call_locals() if self.pipe is not None else None
+        flag = call.get("do_classifier_free_guidance") if call is not None else None
+        if not isinstance(flag, bool):
+            flag = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
+            flag = flag if isinstance(flag, bool) else None
+        if flag is None and (call is not None or hidden_states is None):
+            flag = self.family.guidance_batch
         if hidden_states is None:
-            return flag if flag is not None else self.family.guidance_batch
+            return flag
         B = hidden_states.shape[0]
         halves_equal = B > 0 and B % 2 == 0 and torch.equal(hidden_states[: B // 2], hidden_states[B // 2:])
         return halves_equal and flag is not False
+
+    def _pipeline_call_locals(self) -> dict | None:
+        """The local variables of this adapter's pipeline `__call__` if one is running (else None)."""
+        frame = sys._getframe(1)
+        for _ in range(64):  # the pipeline's frame is a few module calls up from a forward hook
+            if frame is None:
+                return None
+            if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is self.pipe:
+                return frame.f_locals
+            frame = frame.f_back
+        return None
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """Image token grid (h, w) for a generation of height x width pixels (default: the pipeline's)."""

@@ -197,3 +197,58 @@ def test_runner_works_on_any_flux_architecture_model(tmp_path):
     b = disruption.baseline(adapter, ["a red circle"], seeds=[0], num_inference_steps=2)
     result = disruption.run(b, disruption.conditions(b, ks=[2], kinds=["top", "random"], n_random=1))
     assert len(result.table) == 3
+
+
+def tiny_clip_dir(tmp_path):
+    """A random-weight CLIP with a character-level BPE tokenizer, saved like a hub checkpoint."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                         pad_token_id=1),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=32, patch_size=8), projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+def test_real_model_path_has_pixel_metrics_and_clip_t(tmp_path):
+    from test_models import built  # a tiny random FLUX pipeline, as a real model is loaded
+
+    pipe, call = built("flux")
+    pipe.save_pretrained(tmp_path / "flux")
+    loaded, adapter = mabook.load(tmp_path / "flux")
+    loaded.set_progress_bar_config(disable=True)
+    clip = tiny_clip_dir(tmp_path)
+    b = disruption.baseline(adapter, ["a red circle", "red"], seeds=[0], num_inference_steps=2, clip_model=str(clip), **call)
+    result = disruption.run(b, disruption.conditions(b, ks=[2], kinds=["top", "random"], n_random=1))
+    row = result.table[-1]
+    assert {"pixel_mse", "ssim", "clip_t"} <= set(row) and "cleanliness" not in row  # no judge for non-world prompts
+    # CLIP-T, independently: cosine of the projected embeddings, x 100 (clamped at 0), from transformers directly
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
+    image = (np.clip(b.images[0], 0, 1) * 255).round().astype(np.uint8)
+    inputs = processor(text=["a red circle"], images=[image], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=inputs["pixel_values"])
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    img = img if isinstance(img, torch.Tensor) else img.pooler_output
+    txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
+    expected = max(100 * torch.nn.functional.cosine_similarity(img, txt).item(), 0)
+    assert b.metrics[0]["clip_t"] == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(ValueError, match="clip_model .* could not be loaded"):
+        disruption.baseline(adapter, ["red"], seeds=[0], num_inference_steps=1, clip_model=str(tmp_path / "nothing"), **call)

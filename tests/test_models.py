@@ -243,7 +243,8 @@ def step0(pipe, adapter, call, cfg, prompts=PAIR, **kwargs):
     """(stats, captured or None) at the first image tap, step 0, under `cfg`."""
     tap = probe.taps(adapter, ["img"])[0]
     with probe.collect(adapter, cfg=cfg, capture=[(tap, 0)]) as run:
-        pipe(prompts, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0), **call, **kwargs)
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+        pipe(prompts, num_inference_steps=2, output_type="latent", **call, **kwargs)
     return run.stats, run.captured.get((str(tap), 0)), tap
 
 
@@ -251,9 +252,12 @@ def step0(pipe, adapter, call, cfg, prompts=PAIR, **kwargs):
 def test_conditional_samples_are_the_conditional_ones_with_guidance_on_and_off(family):
     pipe, call = built(family)
     adapter = mabook.adapter_for(pipe)
-    # guidance off: every sample is conditional, one per prompt
+    # guidance off: every sample is conditional, one per prompt -- also when both share one noise seed
     off_stats, off, tap = step0(pipe, adapter, call, "cond", **NO_GUIDANCE[family])
     assert off.shape[0] == len(PAIR) and off_stats.counts(tap, 0)["samples"] == len(PAIR)
+    shared = [torch.Generator().manual_seed(0) for _ in PAIR]
+    same_noise, _, _ = step0(pipe, adapter, call, "cond", **NO_GUIDANCE[family], generator=shared)
+    assert same_noise.counts(tap, 0)["samples"] == len(PAIR)
     none, nothing, _ = step0(pipe, adapter, call, "uncond", **NO_GUIDANCE[family])  # no unconditional sample at all
     assert nothing is None and none.steps == []
     # guidance on: the "cond" samples are exactly what the same prompts give without guidance at step 0
