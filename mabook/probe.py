@@ -33,6 +33,7 @@ need a custom attention processor (see `adapter.attention_modules()`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -167,7 +168,7 @@ class Hooks:
 
     # 1. where the pipeline is, and which samples of this call are conditional
     def _pre_transformer(self, module, args, kwargs):
-        bound = self._signature.bind_partial(*args, **kwargs).arguments  # timestep may be positional
+        bound = self._arguments(args, kwargs)
         t = bound.get("timestep")
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (float(t) if t is not None else None)
         scheduler = getattr(self.adapter.pipe, "scheduler", None)
@@ -191,6 +192,17 @@ class Hooks:
             self._roles = ("uncond", "cond")
         else:
             self._roles = ("uncond",) if self.call > 0 and self.adapter.family.separate_uncond_call else ("cond",)
+
+    def _arguments(self, args, kwargs) -> dict:
+        """The transformer call's arguments by name (a timestep may be passed positionally)."""
+        try:
+            bound = self._signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:  # a signature that does not describe the call: keywords only
+            return dict(kwargs)
+        for name, p in self._signature.parameters.items():  # a **kwargs catch-all holds the rest
+            if p.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+                bound = {**bound, **bound.pop(name)}
+        return bound
 
     # 2. at each block output, hand the selected samples of each chosen stream to fn
     def _block_hook(self, block_taps: list[Tap]):
@@ -278,6 +290,7 @@ _ROWS = ("abs_mean_sum", "mean", "m2", "median_abs_sum", "max_abs")  # the accum
 FORMAT = 2  # version of the saved layout (1: E[x^2] - E[x]^2 moments, first-sample medians)
 
 
+@functools.lru_cache(maxsize=16)
 def median_tokens(num_tokens: int) -> torch.Tensor | None:
     """The tokens median_abs reads: all of them up to MEDIAN_TOKENS, else a fixed random subset.
 
