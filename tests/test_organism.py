@@ -151,6 +151,10 @@ def test_emergence_log_is_written_and_read_back(tmp_path):
     snaps = organism.snapshots(tmp_path / "o.safetensors")
     assert list(snaps) == [2, 4, 6]
     assert [r["step"] for r in organism.load(snaps[4]).card["emergence"]] == [1, 2, 4]
+    # measured after the fact (a run trained before the log existed): the same per-layer rows, from the files
+    after = trainer.measure_run(tmp_path / "o.safetensors")
+    assert [r["step"] for r in after["emergence"]] == [2, 4, 6]
+    assert [r["top"] for r in after["emergence"][-1]["ema"]] == [r["top"] for r in again]
 
 
 def test_corrupt_snapshot_is_refused(tmp_path):

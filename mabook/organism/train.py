@@ -157,6 +157,22 @@ def emergence_row(step: int, raw: list[dict], ema: list[dict], previous: dict | 
     return row
 
 
+def measure_run(checkpoint: Path, k: int = 4) -> dict:
+    """The emergence log measured after the fact on a checkpoint and its snapshots (saved EMA
+    weights), e.g. for a run trained before the log existed: {"checkpoint_sha256", "train_config",
+    "emergence": [{"step", "ema": per-layer rows}]}, comparable with a training-time log's "ema"."""
+    from mabook.organism import load, snapshots
+
+    rows, card = [], None
+    for step, path in snapshots(checkpoint).items():
+        pipe = load(path)
+        card = pipe.card if Path(path) == Path(checkpoint) else card
+        rows.append({"step": step, "ema": measure_emergence(pipe, ProbeBatch.make(pipe.organism_config), k)})
+    if card is None:
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    return {"checkpoint_sha256": card["sha256"], "train_config": card.get("train_config"), "emergence": rows}
+
+
 # ---------------------------------------------------------------------------------------------
 # Resumable state: safetensors for tensors, JSON for the rest (no pickle)
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +329,15 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=CHECKPOINT)
     p.add_argument("--state", type=Path, default=None, help="resumable-state directory (continued from if present)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (state kept)")
+    p.add_argument("--measure", type=Path, default=None,
+                   help="train nothing: measure the emergence log of this checkpoint and its snapshots, write it to --out")
     a = p.parse_args(argv)
+    if a.measure is not None:
+        if a.out == CHECKPOINT:
+            raise SystemExit("--measure needs --out FILE.json (the checkpoint itself is never overwritten)")
+        a.out.write_text(json.dumps(measure_run(a.measure), indent=1) + "\n")
+        print(f"wrote {a.out}")
+        return
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name != "save_at"})
     train(cfg, a.out, state_dir=a.state, stop_after=a.stop_after)
     print(f"saved {a.out}" if a.stop_after is None or a.stop_after >= cfg.steps else f"state saved in {a.state}")
