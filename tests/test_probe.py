@@ -25,6 +25,15 @@ def generate(adapter, prompts=PROMPTS, **kwargs):
     return adapter.pipe(prompts, **kwargs).images
 
 
+def bare_flux_transformer():
+    """A tiny random FluxTransformer2DModel without a pipeline, and its adapter."""
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    return transformer, mabook.adapter_for(transformer)
+
+
 def assert_no_hooks(adapter):
     for name, module in adapter.transformer.named_modules():
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"):
@@ -220,11 +229,7 @@ def test_steps_restart_at_each_generation(adapter):
 
 
 def test_statistics_memory_independent_of_tokens_and_batch():
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                         pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
-    adapter = mabook.adapter_for(transformer)
+    transformer, adapter = bare_flux_transformer()
     nbytes = []
     for batch_size, grid in ((1, 4), (3, 16)):
         ids = organism.image_ids(grid)
@@ -472,11 +477,7 @@ def test_heun_gives_each_model_evaluation_its_own_step(adapter):
 
 
 def test_direct_transformer_calls_with_positional_timestep():
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                         pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
-    adapter = mabook.adapter_for(transformer)
+    transformer, adapter = bare_flux_transformer()
     x, text, pooled = torch.randn(1, 16, 4), torch.randn(1, 5, 16), torch.randn(1, 16)
 
     def run():
