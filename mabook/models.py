@@ -143,7 +143,7 @@ class Adapter:
         mistaken for one. For direct transformer calls, the halves decide (unless the pipeline's
         flag says False).
         """
-        call = self._pipeline_call_locals() if self.pipe is not None else None
+        call = self.pipeline_call() if self.pipe is not None else None
         flag = call.get("do_classifier_free_guidance") if call is not None else None
         if not isinstance(flag, bool):
             flag = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
@@ -156,8 +156,9 @@ class Adapter:
         halves_equal = B > 0 and B % 2 == 0 and torch.equal(hidden_states[: B // 2], hidden_states[B // 2:])
         return halves_equal and flag is not False
 
-    def _pipeline_call_locals(self) -> dict | None:
-        """The local variables of this adapter's pipeline `__call__` if one is running (else None)."""
+    def pipeline_call(self) -> dict | None:
+        """The local variables of this adapter's pipeline `__call__` if one is running (else None):
+        what the pipeline was asked for (`prompt`, `guidance_scale`, ...) as the transformer is called."""
         frame = sys._getframe(1)
         for _ in range(64):  # the pipeline's frame is a few module calls up from a forward hook
             if frame is None:

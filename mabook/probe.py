@@ -104,7 +104,8 @@ def _check_cfg(cfg: str) -> None:
         raise ValueError(f"unknown cfg {cfg!r}; allowed: {list(CFG_MODES)}")
 
 
-def _check_steps(steps) -> frozenset[int] | None:
+def check_steps(steps) -> frozenset[int] | None:
+    """None (every step), an int or ints -> a frozenset of steps; a clear error for anything else."""
     if steps is None:
         return None
     if isinstance(steps, int):
@@ -157,7 +158,7 @@ class Hooks:
         if isinstance(taps, (Tap, str)):
             taps = [taps]
         self.taps = _all_taps(adapter) if taps is None else [resolve(adapter, t) for t in taps]
-        self.steps = _check_steps(steps)
+        self.steps = check_steps(steps)
         self.step, self.call = -1, 0
         self.steps_seen: dict[int, float | None] = {}  # step -> timestep (of the current generation)
         self.observed_bytes = 0
@@ -203,6 +204,12 @@ class Hooks:
             if p.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
                 bound = {**bound, **bound.pop(name)}
         return bound
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The current transformer call's sample roles: ("uncond", "cond") for a guidance batch
+        (its two halves, in order), else one role for the whole batch, ("cond",) or ("uncond",)."""
+        return self._roles
 
     # 2. at each block output, hand the selected samples of each chosen stream to fn
     def _block_hook(self, block_taps: list[Tap]):
@@ -649,7 +656,7 @@ def _check_edit(adapter: Adapter, e: Edit) -> tuple[Tap, torch.Tensor, frozenset
             raise ValueError(f"channel {c!r} at {tap} is out of range; allowed: ints in [0, {C})")
     if e.op == "set" and isinstance(e.value, torch.Tensor) and e.value.numel() not in (1, len(channels)):
         raise ValueError(f"edit value at {tap} has {e.value.numel()} elements, expected 1 or {len(channels)}")
-    return tap, torch.tensor(channels, dtype=torch.long), _check_steps(e.steps)
+    return tap, torch.tensor(channels, dtype=torch.long), check_steps(e.steps)
 
 
 class Editor(Hooks):
@@ -686,3 +693,4 @@ def edit(adapter: Adapter, edits: Edit | Sequence[Edit], cfg: str = "both", guid
     difference cond - uncond rather than measured.
     """
     return Editor(adapter, edits, cfg, guidance_batch)
+_check_steps = check_steps  # TEMP alias while spatial.py is edited
