@@ -413,11 +413,13 @@ def summary(table: Sequence[dict], metrics: Sequence[str] | None = None) -> list
 
 
 def paired_ratios(table: Sequence[dict], metric: str = "pixel_mse", controls: Sequence[str] = ("bottom_abs_mean", "bottom_rms", "random"),
-                  op: str = "zero", window: str = "all layers, all steps") -> list[dict]:
-    """Per k: mean top-k damage / mean control damage over the same units, with a paired bootstrap CI."""
+                  op: str = "zero", window: str = "all layers, all steps", treated: str = "top") -> list[dict]:
+    """Per k: mean damage of the `treated` kind (top-k here; sink keys in chapter 6) / mean control
+    damage over the same units, with a paired bootstrap CI. Rows: k, control, metric,
+    f"{treated}_damage", control_damage, ratio, ci, n_units."""
     out = []
-    for k in sorted({r["k"] for r in table if r["kind"] == "top" and r["op"] == op and r["window"] == window}):
-        top = damage(table, metric, kind="top", k=k, op=op, window=window)
+    for k in sorted({r["k"] for r in table if r["kind"] == treated and r["op"] == op and r["window"] == window}):
+        top = damage(table, metric, kind=treated, k=k, op=op, window=window)
         for control in controls:
             ctrl = damage(table, metric, kind=control, k=k, op=op, window=window)
             units = [u for u in top if u in ctrl]
@@ -426,7 +428,7 @@ def paired_ratios(table: Sequence[dict], metric: str = "pixel_mse", controls: Se
             a, b = np.array([top[u] for u in units]), np.array([ctrl[u] for u in units])
             ratio = float(a.mean() / b.mean()) if b.mean() != 0 else float("inf")
             low, high = paired_ratio_ci(a, b) if len(units) > 1 else (float("nan"), float("nan"))
-            out.append({"k": k, "control": control, "metric": metric, "top_damage": float(a.mean()),
+            out.append({"k": k, "control": control, "metric": metric, f"{treated}_damage": float(a.mean()),
                         "control_damage": float(b.mean()), "ratio": ratio, "ci": (low, high), "n_units": len(units)})
     return out
 
