@@ -265,6 +265,152 @@ def train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# spatial: chapter 3's costs -- capture + K-means per image, and UMAP's first (numba-compiling) call
+# ---------------------------------------------------------------------------------------------
+
+
+@subcommand(
+    "spatial",
+    help="seconds per image of capture + K-means (chapter 3), and UMAP's first vs second call",
+    arguments=[
+        arg("--checkpoint", default=None, help="organism checkpoint (default: the committed one, else random weights)"),
+        arg("--batch-size", type=int, default=12),
+        arg("--num-inference-steps", type=int, default=10),
+        arg("--k", type=int, default=4, help="top-k channels clustered"),
+        arg("--umap-points", type=int, default=768, help="tokens embedded by UMAP (0: skip UMAP)"),
+        arg("--device", default="cpu"),
+    ],
+)
+def spatial(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mabook import spatial as spatial_mod
+    from mabook import world
+
+    if args.batch_size < 1 or args.num_inference_steps < 1 or args.umap_points < 0:
+        raise ValueError("--batch-size and --num-inference-steps must be >= 1, --umap-points >= 0")
+    pipe, adapter, source = _organism(args.checkpoint, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = world.heldout_captions(args.batch_size, n_objects=1, seed=0)
+    # 1. capture every image tap at every step (what chapter 3's sweep keeps)
+    start = time.perf_counter()
+    cap = spatial_mod.capture(adapter, prompts, num_inference_steps=args.num_inference_steps, batch_size=args.batch_size)
+    capture_s = time.perf_counter() - start
+    # 2. K-means (K=2) on the top-k at every tap and step, plus scoring against the rendered masks
+    sets = spatial_mod.channel_sets(cap.stats, args.k, ["top"])
+    start = time.perf_counter()
+    rows = spatial_mod.measure(cap, sets, n_clusters=2, sources=("rendered",), thresholds=(), chance=False)
+    kmeans_s = time.perf_counter() - start
+    pairs = len(cap.taps) * len(cap.steps)
+    print(f"model: organism ({source}); {args.device}; {len(prompts)} images x {args.num_inference_steps} steps; "
+          f"{pairs} (tap, step) pairs captured")
+    print(f"capture (generation + hidden states): {capture_s / len(prompts):.3f} s per image ({capture_s:.2f} s)")
+    print(f"K-means + IoU, top-{args.k}, K=2:       {kmeans_s / len(rows) * 1e3:.2f} ms per (image, tap, step); "
+          f"{kmeans_s / len(prompts):.3f} s per image over all pairs")
+    # 3. UMAP: the first call in a process compiles numba kernels
+    if args.umap_points:
+        x = np.concatenate([cap.features(t, s, sets[f"top-{args.k}"]["channels"][t]).reshape(-1, args.k)
+                            for t in cap.taps for s in cap.steps])[: args.umap_points]
+        start = time.perf_counter()
+        import umap  # noqa: F401  (import cost, separate from the first call)
+
+        import_s = time.perf_counter() - start
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            spatial_mod.embed(x, n_neighbors=10, n_epochs=100)
+            seconds.append(time.perf_counter() - start)
+        print(f"UMAP on {len(x)} tokens: import {import_s:.2f} s, first call {seconds[0]:.2f} s, second call "
+              f"{seconds[1]:.2f} s (first-call compile cost {seconds[0] - seconds[1]:.2f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: capturing / intervening attention vs SDPA at FLUX-1024² shapes (chapter 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_variant(variant: str, heads: int, image: int, text: int, head_dim: int, device: str, repeats: int,
+                       chunk_elements: int) -> dict:
+    """Run one variant `repeats` times on random (1, heads, text + image, head_dim) tensors."""
+    import resource
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from mabook import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, text + image, head_dim, device=device) for _ in range(3))
+    image_slice = slice(text, text + image)
+    chosen = torch.zeros(1, heads, 1, dtype=torch.long, device=device)
+
+    def once():
+        if variant == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v)
+        if variant == "capture":  # the stock output, plus the mass on the side
+            out = F.scaled_dot_product_attention(q, k, v)
+            attention.image_query_mass(q, k, image_slice, chunk_elements)
+            return out
+        mass = attention.image_query_mass(q, k, image_slice, chunk_elements)  # "intervene": sinks, then explicit softmax
+        return attention._attend(q, k, v, mass.topk(1, -1).indices, "score", 0.0, chunk_elements)
+
+    if device != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_bytes = torch.cuda.memory_allocated()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device != "cpu":
+        extra = torch.cuda.max_memory_allocated() - base_bytes
+    else:
+        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+    return {"variant": variant, "seconds": min(times), "extra_bytes": int(extra)}
+
+
+@subcommand("attention", "time and peak memory of capturing / intervening attention vs SDPA at FLUX-1024^2 shapes",
+            [arg("--heads", type=int, default=None, help="default: 24 on CUDA, 4 on CPU (24 takes minutes per variant on one thread)"),
+             arg("--image-tokens", type=int, default=4096), arg("--text-tokens", type=int, default=512),
+             arg("--head-dim", type=int, default=128), arg("--repeats", type=int, default=3),
+             arg("--chunk-elements", type=int, default=None), arg("--device", default="cpu")])
+def attention_bench(args: argparse.Namespace) -> int:
+    import json as _json
+    import subprocess
+    import sys
+
+    from mabook import attention
+
+    heads = args.heads or (24 if args.device != "cpu" else 4)
+    chunk = args.chunk_elements or attention.CHUNK_ELEMENTS
+    shape = (heads, args.image_tokens, args.text_tokens, args.head_dim)
+    print(f"random q, k, v: 1 x {heads} heads x ({args.text_tokens} text + {args.image_tokens} image) tokens x "
+          f"{args.head_dim}; chunk {chunk} score elements; {args.device}"
+          + ("" if heads == 24 else f" (FLUX.1 has 24 heads: time scales ~linearly with heads, memory too)"))
+    rows = []
+    for variant in ("sdpa", "capture", "intervene"):
+        # a fresh process per variant: peak RSS only grows within a process
+        code = (f"import json; from mabook.bench import _attention_variant as f; "
+                f"print(json.dumps(f({variant!r}, {heads}, {args.image_tokens}, {args.text_tokens}, {args.head_dim}, "
+                f"{args.device!r}, {args.repeats}, {chunk})))")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rows.append(_json.loads(result.stdout.strip().splitlines()[-1]))
+    sdpa = rows[0]["seconds"]
+    scores = heads * (args.image_tokens + args.text_tokens) ** 2 * 4
+    print(f"{'variant':10s} {'time':>9s} {'x SDPA':>7s} {'peak extra memory':>18s}")
+    for r in rows:
+        print(f"{r['variant']:10s} {r['seconds']:8.2f}s {r['seconds'] / sdpa:7.2f} {r['extra_bytes'] / 2**20:15.1f} MiB")
+    print(f"(materialising every probability would take {scores / 2**20:.0f} MiB in float32)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 

@@ -12,6 +12,19 @@
                      prompt-vs-timestep split of the top channels, and the table
   grid.png           baseline / top-k / bottom-k / random-k images at the largest k (rows)
 
+`mabook cluster --model organism --tap single_transformer_blocks.1.img --step 5 --k 2 --out DIR`
+writes K-means masks of the image tokens restricted to the top channels (mask PNGs) and, for
+shapes-world captions, their IoU with the true masks (iou.json).
+
+`mabook sinks --model organism --k 1 2 5 10 --out runs/sinks` writes, into --out:
+  sinks.csv          top keys per (layer, step, head) of the baselines: where each sink sits
+                     (text, pad, image and its grid row/col) and its mass
+  movement.csv       per (layer, head): how often the top-1 sink stays put between steps
+  mass_by_kind.csv   per (layer, step, head): attention mass on text, padding and image keys
+  table.csv          one row per (prompt, seed, condition): sink / random / bottom keys suppressed
+  summary.json       settings, means with bootstrap 95 % CIs, paired sink/control ratios, the table
+  grid.png           baseline / sink / random / bottom images at the largest k
+
 --prompts is a text file (one prompt per line), an integer N (N held-out captions of the shapes
 world, for the organism), or the prompts themselves.
 """
@@ -45,6 +58,14 @@ def read_prompts(values: list[str]) -> list[str]:
     return values
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows as CSV; the columns are every key any row has (baseline rows lack some), in first-seen order."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def discover(args: argparse.Namespace) -> int:
     import torch
 
@@ -71,10 +92,7 @@ def discover(args: argparse.Namespace) -> int:
     stats.save(out / "stats.safetensors")
     settings = {k: v for k, v in vars(args).items() if k != "func"} | {"prompts": prompts, "seconds": seconds}
     (out / "topk.json").write_text(json.dumps({"settings": settings, "layers": rows}, indent=1) + "\n")
-    with open(out / "topk.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()} for r in rows)
+    _write_csv(out / "topk.csv", [{k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()} for r in rows])
     # 4. summary
     print(f"{len(prompts)} prompts x {args.num_inference_steps} steps in {seconds:.1f} s -> {out}")
     print(f"{'tap':36s} {'top-k':24s} {'ratio':>8s} {'max|x|':>9s} {'sun':>4s}")
@@ -119,10 +137,7 @@ def disrupt(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     # 4. write the table, the summary and the grid
     table = result.table
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    _write_csv(out / "table.csv", table)
     top = disruption.channel_set(base.stats, max(args.k), "top")
     settings = {k: v for k, v in vars(args).items() if k != "func"} | {"prompts": prompts, "seconds": seconds}
     checkpoint = getattr(pipe, "card", {}).get("sha256")
@@ -140,6 +155,133 @@ def disrupt(args: argparse.Namespace) -> int:
     print(f"grid rows: {', '.join(names)}")
     for r in summary["paired_ratios"]:
         print(f"k={r['k']:<3d} top / {r['control']:16s} pixel MSE {r['top_damage']:.4f} / {r['control_damage']:.4f} = "
+              f"{r['ratio']:.2f}x (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})")
+    return 0
+
+
+def cluster(args: argparse.Namespace) -> int:
+    """`mabook cluster`: K-means masks from one (tap, step) and, for shapes-world prompts, their IoU.
+
+    Writes into --out: masks.png (rows: images, foreground overlaid, cluster label maps),
+    mask_NN.png (each image's pixel foreground mask) and iou.json (settings, the channels, one row
+    per image and the mean IoU with a bootstrap 95 % CI; no IoU for prompts outside the world).
+    """
+    import numpy as np
+    from PIL import Image
+
+    from mabook import spatial, world
+
+    prompts = read_prompts(args.prompts)
+    pipe, adapter = _load(args)
+    # 1. check everything before generating
+    tap = spatial.image_tap(adapter, args.tap)
+    step = args.num_inference_steps // 2 if args.step is None else args.step
+    if not 0 <= step < args.num_inference_steps:
+        raise ValueError(f"step {step} never runs: --num-inference-steps {args.num_inference_steps} runs steps "
+                         f"0..{args.num_inference_steps - 1}")
+    h, w = adapter.grid()
+    spatial.check_clusters(args.k, h * w)
+    if args.kind not in spatial.KINDS:
+        raise ValueError(f"unknown --kind {args.kind!r}; allowed: {list(spatial.KINDS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # 2. generate once, keeping the hidden states at (tap, step)
+    start = time.perf_counter()
+    cap = spatial.capture(adapter, prompts, args.seeds, args.num_inference_steps, taps=[tap], steps=[step],
+                          batch_size=args.batch_size)
+    sets = spatial.channel_sets(cap.stats, args.n_channels, [args.kind], n_random=1, seed=args.seed)
+    name, spec = next(iter(sets.items()))
+    channels = spec["channels"][tap]
+    # 3. masks: matched to the objects for world captions, else the smallest cluster is the foreground
+    try:
+        for p in prompts:
+            world.parse_caption(p)
+        judged = True
+    except ValueError:
+        judged = False
+    fg = spatial.foreground_maps(cap, tap, step, channels, args.k, args.seed, "rendered" if judged else None)
+    x = cap.features(tap, step, channels)
+    labels = np.stack([spatial.label_map(spatial.kmeans(x[u], args.k, args.seed), cap.grid) for u in range(len(cap.units))])
+    size = cap.images.shape[1:3]
+    images = (np.clip(cap.images, 0, 1) * 255).round().astype(np.uint8)
+    colors = (np.array([[0, 0, 0], [255, 255, 255], [230, 40, 40], [40, 190, 60], [50, 90, 235], [240, 220, 40],
+                        [220, 50, 220], [40, 220, 230]], np.uint8))
+    label_images = np.stack([colors[spatial.upsample(m, size) % len(colors)] for m in labels])
+    grid_image = spatial.mosaic([images, spatial.overlay(images, fg), label_images])
+    scale = max(1, 256 // size[0])
+    Image.fromarray(grid_image).resize((grid_image.shape[1] * scale, grid_image.shape[0] * scale), Image.NEAREST).save(out / "masks.png")
+    for u in range(len(cap.units)):
+        Image.fromarray((spatial.upsample(fg[u], size) * 255).astype(np.uint8)).save(out / f"mask_{u:02d}.png")
+    # 4. IoU against the caption's rendering and the judge's mask of the generated image
+    rows, summary = [], {}
+    if judged:
+        rows = spatial.measure(cap, {name: spec}, [tap], [step], [args.k], thresholds=(), chance=False, seed=args.seed)
+        for source in spatial.SOURCES:
+            (s,) = spatial.summary(rows, by=("set",), source=source)
+            summary[source] = {m: s[m] for m in ("token_iou", "pixel_iou", "object_iou")} | {
+                f"{m}_ci": s[f"{m}_ci"] for m in ("token_iou", "pixel_iou", "object_iou")} | {"n_units": s["n_units"]}
+    seconds = time.perf_counter() - start
+    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"prompts": prompts, "tap": tap, "step": step,
+                                                                       "seconds": seconds}
+    payload = {"settings": settings, "checkpoint_sha256": getattr(pipe, "card", {}).get("sha256"), "set": name,
+               "channels": channels, "grid": list(cap.grid), "summary": summary, "rows": rows}
+    (out / "iou.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    # 5. print
+    print(f"{len(cap.units)} images x {args.num_inference_steps} steps in {seconds:.1f} s; {name} channels {channels} "
+          f"at {tap}, step {step}; K={args.k} -> {out}")
+    for source, s in summary.items():
+        lo, hi = s["token_iou_ci"]
+        print(f"IoU vs {source:8s} token {s['token_iou']:.3f} (95% CI {lo:.3f}-{hi:.3f})  pixel {s['pixel_iou']:.3f}")
+    if not judged:
+        print("prompts are not shapes-world captions: masks only, no IoU")
+    return 0
+
+
+def sinks(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from mabook import attention, disruption
+
+    prompts = read_prompts(args.prompts)
+    pipe, adapter = _load(args)
+    # 0. fail before generating, not after: every intervention is built (and checked) up front
+    layers = None if args.layer == ["all"] else args.layer
+    conds = [attention.KeyIntervention(keys, k, args.path, args.eta, layers, seed=seed)
+             for k in args.k for keys in ("sink", "bottom", "random")
+             for seed in (range(args.n_random) if keys == "random" else [0])]
+    attention.intervene(adapter, conds[0])  # validates the layers and the family (nothing swapped yet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # 1. baselines once per (prompt, seed), with the attention mass captured; 2. each intervention
+    with attention.capture(adapter) as cap:
+        base = disruption.baseline(adapter, prompts, args.seeds, args.num_inference_steps, args.batch_size)
+    result = attention.run(base, conds, args.batch_size)
+    seconds = time.perf_counter() - start
+    # 3. write the sink tables, the intervention table, the summary and the grid
+    _write_csv(out / "sinks.csv", attention.sinks(cap, args.top))
+    _write_csv(out / "movement.csv", attention.movement(cap, args.top))
+    _write_csv(out / "mass_by_kind.csv", attention.mass_by_kind(cap))
+    _write_csv(out / "table.csv", result.table)
+    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"prompts": prompts, "seconds": seconds}
+    ratios = attention.paired_ratios(result.table, "pixel_mse")
+    summary = {"settings": settings, "checkpoint_sha256": getattr(pipe, "card", {}).get("sha256"),
+               "summary": disruption.summary(result.table), "paired_ratios": ratios,
+               "mass_by_kind": attention.mass_by_kind(cap), "table": result.table}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    k = max(args.k)
+    names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{keys}-{k} ", f"{keys}-{k}#")))
+                            for keys in ("sink", "random", "bottom")]
+    mosaic, names = disruption.grid(result, names)
+    Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST).save(out / "grid.png")
+    # 4. print where the sinks sit and the paired ratios
+    rows = attention.mass_by_kind(cap)
+    share = {kind: sum(r[kind] for r in rows) / len(rows) for kind in ("text", "pad", "image")}
+    print(f"{len(base.units)} units x {len(conds)} conditions x {args.num_inference_steps} steps in {seconds:.1f} s -> {out}")
+    print("attention mass over image queries, mean over layers, steps, heads: "
+          + ", ".join(f"{kind} {v:.3f}" for kind, v in share.items()))
+    for r in ratios:
+        print(f"k={r['k']:<3d} sink / {r['control']:6s} pixel MSE {r['sink_damage']:.4f} / {r['control_damage']:.4f} = "
               f"{r['ratio']:.2f}x (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})")
     return 0
 
@@ -179,6 +321,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", choices=DTYPES, default="float32")
     r.set_defaults(func=disrupt)
+
+    c = commands.add_parser("cluster", help="K-means masks from one tap and step (mask PNGs, IoU JSON)")
+    c.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
+    c.add_argument("--checkpoint", default=None, help="organism only: a checkpoint other than the committed one")
+    c.add_argument("--prompts", nargs="+", default=["8"], help="a file, an integer N, or prompts (default: 8)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0])
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--tap", default=None, help="an image tap, e.g. single_transformer_blocks.1.img (default: the middle one)")
+    c.add_argument("--step", type=int, default=None, help="denoising step (default: the middle one)")
+    c.add_argument("--k", type=int, default=2, help="K, the number of K-means clusters")
+    c.add_argument("--n-channels", type=int, default=4, help="channels in the set (the top-k massive by default)")
+    c.add_argument("--kind", default="top", help="channel set: top, bottom_abs_mean, bottom_rms, random or all")
+    c.add_argument("--seed", type=int, default=0, help="K-means and random-set seed")
+    c.add_argument("--num-inference-steps", type=int, default=20)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", choices=DTYPES, default="float32")
+    c.set_defaults(func=cluster)
+
+    s = commands.add_parser("sinks", help="find attention sinks; suppress them vs equal-budget random and bottom keys")
+    s.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
+    s.add_argument("--checkpoint", default=None, help="organism only: a checkpoint other than the committed one")
+    s.add_argument("--prompts", nargs="+", default=["8"], help="a file, an integer N, or prompts (default: 8)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--k", type=int, nargs="+", default=[1, 2, 5, 10], help="keys suppressed per (sample, head)")
+    s.add_argument("--top", type=int, default=3, help="sinks listed per (layer, step, head) in sinks.csv")
+    s.add_argument("--path", choices=("score", "value_zero", "value_mean"), default="score")
+    s.add_argument("--eta", type=float, default=0.0, help="score path: the chosen keys' probability factor, in [0, 1]")
+    s.add_argument("--layer", nargs="+", default=["all"], help="attention module paths, or 'all' (default)")
+    s.add_argument("--n-random", type=int, default=3, help="seeded random key sets per k")
+    s.add_argument("--num-inference-steps", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", choices=DTYPES, default="float32")
+    s.set_defaults(func=sinks)
     return parser
 
 

@@ -12,7 +12,7 @@ zeroing equally many low-statistic channels barely matters. Three steps test it:
    window of layers x steps;
 3. `run(base, conditions)` regenerates every unit under each condition with `probe.edit` and
    returns a tidy table, one row per (unit, condition): the judge's attributes, cleanliness and
-   mask IoU (organism captions), pixel MSE and SSIM to the same unit's baseline.
+   mask IoU (organism captions), pixel MSE, mean |difference| and SSIM to the same unit's baseline.
 
 `summary(table)` gives means with bootstrap 95 % CIs per condition, and `paired_ratios` the paired
 effect ratio top-k damage / control damage with its CI. `decomposition(base, channels)` splits a
@@ -67,7 +67,8 @@ class Baseline:
         return [str(t) for t in self.stats.layers("img")]
 
 
-def _check_units(prompts, seeds) -> list[tuple[str, int]]:
+def check_units(prompts, seeds) -> list[tuple[str, int]]:
+    """(prompt, seed) units, seed-major: every prompt with the first seed, then the next seed."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
     for p in prompts:
@@ -113,7 +114,7 @@ def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0
     """Generate every (prompt, seed) unit once, unedited, under the probe.
 
     clip_model: a CLIP directory or hub id: the table then also has CLIP-T (image-prompt CLIP score)."""
-    units = _check_units(prompts, seeds)
+    units = check_units(prompts, seeds)
     if adapter.pipe is None:
         raise ValueError("disruption needs a pipeline; this adapter wraps a bare transformer")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -309,12 +310,13 @@ def _metrics(base: Baseline, images: np.ndarray) -> list[dict]:
     from mabook import judge
 
     mse = ((images - base.images) ** 2).mean((1, 2, 3))
+    mae = np.abs(images - base.images).mean((1, 2, 3))  # linear in the change, like LPIPS; MSE squares it
     ssim = _ssim(images, base.images)
     clip_t = _clip_t(images, [p for p, _ in base.units], base.clip) if base.clip else None
     rows = []
     judged = _judged(base.units)
     for i, (prompt, seed) in enumerate(base.units):
-        row = {"prompt": prompt, "seed": seed, "pixel_mse": float(mse[i]), "ssim": float(ssim[i])}
+        row = {"prompt": prompt, "seed": seed, "pixel_mse": float(mse[i]), "pixel_mae": float(mae[i]), "ssim": float(ssim[i])}
         if clip_t is not None:
             row["clip_t"] = float(clip_t[i])
         if judged:
@@ -378,10 +380,10 @@ def unit_values(table: Sequence[dict], metric: str, **where) -> dict[tuple, floa
 
 
 def damage(table: Sequence[dict], metric: str, **where) -> dict[tuple, float]:
-    """Per unit damage: pixel_mse itself, 1 - ssim, or the drop of a higher-is-better metric
+    """Per unit damage: pixel_mse or pixel_mae itself, 1 - ssim, or the drop of a higher-is-better metric
     (attributes, cleanliness, mask_iou, all_correct, clip_t) below the same unit's baseline."""
     values = unit_values(table, metric, **where)
-    if metric == "pixel_mse":
+    if metric in ("pixel_mse", "pixel_mae"):
         return values
     if metric == "ssim":
         return {u: 1 - v for u, v in values.items()}
@@ -393,7 +395,7 @@ def summary(table: Sequence[dict], metrics: Sequence[str] | None = None) -> list
     """One row per (kind, k, op, window): mean of each metric over units with a bootstrap 95 % CI.
     Random sets are averaged per unit first, so units stay the independent draws."""
     if metrics is None:
-        metrics = [m for m in ("pixel_mse", "ssim", "clip_t", *ATTRIBUTES, "all_correct", "cleanliness", "mask_iou")
+        metrics = [m for m in ("pixel_mse", "pixel_mae", "ssim", "clip_t", *ATTRIBUTES, "all_correct", "cleanliness", "mask_iou")
                    if m in table[0]]
     groups = []
     for row in table:

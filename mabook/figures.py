@@ -165,3 +165,102 @@ def image_slider(mosaics: dict[str, np.ndarray], title: str, prefix: str = "") -
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     return fig
+
+
+def bars_with_ci(labels: Sequence[str], means: Sequence[float], cis: Sequence[tuple[float, float]], title: str, yaxis: str,
+                 reference: float | None = None, reference_label: str = "chance") -> go.Figure:
+    """One bar per group (e.g. channel set) with its 95 % CI as error bars, and an optional
+    horizontal reference line (e.g. the chance level)."""
+    means = np.asarray(means, dtype=float)
+    low = np.array([c[0] for c in cis], dtype=float)
+    high = np.array([c[1] for c in cis], dtype=float)
+    fig = go.Figure(go.Bar(x=list(labels), y=means,
+                           error_y=dict(type="data", symmetric=False, array=np.nan_to_num(high - means),
+                                        arrayminus=np.nan_to_num(means - low)),
+                           customdata=np.stack([low, high], 1),
+                           hovertemplate="%{x}<br>%{y:.3f} (95% CI %{customdata[0]:.3f}-%{customdata[1]:.3f})<extra></extra>"))
+    if reference is not None:
+        fig.add_hline(y=reference, line_dash="dot", line_color="grey", annotation_text=reference_label)
+    fig.update_layout(title=title, yaxis_title=yaxis)
+    return fig
+
+
+def scatter_dropdown(embeddings: dict[str, np.ndarray], colorings: dict[str, Sequence[str]], hover: Sequence[str],
+                     title: str) -> go.Figure:
+    """2-D point clouds (e.g. UMAP embeddings) with a dropdown over (embedding, colouring).
+
+    embeddings: name -> (N, 2); colorings: name -> N category labels (one legend entry per
+    category); hover: N strings shown on hover (e.g. the token's (row, col) and prompt)."""
+    palette = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880", "#ff97ff",
+               "#fecb52", "#555555"]
+    hover = np.asarray(list(hover), dtype=object)
+    fig, groups = go.Figure(), []
+    for e_name, xy in embeddings.items():
+        xy = np.asarray(xy)
+        for c_name, labels in colorings.items():
+            labels = np.asarray(list(labels), dtype=object)
+            categories = list(dict.fromkeys(labels))
+            first = not groups
+            groups.append((f"{e_name}, coloured by {c_name}", len(categories)))
+            for i, cat in enumerate(categories):
+                keep = labels == cat
+                fig.add_scatter(x=xy[keep, 0], y=xy[keep, 1], mode="markers", name=str(cat), visible=first,
+                                legendgroup=str(cat), marker=dict(size=5, color=palette[i % len(palette)], opacity=0.8),
+                                text=hover[keep], hovertemplate="%{text}<extra>" + str(cat) + "</extra>")
+    n = sum(count for _, count in groups)
+    buttons, start = [], 0
+    for name, count in groups:
+        visible = [start <= j < start + count for j in range(n)]
+        buttons.append(dict(label=name, method="update", args=[{"visible": visible}, {"title": f"{title}: {name}"}]))
+        start += count
+    fig.update_layout(title=f"{title}: {groups[0][0]}", height=560, xaxis=dict(showticklabels=False, title=""),
+                      yaxis=dict(showticklabels=False, title=""),
+                      updatemenus=[dict(buttons=buttons, x=0.0, y=1.12, xanchor="left")] if len(groups) > 1 else [])
+    return fig
+
+
+def image_slider_png(mosaics: dict[str, np.ndarray], title: str, prefix: str = "", scale: int = 2) -> go.Figure:
+    """Like `image_slider`, but each uint8 image travels as a PNG (upscaled `scale` times, nearest)
+    and the slider toggles visibility: many positions stay a small page."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    names = list(mosaics)
+    fig = go.Figure()
+    for i, name in enumerate(names):
+        im = Image.fromarray(np.asarray(mosaics[name], dtype=np.uint8))
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        buffer = io.BytesIO()
+        im.save(buffer, format="PNG")
+        fig.add_trace(go.Image(source="data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+                               visible=(i == 0), name=name, hoverinfo="skip"))
+    slider = dict(active=0, currentvalue=dict(prefix=prefix), pad=dict(t=30),
+                  steps=[dict(label=n, method="update", args=[{"visible": [j == i for j in range(len(names))]}])
+                         for i, n in enumerate(names)])
+    height = np.asarray(mosaics[names[0]]).shape[0] * scale
+    fig.update_layout(title=title, sliders=[slider], margin=dict(l=10, r=10, t=40, b=10), height=height + 170)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    return fig
+
+
+def xy_dropdown(series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, xaxis: str, yaxis: str,
+                hover: dict[str, Sequence[str]] | None = None, log_x: bool = False, log_y: bool = False) -> go.Figure:
+    """Scatter plots with labelled axes (e.g. per token: a channel's magnitude vs its attention mass),
+    one per name, with a dropdown between them. series: name -> (x, y); hover: name -> one string per point."""
+    fig = go.Figure()
+    names = list(series)
+    for i, name in enumerate(names):
+        x, y = series[name]
+        text = list(hover[name]) if hover and name in hover else None
+        fig.add_scatter(x=np.asarray(x), y=np.asarray(y), mode="markers", name=name, visible=(i == 0), text=text,
+                        marker=dict(size=5, opacity=0.6),
+                        hovertemplate=("%{text}<br>" if text else "") + "%{x:.4g}, %{y:.4g}<extra></extra>")
+    buttons = [dict(label=name, method="update", args=[{"visible": [j == i for j in range(len(names))]},
+                                                       {"title": f"{title}: {name}"}]) for i, name in enumerate(names)]
+    fig.update_layout(title=f"{title}: {names[0]}", xaxis=dict(title=xaxis, type="log" if log_x else "linear"),
+                      yaxis=dict(title=yaxis, type="log" if log_y else "linear"), showlegend=False,
+                      updatemenus=[dict(buttons=buttons, x=1.0, y=1.15, xanchor="right")] if len(names) > 1 else [])
+    return fig

@@ -693,4 +693,3 @@ def edit(adapter: Adapter, edits: Edit | Sequence[Edit], cfg: str = "both", guid
     difference cond - uncond rather than measured.
     """
     return Editor(adapter, edits, cfg, guidance_batch)
-_check_steps = check_steps  # TEMP alias while spatial.py is edited

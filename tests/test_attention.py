@@ -304,3 +304,109 @@ def test_cross_attention_and_linear_attention_are_refused():
         attention.capture(adapter)
     with pytest.raises(ValueError, match=r"'sana' has linear attention"):
         attention.intervene(adapter, KeyIntervention())
+
+
+# -- (f) chapter 6: runner over a disruption.Baseline, sinks <-> massive channels ---------------------
+
+
+@pytest.fixture(scope="module")
+def small_base(organism):
+    from mabook import disruption
+
+    return disruption.baseline(organism[1], world.heldout_captions(3, 1, seed=1), (0,), STEPS)
+
+
+def test_run_table_matches_an_independent_regeneration_and_ratios(organism, small_base):
+    from mabook import disruption
+
+    pipe, adapter = organism
+    layer = "single_transformer_blocks.0.attn"
+    ivs = [KeyIntervention("sink", 2, layers=layer), KeyIntervention("random", 2, layers=layer, seed=0),
+           KeyIntervention("random", 2, layers=layer, seed=1), KeyIntervention("bottom", 2, layers=layer),
+           KeyIntervention("sink", 2, eta=1.0, layers=layer)]
+    result = attention.run(small_base, ivs)
+    n = len(small_base.units)
+    assert len(result.table) == n * (1 + len(ivs))
+    rows = [r for r in result.table if r["kind"] == "sink" and r["op"] == "score eta=0"]
+    assert {r["window"] for r in rows} == {f"{layer}, all steps"} and len(rows) == n
+    assert {"pixel_mse", "ssim", "all_correct", "cleanliness"} <= set(rows[0])
+    # independent: regenerate under the sink intervention, pixel MSE in numpy
+    mse = {}
+    for iv in ivs[:4]:
+        images = []
+        for prompt, seed in small_base.units:
+            with attention.intervene(adapter, iv):
+                out = pipe([prompt], num_inference_steps=STEPS, generator=[torch.Generator("cpu").manual_seed(seed)],
+                           output_type="np")
+            images.append(np.asarray(out.images)[0])
+        mse[iv.name] = ((np.stack(images).astype(np.float64) - small_base.images) ** 2).mean((1, 2, 3))
+    np.testing.assert_allclose([r["pixel_mse"] for r in rows], mse[ivs[0].name], rtol=1e-4, atol=1e-9)
+    # eta = 1 changes (almost) nothing
+    same = [r["pixel_mse"] for r in result.table if r["op"] == "score eta=1"]
+    assert max(same) < 1e-8
+    ratios = {(r["op"], r["control"]): r for r in attention.paired_ratios(result.table)}
+    random_damage = (mse[ivs[1].name] + mse[ivs[2].name]) / 2  # random sets averaged per unit
+    r = ratios[("score eta=0", "random")]
+    assert r["ratio"] == pytest.approx(mse[ivs[0].name].mean() / random_damage.mean(), rel=1e-3)
+    assert r["ci"][0] <= r["ratio"] * 1.001 and r["n_units"] == n and r["window"] == f"{layer}, all steps"
+    b = ratios[("score eta=0", "bottom")]
+    assert b["ratio"] == pytest.approx(mse[ivs[0].name].mean() / mse[ivs[3].name].mean(), rel=1e-3)
+    summary = {(s["kind"], s["op"]): s for s in disruption.summary(result.table)}
+    assert summary[("sink", "score eta=0")]["n_units"] == n
+    with pytest.raises(ValueError, match="distinct"):
+        attention.run(small_base, [ivs[0], ivs[0]])
+
+
+def test_labels():
+    assert attention.op_label(KeyIntervention(eta=0.25)) == "score eta=0.25"
+    assert attention.op_label(KeyIntervention(path="value_mean")) == "value_mean"
+    assert attention.window_label(KeyIntervention()) == "all layers, all steps"
+    assert attention.window_label(KeyIntervention(layers=["a.attn", "b.attn"], steps=[3, 1])) == "2 layers, steps 1,3"
+
+
+def test_sink_activation_link_matches_numpy(organism, small_base):
+    from scipy.stats import rankdata
+
+    pipe, adapter = organism
+    layer, step = "single_transformer_blocks.1.attn", 1
+    assert str(attention.feeding_tap(adapter, layer)) == "single_transformer_blocks.0.img"
+    with pytest.raises(ValueError, match="first block"):
+        attention.feeding_tap(adapter, "transformer_blocks.0.attn")
+    link = attention.sink_activation_link(small_base, layer, step=step)[layer]
+    tap = "single_transformer_blocks.0.img"
+    channel = int(np.argmax(small_base.stats.get("abs_mean", tap).numpy()))
+    assert link.channels == [channel] and link.tap == tap
+    prompt, seed = small_base.units[-1]
+    with mabook.probe.collect(adapter, taps=[tap], capture=[(tap, step)]) as run, \
+            attention.capture(adapter, layers=layer, steps=[step]) as cap:
+        pipe([prompt], num_inference_steps=STEPS, generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np")
+    h = run.captured[(tap, step)][-1].double().numpy()
+    magnitude = np.abs(h[:, channel])
+    mass = cap.mass(layer, step).numpy()[:, cap.keys(layer).image_slice].mean(0)
+    np.testing.assert_allclose(link.magnitude[-1], magnitude, rtol=1e-5)
+    np.testing.assert_allclose(link.mass[-1], mass, rtol=1e-6)
+    pearson = np.corrcoef(magnitude, mass)[0, 1]
+    spearman = np.corrcoef(rankdata(magnitude), rankdata(mass))[0, 1]
+    assert link.pearson[-1] == pytest.approx(pearson, abs=1e-6)
+    assert link.spearman[-1] == pytest.approx(spearman, abs=1e-6)
+    s = link.summary()
+    assert s["pearson"] == pytest.approx(np.nanmean(link.pearson)) and s["pearson_ci"][0] <= s["pearson"] <= s["pearson_ci"][1]
+    assert s["n_units"] == len(small_base.units) and s["chance"] == 1 / 64
+    assert set(attention.sink_activation_link(small_base, step=0)) == set(attention.layers(adapter)[1:])
+
+
+def test_sink_shift_identity_edit_keeps_every_sink(organism, small_base):
+    pipe, adapter = organism
+    tap = "transformer_blocks.1.img"
+    edits = {"identity": [mabook.probe.Edit(tap, [0], "scale", value=1.0)],
+             "zero-all": [mabook.probe.Edit(tap, list(range(adapter.width)), "zero")]}
+    rows = attention.sink_shift(small_base, edits, layers=["transformer_blocks.2.attn", "single_transformer_blocks.3.attn"])
+    assert len(rows) == 2 * 2 * len(small_base.units)
+    ident = [r for r in rows if r["edit"] == "identity"]
+    assert all(r["top1_same"] == 1 and r["kind_same"] == 1 for r in ident)
+    assert all(r["old_sink_mass"] == pytest.approx(r["sink_mass"]) for r in ident)
+    wiped = [r for r in rows if r["edit"] == "zero-all"]
+    assert np.mean([r["top1_same"] for r in wiped]) < 1
+    assert all(0 <= r["top1_same"] <= 1 and r["old_sink_mass"] <= r["edited_sink_mass"] + 1e-12 for r in rows)
+    with pytest.raises(ValueError, match="non-empty"):
+        attention.sink_shift(small_base, {})

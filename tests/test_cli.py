@@ -107,3 +107,84 @@ def test_disrupt_bad_input_is_one_line(checkpoint, tmp_path, capsys, argv, messa
                      *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cluster_writes_masks_and_iou_json(checkpoint, tmp_path, capsys):
+    out = tmp_path / "cluster"
+    code = cli.main(["cluster", "--checkpoint", str(checkpoint), "--prompts", "3", "--out", str(out), "--tap",
+                     "single_transformer_blocks.1.img", "--step", "1", "--k", "2", "--num-inference-steps", "2"])
+    assert code == 0
+    payload = json.loads((out / "iou.json").read_text())
+    assert payload["settings"]["tap"] == "single_transformer_blocks.1.img" and payload["settings"]["step"] == 1
+    assert len(payload["channels"]) == 4 and payload["grid"] == [8, 8]
+    assert {r["source"] for r in payload["rows"]} == {"rendered", "judged"} and len(payload["rows"]) == 3 * 2
+    assert 0 <= payload["summary"]["rendered"]["token_iou"] <= 1
+    from PIL import Image
+
+    assert Image.open(out / "masks.png").size[0] > 0 and Image.open(out / "mask_02.png").size == (32, 32)
+    assert "IoU vs rendered" in capsys.readouterr().out
+
+
+def test_cluster_on_prompts_outside_the_world_writes_masks_only(checkpoint, tmp_path, capsys):
+    out = tmp_path / "cluster"
+    code = cli.main(["cluster", "--checkpoint", str(checkpoint), "--prompts", "red", "blue circle", "--out", str(out),
+                     "--num-inference-steps", "2"])
+    assert code == 0
+    payload = json.loads((out / "iou.json").read_text())
+    assert payload["rows"] == [] and payload["summary"] == {} and payload["settings"]["step"] == 1
+    assert (out / "mask_01.png").is_file() and "masks only, no IoU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--k", "1"], "K=1 is out of range; allowed: 2 <= K < 64"),
+    (["--tap", "transformer_blocks.9.img"], "unknown tap 'transformer_blocks.9.img'"),
+    (["--tap", "transformer_blocks.0.txt"], "spatial maps need an image tap"),
+    (["--step", "4"], "step 4 never runs: --num-inference-steps 2 runs steps 0..1"),
+    (["--kind", "middle"], "unknown --kind 'middle'"),
+])
+def test_cluster_bad_input_is_one_line(checkpoint, tmp_path, capsys, argv, message):
+    code = cli.main(["cluster", "--checkpoint", str(checkpoint), "--prompts", "1", "--out", str(tmp_path / "x"),
+                     "--num-inference-steps", "2", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_spatial_prints_capture_kmeans_and_umap_costs(checkpoint, capsys):
+    from mabook import bench
+
+    code = bench.main(["spatial", "--checkpoint", str(checkpoint), "--batch-size", "2", "--num-inference-steps", "2",
+                       "--umap-points", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and "s per image" in out and "K-means + IoU" in out
+
+
+def test_sinks_writes_sink_tables_summary_and_grid(checkpoint, tmp_path, capsys):
+    out = tmp_path / "sinks"
+    code = cli.main(["sinks", "--checkpoint", str(checkpoint), "--prompts", "2", "--out", str(out), "--k", "1", "2",
+                     "--n-random", "2", "--num-inference-steps", "2"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert len(rows) == 2 * (1 + 2 * (1 + 1 + 2))  # units x (baseline + k x (sink, bottom, 2 random))
+    assert {r["kind"] for r in csv.DictReader(open(out / "sinks.csv"))} <= {"text", "pad", "image"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["control"] for r in summary["paired_ratios"]} == {"random", "bottom"}
+    assert "sink / random" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eta", "1.5"], "eta"),
+    (["--layer", "transformer_blocks.0.ff"], "has no attention"),
+])
+def test_sinks_bad_input_is_one_line(checkpoint, tmp_path, capsys, argv, message):
+    code = cli.main(["sinks", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--num-inference-steps", "1", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_attention_prints_time_and_memory_against_sdpa(capsys):
+    from mabook import bench
+
+    code = bench.main(["attention", "--heads", "1", "--image-tokens", "64", "--text-tokens", "8", "--head-dim", "8",
+                       "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "x SDPA" in out and all(v in out for v in ("sdpa", "capture", "intervene"))
