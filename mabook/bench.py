@@ -57,6 +57,27 @@ def _organism(checkpoint, device):
         return pipe, mabook.adapter_for(pipe), "random weights (no checkpoint found)"
 
 
+def _organism_arguments(batch_size: int = 16, num_inference_steps: int = 20, repeats: bool = True) -> list:
+    """The arguments every organism-generating benchmark shares."""
+    out = [arg("--checkpoint", default=None, help="organism checkpoint (default: the committed one, else random weights)"),
+           arg("--batch-size", type=int, default=batch_size),
+           arg("--num-inference-steps", type=int, default=num_inference_steps)]
+    if repeats:
+        out.append(arg("--repeats", type=int, default=9, help="timed pairs (plus one untimed warm-up pair)"))
+    return out + [arg("--device", default="cpu")]
+
+
+def _loaded(args: argparse.Namespace):
+    """(pipe, adapter, source) for the shared arguments, checked; progress bars off."""
+    for name in ("batch_size", "num_inference_steps", "repeats"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    pipe, adapter, source = _organism(args.checkpoint, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, adapter, source
+
+
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
@@ -100,13 +121,7 @@ def _report(label: str, plain, treated, target: float = 1.10) -> None:
 @subcommand(
     "probe",
     help="wall-time and memory overhead of probe.collect on the organism",
-    arguments=[
-        arg("--checkpoint", default=None, help="organism checkpoint (default: the committed one, else random weights)"),
-        arg("--batch-size", type=int, default=16),
-        arg("--num-inference-steps", type=int, default=20),
-        arg("--repeats", type=int, default=9, help="timed pairs (plus one untimed warm-up pair)"),
-        arg("--device", default="cpu"),
-    ],
+    arguments=_organism_arguments(),
 )
 def probe(args: argparse.Namespace) -> int:
     import torch
@@ -114,10 +129,7 @@ def probe(args: argparse.Namespace) -> int:
     from mabook import probe as probe_mod
     from mabook import world
 
-    if args.repeats < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
-        raise ValueError("--repeats, --batch-size and --num-inference-steps must be >= 1")
-    pipe, adapter, source = _organism(args.checkpoint, args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, adapter, source = _loaded(args)
     prompts = [s.caption for s in world.sample(args.batch_size, seed=0)]
 
     def generate():
@@ -156,15 +168,8 @@ def probe(args: argparse.Namespace) -> int:
 @subcommand(
     "edit",
     help="wall-time overhead of probe.edit (top-k zeroed at every image tap and step) on the organism",
-    arguments=[
-        arg("--checkpoint", default=None, help="organism checkpoint (default: the committed one, else random weights)"),
-        arg("--batch-size", type=int, default=16),
-        arg("--num-inference-steps", type=int, default=20),
-        arg("--k", type=int, default=4),
-        arg("--op", default="zero", choices=["zero", "mean", "set", "scale"]),
-        arg("--repeats", type=int, default=9, help="timed pairs (plus one untimed warm-up pair)"),
-        arg("--device", default="cpu"),
-    ],
+    arguments=_organism_arguments() + [arg("--k", type=int, default=4),
+                                       arg("--op", default="zero", choices=["zero", "mean", "set", "scale"])],
 )
 def edit(args: argparse.Namespace) -> int:
     import torch
@@ -172,10 +177,7 @@ def edit(args: argparse.Namespace) -> int:
     from mabook import probe as probe_mod
     from mabook import world
 
-    if args.repeats < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
-        raise ValueError("--repeats, --batch-size and --num-inference-steps must be >= 1")
-    pipe, adapter, source = _organism(args.checkpoint, args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, adapter, source = _loaded(args)
     prompts = [s.caption for s in world.sample(args.batch_size, seed=0)]
     channels = list(range(args.k))  # which channels does not change the cost
     value = 0.5 if args.op in ("set", "scale") else None
@@ -272,13 +274,9 @@ def train(args: argparse.Namespace) -> int:
 @subcommand(
     "spatial",
     help="seconds per image of capture + K-means (chapter 3), and UMAP's first vs second call",
-    arguments=[
-        arg("--checkpoint", default=None, help="organism checkpoint (default: the committed one, else random weights)"),
-        arg("--batch-size", type=int, default=12),
-        arg("--num-inference-steps", type=int, default=10),
+    arguments=_organism_arguments(12, 10, repeats=False) + [
         arg("--k", type=int, default=4, help="top-k channels clustered"),
         arg("--umap-points", type=int, default=768, help="tokens embedded by UMAP (0: skip UMAP)"),
-        arg("--device", default="cpu"),
     ],
 )
 def spatial(args: argparse.Namespace) -> int:
@@ -287,10 +285,9 @@ def spatial(args: argparse.Namespace) -> int:
     from mabook import spatial as spatial_mod
     from mabook import world
 
-    if args.batch_size < 1 or args.num_inference_steps < 1 or args.umap_points < 0:
-        raise ValueError("--batch-size and --num-inference-steps must be >= 1, --umap-points >= 0")
-    pipe, adapter, source = _organism(args.checkpoint, args.device)
-    pipe.set_progress_bar_config(disable=True)
+    if args.umap_points < 0:
+        raise ValueError(f"--umap-points must be >= 0, got {args.umap_points}")
+    pipe, adapter, source = _loaded(args)
     prompts = world.heldout_captions(args.batch_size, n_objects=1, seed=0)
     # 1. capture every image tap at every step (what chapter 3's sweep keeps)
     start = time.perf_counter()

@@ -286,6 +286,21 @@ def sinks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_parser(commands, name: str, help: str) -> argparse.ArgumentParser:
+    """A verb that generates (prompt, seed) units: the arguments every such verb shares."""
+    v = commands.add_parser(name, help=help)
+    v.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
+    v.add_argument("--checkpoint", default=None, help="organism only: a checkpoint other than the committed one")
+    v.add_argument("--prompts", nargs="+", default=["8"], help="a file, an integer N, or prompts (default: 8)")
+    v.add_argument("--seeds", type=int, nargs="+", default=[0])
+    v.add_argument("--out", required=True, help="output directory")
+    v.add_argument("--num-inference-steps", type=int, default=20)
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--dtype", choices=DTYPES, default="float32")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mabook", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -303,12 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=DTYPES, default="float32")
     d.set_defaults(func=discover)
 
-    r = commands.add_parser("disrupt", help="edit top-k vs control channels during generation; table of what changes")
-    r.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
-    r.add_argument("--checkpoint", default=None, help="organism only: a checkpoint other than the committed one")
-    r.add_argument("--prompts", nargs="+", default=["8"], help="a file, an integer N, or prompts (default: 8)")
-    r.add_argument("--seeds", type=int, nargs="+", default=[0])
-    r.add_argument("--out", required=True, help="output directory")
+    r = _generation_parser(commands, "disrupt", "edit top-k vs control channels during generation; table of what changes")
     r.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="channel-set sizes")
     r.add_argument("--kinds", nargs="+", default=["top", "bottom_abs_mean", "bottom_rms", "random"],
                    choices=["top", "bottom_abs_mean", "bottom_rms", "random"])
@@ -316,46 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--op", default="zero", help="zero, mean, token_mean or scale")
     r.add_argument("--value", type=float, default=None, help="the factor of --op scale")
     r.add_argument("--windows", action="store_true", help="also zero the largest k in each layer x step window")
-    r.add_argument("--num-inference-steps", type=int, default=20)
-    r.add_argument("--batch-size", type=int, default=16)
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--dtype", choices=DTYPES, default="float32")
     r.set_defaults(func=disrupt)
 
-    c = commands.add_parser("cluster", help="K-means masks from one tap and step (mask PNGs, IoU JSON)")
-    c.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
-    c.add_argument("--checkpoint", default=None, help="organism only: a checkpoint other than the committed one")
-    c.add_argument("--prompts", nargs="+", default=["8"], help="a file, an integer N, or prompts (default: 8)")
-    c.add_argument("--seeds", type=int, nargs="+", default=[0])
-    c.add_argument("--out", required=True, help="output directory")
+    c = _generation_parser(commands, "cluster", "K-means masks from one tap and step (mask PNGs, IoU JSON)")
     c.add_argument("--tap", default=None, help="an image tap, e.g. single_transformer_blocks.1.img (default: the middle one)")
     c.add_argument("--step", type=int, default=None, help="denoising step (default: the middle one)")
     c.add_argument("--k", type=int, default=2, help="K, the number of K-means clusters")
     c.add_argument("--n-channels", type=int, default=4, help="channels in the set (the top-k massive by default)")
     c.add_argument("--kind", default="top", help="channel set: top, bottom_abs_mean, bottom_rms, random or all")
     c.add_argument("--seed", type=int, default=0, help="K-means and random-set seed")
-    c.add_argument("--num-inference-steps", type=int, default=20)
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--dtype", choices=DTYPES, default="float32")
     c.set_defaults(func=cluster)
 
-    s = commands.add_parser("sinks", help="find attention sinks; suppress them vs equal-budget random and bottom keys")
-    s.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
-    s.add_argument("--checkpoint", default=None, help="organism only: a checkpoint other than the committed one")
-    s.add_argument("--prompts", nargs="+", default=["8"], help="a file, an integer N, or prompts (default: 8)")
-    s.add_argument("--seeds", type=int, nargs="+", default=[0])
-    s.add_argument("--out", required=True, help="output directory")
+    s = _generation_parser(commands, "sinks", "find attention sinks; suppress them vs equal-budget random and bottom keys")
     s.add_argument("--k", type=int, nargs="+", default=[1, 2, 5, 10], help="keys suppressed per (sample, head)")
     s.add_argument("--top", type=int, default=3, help="sinks listed per (layer, step, head) in sinks.csv")
     s.add_argument("--path", choices=("score", "value_zero", "value_mean"), default="score")
     s.add_argument("--eta", type=float, default=0.0, help="score path: the chosen keys' probability factor, in [0, 1]")
     s.add_argument("--layer", nargs="+", default=["all"], help="attention module paths, or 'all' (default)")
     s.add_argument("--n-random", type=int, default=3, help="seeded random key sets per k")
-    s.add_argument("--num-inference-steps", type=int, default=20)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.set_defaults(func=sinks)
     return parser
 

@@ -188,3 +188,11 @@ def test_bench_attention_prints_time_and_memory_against_sdpa(capsys):
                        "--repeats", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "x SDPA" in out and all(v in out for v in ("sdpa", "capture", "intervene"))
+
+
+def test_bench_train_prints_steps_per_second_and_budget(capsys):
+    from mabook import bench
+
+    assert bench.main(["train", "--steps", "1", "--threads", "1", "--target-steps", "6000"]) == 0
+    out = capsys.readouterr().out
+    assert "1 thread(s):" in out and "6000 steps ~" in out and "emergence probe:" in out
