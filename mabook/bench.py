@@ -408,6 +408,52 @@ def attention_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# transport: what a record of the source's channels costs (chapters 4-5)
+# ---------------------------------------------------------------------------------------------
+
+FLUX_1024 = {"blocks": 57, "image_tokens": 4096, "steps": 28, "width": 3072, "bytes": 2}  # bf16, 1024x1024
+
+
+@subcommand("transport", "bytes a transport record holds: FLUX-1024² arithmetic + a measured organism run",
+            _organism_arguments(batch_size=4, num_inference_steps=20, repeats=False)
+            + [arg("--k", type=int, nargs="+", default=[1, 4, 16])])
+def transport_bench(args: argparse.Namespace) -> int:
+    from mabook import probe
+    from mabook import transport as transport_mod
+    from mabook.world import heldout_captions
+
+    # 1. arithmetic from shapes: image-stream taps x image tokens x steps x k x 2 bytes x 2 guidance halves
+    f = FLUX_1024
+    print(f"FLUX-1024² ({f['blocks']} blocks x {f['image_tokens']} image tokens x {f['steps']} steps, bf16, "
+          "both CFG halves; image stream only, no token mask):")
+    full = transport_mod.bytes_recorded(f["blocks"], f["image_tokens"], f["steps"], f["width"], f["bytes"])
+    for k in args.k:
+        b = transport_mod.bytes_recorded(f["blocks"], f["image_tokens"], f["steps"], k, f["bytes"])
+        print(f"  k={k:<5d} {_mb(b):>12s}  ({b / full:.2%} of full width)")
+    print(f"  k={f['width']:<5d} {_mb(full):>12s}  (full width)")
+    print("  (FLUX-dev runs without a CFG batch -- guidance is distilled -- so halve these there; a K-means mask "
+          "keeping a fraction of the tokens scales them by that fraction)")
+    # 2. measured on the organism: record's actual bytes for each k vs the same arithmetic
+    pipe, adapter, source = _loaded(args)
+    taps = [str(t) for t in probe.taps(adapter, ["img"])]
+    prompts = heldout_captions(args.batch_size, n_objects=1, seed=0)
+    tokens = adapter.grid()[0] * adapter.grid()[1]
+    print(f"organism ({source}): {len(taps)} image taps x {tokens} tokens x {args.num_inference_steps} steps x "
+          f"{len(prompts)} images, float32:")
+    for k in [*args.k, adapter.width]:
+        if k > adapter.width:
+            continue
+        start = time.perf_counter()
+        rec = transport_mod.record(adapter, prompts, [0], taps=taps, channels=list(range(k)),
+                                   num_inference_steps=args.num_inference_steps, batch_size=args.batch_size)
+        seconds = time.perf_counter() - start
+        expected = transport_mod.bytes_recorded(len(taps), tokens, args.num_inference_steps, k, 4) * len(prompts)
+        print(f"  k={k:<5d} measured {_mb(rec.nbytes):>12s}, arithmetic {_mb(expected):>12s} "
+              f"({'match' if rec.nbytes == expected else 'MISMATCH'}); record {seconds:.2f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 

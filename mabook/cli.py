@@ -12,6 +12,10 @@
                      prompt-vs-timestep split of the top channels, and the table
   grid.png           baseline / top-k / bottom-k / random-k images at the largest k (rows)
 
+`mabook transport --source "a red circle ..." --target "a blue square ..." --k 16 --out DIR` copies the
+top-k channels of the source's generation into the target's (same noise) at each --alpha and
+writes strip.png (rows: source, each alpha, target) and transport.json (the table).
+
 `mabook cluster --model organism --tap single_transformer_blocks.1.img --step 5 --k 2 --out DIR`
 writes K-means masks of the image tokens restricted to the top channels (mask PNGs) and, for
 shapes-world captions, their IoU with the true masks (iou.json).
@@ -286,6 +290,67 @@ def sinks(args: argparse.Namespace) -> int:
     return 0
 
 
+def transport(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from mabook import disruption, probe
+    from mabook import transport as transport_mod
+
+    for a in args.alpha:
+        transport_mod._check_alpha(a)  # fail before generating, not after
+    if args.k < 0:
+        raise ValueError(f"--k must be >= 0 (0 = all channels), got {args.k}")
+    pipe, adapter = _load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # 1. the channel set: top-k by |mean| over the source and target generations (both guidance halves)
+    streams = ["img", "txt"] if args.stream == "both" else [args.stream]
+    taps = [str(t) for t in probe.taps(adapter, streams)]
+    if args.k == 0:
+        channels = "all"
+    else:
+        with probe.collect(adapter, taps=taps, cfg="both") as run:
+            disruption._generate(adapter, [(args.source, s) for s in args.seeds] + [(args.target, s) for s in args.seeds],
+                                 args.num_inference_steps, args.batch_size, {})
+        channels = {}
+        for stream in streams:
+            channels |= disruption.channel_set(run.stats, args.k, "top", stream=stream)
+    # 2. record the source once, 3. transport at every alpha (the unedited target generated once)
+    rec = transport_mod.record(adapter, [args.source], args.seeds, taps=taps, channels=channels,
+                               num_inference_steps=args.num_inference_steps, batch_size=args.batch_size)
+    targets, rows, strip = [args.target] * len(rec.units), [], []
+    target_images = None
+    for a in args.alpha:
+        result = transport_mod.transport(rec, targets, a, stream=args.stream, batch_size=args.batch_size,
+                                         target_images=target_images)
+        target_images = result.target
+        rows += result.table
+        strip.append(result.images)
+    seconds = time.perf_counter() - start
+    # 4. the strip (rows: source, each alpha, target; columns: seeds) and the JSON
+    rows_of = {"source": rec.images, **{f"alpha={a:g}": im for a, im in zip(args.alpha, strip)}, "target": target_images}
+    mosaic, _ = disruption.grid(disruption.Result([], rows_of, []))
+    Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST).save(out / "strip.png")
+    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"seconds": seconds, "recorded_bytes": rec.nbytes}
+    summary = {"settings": settings, "checkpoint_sha256": getattr(pipe, "card", {}).get("sha256"),
+               "columns": ["source", *[f"alpha={a:g}" for a in args.alpha], "target"], "table": rows}
+    (out / "transport.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print(f"{len(rec.units)} seeds x {len(args.alpha)} alphas, k={args.k or 'all'} ({args.stream}), "
+          f"{args.num_inference_steps} steps in {seconds:.1f} s; recorded {rec.nbytes / 2**10:.1f} KiB -> {out}")
+    for a in args.alpha:
+        r = [x for x in rows if x["alpha"] == a]
+        attrs = ("color", "shape", "size", "position")
+        took = [np.mean([x[f"took_source_{k}"] for k in attrs if x.get(f"differs_{k}")] or [np.nan])
+                for x in r if "took_source_color" in x]
+        line = f"alpha={a:<5g} pixel MSE vs target {np.mean([x['pixel_mse'] for x in r]):.4f}"
+        if took:
+            line += f"; took the source's differing attributes {np.nanmean(took):.2f}"
+        print(line)
+    return 0
+
+
 def _generation_parser(commands, name: str, help: str) -> argparse.ArgumentParser:
     """A verb that generates (prompt, seed) units: the arguments every such verb shares."""
     v = commands.add_parser(name, help=help)
@@ -345,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", nargs="+", default=["all"], help="attention module paths, or 'all' (default)")
     s.add_argument("--n-random", type=int, default=3, help="seeded random key sets per k")
     s.set_defaults(func=sinks)
+
+    t = _generation_parser(commands, "transport", "copy top-k channels of a source generation into a target; alpha strip")
+    t.add_argument("--source", required=True, help="the source prompt")
+    t.add_argument("--target", required=True, help="the target prompt (same seed: same noise)")
+    t.add_argument("--alpha", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    t.add_argument("--k", type=int, default=16, help="top-k channels per tap by |mean| (0: all channels)")
+    t.add_argument("--stream", choices=("img", "txt", "both"), default="img")
+    t.set_defaults(func=transport)
     return parser
 
 

@@ -196,3 +196,30 @@ def test_bench_train_prints_steps_per_second_and_budget(capsys):
     assert bench.main(["train", "--steps", "1", "--threads", "1", "--target-steps", "6000"]) == 0
     out = capsys.readouterr().out
     assert "1 thread(s):" in out and "6000 steps ~" in out and "emergence probe:" in out
+
+
+def test_transport_writes_strip_and_table(checkpoint, tmp_path, capsys):
+    out = tmp_path / "transport"
+    code = cli.main(["transport", "--checkpoint", str(checkpoint), "--source", "a large red circle at the top left on a black background",
+                     "--target", "a small blue square at the center on a white background", "--alpha", "0", "1",
+                     "--k", "4", "--num-inference-steps", "2", "--out", str(out)])
+    assert code == 0 and (out / "strip.png").is_file()
+    table = json.loads((out / "transport.json").read_text())["table"]
+    assert sorted({r["alpha"] for r in table}) == [0.0, 1.0]
+    assert "alpha=0" in capsys.readouterr().out
+
+
+def test_transport_bad_alpha_is_one_line(checkpoint, tmp_path, capsys):
+    code = cli.main(["transport", "--checkpoint", str(checkpoint), "--source", "a", "--target", "b", "--alpha", "1.5",
+                     "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "alpha" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_transport_prints_flux_arithmetic_and_measured_bytes(checkpoint, capsys):
+    from mabook import bench
+
+    code = bench.main(["transport", "--checkpoint", str(checkpoint), "--batch-size", "1", "--num-inference-steps", "2",
+                       "--k", "1", "4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "FLUX-1024" in out and "match" in out and "MISMATCH" not in out

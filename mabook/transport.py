@@ -1,0 +1,365 @@
+"""Semantic transport: copy selected channels of a source trajectory into a target one (chapters 4-5).
+
+The paper's third claim (arXiv 2605.13974): replace the massive channels of a target generation with
+those of a source generation started from the same noise, inside a channel x spatial mask, and the
+image moves toward the source while keeping the target's content. Two steps:
+
+1. `record(adapter, prompts, seeds, ...)` generates the SOURCE units and keeps, at the chosen taps x
+   steps, only the chosen channels (and optionally only the tokens of a per-unit mask) of both
+   guidance halves -- so a record grows with k x masked tokens, not with the model's width;
+2. `transport(rec, target_prompts, alpha, ...)` regenerates every TARGET unit with the noise of its
+   source unit (pair i shares seed i) and sets the recorded channels to
+   lerp(target, source, alpha) inside a mask, at every recorded (or a chosen window of) tap x step,
+   through `probe.edit` with a callable op (it reads the current step and guidance roles from the
+   editor). The table compares each output with the unedited target (`disruption._metrics`) and, for
+   organism captions, says per attribute whether it took the source's value (`took_source_<a>`)
+   and kept the target's (`kept_target_<a>`).
+
+Masks: `kmeans_mask(rec, tap, step)` is chapter 3's K-means foreground of each recorded unit (from
+`spatial.kmeans`, on the recorded channels); the target's comes from a record of the targets, the
+union is `a | b`.
+
+Baselines: `pixel_blend` (the two final images mixed at the same alpha), all-channel transport
+(`record(..., channels="all")`), and `random_channels` (a random set of equal size per tap).
+
+Exactness. alpha = 0 edits nothing numerically (torch.lerp returns the target bitwise). alpha = 1
+with every channel at every image and text tap and step makes every block output the source's, so
+the transformer's last hidden states are the source's bitwise -- but the image is not bitwise the
+source's: the final AdaLN (`norm_out`) is modulated by the pooled text embedding, which is an input
+of the transformer, not a block output, and stays the target's. The tests pin both facts.
+
+What this is not: image-conditioned transport (inversion of a reference image) -- that is chapter 5's
+to add -- nor a general hook library (it uses `probe.hooks` and `probe.edit` only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mabook import discovery, disruption, probe, world
+from mabook.models import Adapter
+from mabook.probe import Edit
+
+STREAMS = ("img", "txt", "both")
+ATTRIBUTES = world.ATTRIBUTES
+
+
+@dataclass
+class Record:
+    """A source generation's chosen channels at taps x steps, both guidance halves.
+
+    values[(tap name, step)][role] is (masked tokens of all units, k) -- image taps keep only the
+    tokens in `token_mask` (units, tokens), packed unit after unit; text taps keep every text token.
+    """
+
+    adapter: Adapter
+    units: list[tuple[str, int]]  # (prompt, seed)
+    images: np.ndarray  # (units, H, W, 3) float in [0, 1]
+    channels: dict[str, list[int]]  # tap name -> recorded channels
+    steps: list[int]
+    values: dict[tuple[str, int], dict[str, torch.Tensor]]
+    token_mask: torch.Tensor  # (units, image tokens) bool; all True when recorded unmasked
+    text_tokens: int
+    num_inference_steps: int
+    pipe_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.token_mask.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the recorded values (what grows with k x masked tokens)."""
+        return sum(v.numel() * v.element_size() for by_role in self.values.values() for v in by_role.values())
+
+    def dense(self, tap: str, step: int, role: str, start: int, stop: int) -> torch.Tensor:
+        """(stop - start, tokens, k) values of units [start, stop); zeros at unrecorded tokens."""
+        packed = self.values[(tap, step)][role]
+        k = packed.shape[-1]
+        if tap.endswith(".txt"):
+            return packed.reshape(len(self.units), self.text_tokens, k)[start:stop]
+        counts = self.token_mask.sum(1)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        mask = self.token_mask[start:stop]
+        out = packed.new_zeros(stop - start, self.tokens, k)
+        out[mask] = packed[offsets[start]:offsets[stop]]
+        return out
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def _check_stream(stream: str) -> list[str]:
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; allowed: {list(STREAMS)}")
+    return ["img", "txt"] if stream == "both" else [stream]
+
+
+def _check_mask(mask, n_units: int, tokens: int, what: str) -> torch.Tensor:
+    """(units, tokens) bool with at least one token per unit."""
+    mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{what} must be bool, got dtype {mask.dtype}")
+    if mask.dim() == 3:  # (units, h, w) as spatial.foreground_maps gives
+        mask = mask.reshape(mask.shape[0], -1)
+    if tuple(mask.shape) != (n_units, tokens):
+        raise ValueError(f"{what} has shape {tuple(mask.shape)}; expected (units, tokens) = ({n_units}, {tokens})")
+    empty = [i for i in range(n_units) if not mask[i].any()]
+    if empty:
+        raise ValueError(f"{what} is empty for unit(s) {empty}; every unit needs at least one token (None = whole image)")
+    return mask.cpu()
+
+
+def _check_channels(adapter: Adapter, channels, taps: list[str]) -> dict[str, list[int]]:
+    """"all", a list of ints (the same at every tap) or {tap name: ints} -> {tap name: ints}."""
+    if isinstance(channels, str):
+        if channels != "all":
+            raise ValueError(f"channels must be 'all', a list of ints or {{tap: ints}}, got {channels!r}")
+        return {t: list(range(adapter.width)) for t in taps}
+    if isinstance(channels, dict):
+        missing = [t for t in taps if t not in channels]
+        if missing:
+            raise ValueError(f"channels has no set for tap(s) {missing[:4]}; give one per tap or one list for all")
+        per_tap = {t: channels[t] for t in taps}
+    else:
+        per_tap = {t: channels for t in taps}
+    out = {}
+    for t, cs in per_tap.items():
+        cs = [int(c) for c in (cs.tolist() if isinstance(cs, (torch.Tensor, np.ndarray)) else cs)]
+        if not cs or len(set(cs)) != len(cs) or not all(0 <= c < adapter.width for c in cs):
+            raise ValueError(f"channels at {t} must be distinct ints in [0, {adapter.width}), at least one; got {cs[:8]}")
+        out[t] = cs
+    return out
+
+
+def record(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,), taps: Sequence[str] | None = None,
+           steps: Sequence[int] | None = None, channels="all", token_mask=None, num_inference_steps: int = 20,
+           batch_size: int = 16, **pipe_kwargs) -> Record:
+    """Generate the source units and keep `channels` at taps x steps for both guidance halves.
+
+    taps: tap names (default: every tap of both streams); steps: default all; channels: "all", a
+    list of ints, or {tap name: ints}; token_mask: None or (units, image tokens) bool -- image taps
+    then keep only those tokens (text taps keep all).
+    """
+    units = disruption.check_units(prompts, seeds)
+    if adapter.pipe is None:
+        raise ValueError("transport needs a pipeline; this adapter wraps a bare transformer")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    tap_names = [str(t) for t in probe.taps(adapter)] if taps is None else [str(probe.resolve(adapter, t)) for t in taps]
+    steps = list(range(num_inference_steps)) if steps is None else sorted(probe.check_steps(steps))
+    if any(s >= num_inference_steps for s in steps):
+        raise ValueError(f"steps {steps} outside the {num_inference_steps} steps; allowed: 0..{num_inference_steps - 1}")
+    chosen = _check_channels(adapter, channels, tap_names)
+    grid = adapter.grid(pipe_kwargs.get("height"), pipe_kwargs.get("width"))
+    tokens = grid[0] * grid[1]
+    mask = torch.ones(len(units), tokens, dtype=torch.bool) if token_mask is None else \
+        _check_mask(token_mask, len(units), tokens, "token_mask")
+    index = {t: torch.tensor(c) for t, c in chosen.items()}
+    parts: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = {}
+    text_tokens, images, chunk_mask = 0, [], None
+
+    def keep(tap, step, hidden_states):  # hidden_states: the call's whole batch (cfg="both")
+        nonlocal text_tokens
+        name = str(tap)
+        x = hidden_states[..., index[name].to(hidden_states.device)].detach()
+        roles = hooks.roles
+        halves = x.chunk(len(roles)) if len(roles) > 1 else (x,)
+        for role, half in zip(roles, halves):
+            if tap.stream == "img":
+                if half.shape[1] != tokens:
+                    raise ValueError(f"{half.shape[1]} image tokens at {name} do not fill the {grid[0]}x{grid[1]} grid")
+                half = half[chunk_mask.to(half.device)]
+            else:
+                text_tokens = half.shape[1]
+                half = half.reshape(-1, half.shape[-1])
+            parts.setdefault((name, step), {}).setdefault(role, []).append(half.cpu().clone())
+        return None
+
+    hooks = probe.hooks(adapter, keep, taps=tap_names, steps=steps, cfg="both")
+    with hooks:
+        for start in range(0, len(units), batch_size):
+            chunk_mask = mask[start:start + batch_size]
+            images.append(disruption._generate(adapter, units[start:start + batch_size], num_inference_steps,
+                                               batch_size, pipe_kwargs))
+    hooks.check_steps_ran(steps, "record")
+    values = {key: {role: torch.cat(v) for role, v in by_role.items()} for key, by_role in parts.items()}
+    return Record(adapter, units, np.concatenate(images), chosen, steps, values, mask, text_tokens,
+                  num_inference_steps, dict(pipe_kwargs))
+
+
+@dataclass
+class Transport:
+    images: np.ndarray  # (units, H, W, 3) transported
+    target: np.ndarray  # (units, H, W, 3) unedited targets (same noise)
+    table: list[dict]  # one row per unit
+    target_units: list[tuple[str, int]]
+
+
+def _edits(rec: Record, editor_box: dict, taps: list[str], steps: list[int], alpha: float, mask, start: int, stop: int):
+    """One Edit per tap; its callable picks the current step's source values and the call's roles."""
+    edits = []
+    for tap in taps:
+        def op(selected, tap=tap):
+            editor = editor_box["editor"]
+            src = torch.cat([rec.dense(tap, editor.step, role, start, stop) for role in editor.roles])
+            if src.shape != selected.shape:
+                raise ValueError(f"source values at {tap} step {editor.step} have shape {tuple(src.shape)}, the target "
+                                 f"{tuple(selected.shape)}: different token grids or batches")
+            return torch.lerp(selected, src.to(selected), alpha)  # exact at both ends: target at 0, source at 1
+
+        token_mask = None if mask is None or tap.endswith(".txt") else mask[start:stop]
+        edits.append(Edit(tap, rec.channels[tap], op, steps=steps, token_mask=token_mask))
+    return edits
+
+
+def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, mask=None, stream: str = "img",
+              channels: dict[str, Sequence[int]] | None = None, steps: Sequence[int] | None = None,
+              target_seeds: Sequence[int] | None = None, num_inference_steps: int | None = None, batch_size: int = 16,
+              target_images: np.ndarray | None = None, **pipe_kwargs) -> Transport:
+    """Regenerate each target unit with the recorded source channels mixed in at strength alpha.
+
+    target_prompts: one per source unit (pair i = source unit i; seeds default to the source's, so
+    the noise is the same). mask: None (every recorded token) or (units, image tokens) bool within
+    the record's token mask. stream: "img", "txt" or "both". channels: default every recorded
+    channel; a subset is not supported (record again with it). steps: the window, default every
+    recorded step. target_images: the unedited targets if already generated (else generated here).
+    """
+    alpha = _check_alpha(alpha)
+    streams = _check_stream(stream)
+    if channels is not None:
+        raise ValueError("channels: transport moves the recorded channels; record with the set you want (got a set)")
+    if isinstance(target_prompts, str):
+        target_prompts = [target_prompts]
+    seeds = [s for _, s in rec.units] if target_seeds is None else list(target_seeds)
+    if len(target_prompts) != len(rec.units) or len(seeds) != len(rec.units):
+        raise ValueError(f"need one target prompt and seed per source unit ({len(rec.units)}), got "
+                         f"{len(target_prompts)} prompts and {len(seeds)} seeds")
+    for p in target_prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"every target prompt must be a non-empty str, got {p!r}")
+    units = [(p, int(s)) for p, s in zip(target_prompts, seeds)]
+    n_steps = rec.num_inference_steps if num_inference_steps is None else num_inference_steps
+    if n_steps != rec.num_inference_steps:
+        raise ValueError(f"num_inference_steps {n_steps!r} differs from the source's {rec.num_inference_steps}; "
+                         "source and target must share the schedule")
+    kwargs = {**rec.pipe_kwargs, **pipe_kwargs}
+    grid = rec.adapter.grid(kwargs.get("height"), kwargs.get("width"))
+    if grid[0] * grid[1] != rec.tokens:
+        raise ValueError(f"the target's token grid {grid[0]}x{grid[1]} ({grid[0] * grid[1]} tokens) differs from the "
+                         f"source's {rec.tokens} tokens")
+    window = rec.steps if steps is None else sorted(probe.check_steps(steps))
+    outside = [s for s in window if s not in rec.steps]
+    if outside:
+        raise ValueError(f"steps {outside} were not recorded; allowed: {rec.steps}")
+    taps = [t for t in rec.channels if t.rsplit(".", 1)[1] in streams]
+    if not taps:
+        raise ValueError(f"the record has no tap on stream {stream!r}; recorded taps: {list(rec.channels)[:4]}...")
+    if mask is not None:
+        mask = _check_mask(mask, len(units), rec.tokens, "mask")
+        if (mask & ~rec.token_mask).any():
+            raise ValueError("mask reaches tokens the record did not keep; use a mask within the record's token_mask")
+    elif not rec.token_mask.all():
+        mask = rec.token_mask  # the recorded tokens are all there is to transport
+    if target_images is None:
+        target_images = disruption._generate(rec.adapter, units, n_steps, batch_size, kwargs)
+    images = []
+    for start in range(0, len(units), batch_size):
+        stop = min(start + batch_size, len(units))
+        box: dict = {}
+        editor = probe.edit(rec.adapter, _edits(rec, box, taps, window, alpha, mask, start, stop), cfg="both")
+        box["editor"] = editor
+        with editor:
+            images.append(disruption._generate(rec.adapter, units[start:stop], n_steps, batch_size, kwargs))
+    images = np.concatenate(images)
+    table = _table(rec, units, target_images, images, alpha, stream, mask)
+    return Transport(images, target_images, table, units)
+
+
+def _table(rec: Record, units, target_images, images, alpha, stream, mask) -> list[dict]:
+    """disruption's metrics against the unedited target, plus source/target attribute agreement."""
+    from mabook import judge
+
+    base = SimpleNamespace(images=target_images, units=units, clip=None)  # what _metrics reads
+    rows = disruption._metrics(base, images)
+    judged = disruption._judged(units) and disruption._judged(rec.units)
+    k = len(next(iter(rec.channels.values())))
+    for i, row in enumerate(rows):
+        row.update(source_prompt=rec.units[i][0], alpha=alpha, stream=stream, k=k,
+                   masked_tokens=int(rec.tokens if mask is None else mask[i].sum()))
+        if judged:
+            src, tgt = judge.judge(images[i], rec.units[i][0]), judge.judge(images[i], units[i][0])
+            s_scene, t_scene = world.parse_caption(rec.units[i][0]), world.parse_caption(units[i][0])
+            for a in ATTRIBUTES:
+                row[f"took_source_{a}"] = float(np.mean([c[a] for c in src.correct]))
+                row[f"kept_target_{a}"] = float(np.mean([c[a] for c in tgt.correct]))
+                row[f"differs_{a}"] = len(s_scene.objects) != len(t_scene.objects) or any(
+                    getattr(o, a) != getattr(p, a) for o, p in zip(s_scene.objects, t_scene.objects))
+    return rows
+
+
+def kmeans_mask(rec: Record, tap: str, step: int, n_clusters: int = 2, seed: int = 0,
+                source: str | None = "rendered") -> torch.Tensor:
+    """(units, image tokens) bool: chapter 3's K-means foreground of each recorded unit, clustered on
+    the recorded channels of the conditional half at (tap, step) -- the source's mask; record the
+    targets with the same channels for theirs, and `a | b` is the union.
+
+    source: "rendered" or "judge" match clusters to the caption's objects (`spatial.truth`); None
+    calls the smallest cluster foreground (real models: no truth)."""
+    from mabook import spatial
+
+    if (tap, step) not in rec.values or not tap.endswith(".img"):
+        raise ValueError(f"({tap!r}, {step}) is not a recorded image tap and step; recorded: "
+                         f"{sorted({t for t, _ in rec.values if t.endswith('.img')})[:4]}..., steps {rec.steps}")
+    if not rec.token_mask.all():
+        raise ValueError("kmeans_mask needs every image token; this record kept a token mask")
+    grid = rec.adapter.grid(rec.pipe_kwargs.get("height"), rec.pipe_kwargs.get("width"))
+    x = rec.dense(tap, step, "cond", 0, len(rec.units)).float().cpu().numpy()
+    out = []
+    for u, (prompt, _) in enumerate(rec.units):
+        labels = spatial.kmeans(x[u], n_clusters, seed=seed)
+        if source is None:
+            counts = np.bincount(labels, minlength=n_clusters).astype(float)
+            counts[counts == 0] = np.inf  # an empty cluster is not the smallest
+            fg = labels == int(np.argmin(counts))
+        else:
+            t = spatial.truth(prompt, grid, rec.images[u], source)
+            fg = spatial.assign(labels, t.tokens.reshape(len(t.tokens), -1))[labels] >= 1
+        if not fg.any():  # a constant map: nothing to call foreground; the whole image stands in
+            fg = np.ones_like(fg)
+        out.append(torch.from_numpy(np.asarray(fg, dtype=bool)))
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------
+
+
+def pixel_blend(source_images: np.ndarray, target_images: np.ndarray, alpha: float) -> np.ndarray:
+    """The two final images mixed at the same alpha: what transport must beat to be 'semantic'."""
+    alpha = _check_alpha(alpha)
+    if source_images.shape != target_images.shape:
+        raise ValueError(f"source images {source_images.shape} and target images {target_images.shape} differ in shape")
+    return ((1 - alpha) * target_images + alpha * source_images).astype(np.float32)
+
+
+def random_channels(adapter: Adapter, channels: dict[str, Sequence[int]], seed: int = 0) -> dict[str, list[int]]:
+    """Per tap, a seeded random set of the same size excluding the given channels (the control)."""
+    return {tap: [int(c) for c in discovery.random_k(adapter.width, len(cs), seed=seed, exclude=list(cs))]
+            for tap, cs in channels.items()}
+
+
+def bytes_recorded(blocks: int, tokens: int, steps: int, k: int, bytes_per_value: int = 2, halves: int = 2) -> int:
+    """What a record of k channels costs at `blocks` image taps x `tokens` x `steps`, both CFG halves."""
+    return blocks * tokens * steps * k * bytes_per_value * halves
