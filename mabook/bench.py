@@ -341,7 +341,6 @@ def _attention_variant(variant: str, heads: int, image: int, text: int, head_dim
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, text + image, head_dim, device=device) for _ in range(3))
     image_slice = slice(text, text + image)
-    chosen = torch.zeros(1, heads, 1, dtype=torch.long, device=device)
 
     def once():
         if variant == "sdpa":
@@ -386,10 +385,9 @@ def attention_bench(args: argparse.Namespace) -> int:
 
     heads = args.heads or (24 if args.device != "cpu" else 4)
     chunk = args.chunk_elements or attention.CHUNK_ELEMENTS
-    shape = (heads, args.image_tokens, args.text_tokens, args.head_dim)
     print(f"random q, k, v: 1 x {heads} heads x ({args.text_tokens} text + {args.image_tokens} image) tokens x "
           f"{args.head_dim}; chunk {chunk} score elements; {args.device}"
-          + ("" if heads == 24 else f" (FLUX.1 has 24 heads: time scales ~linearly with heads, memory too)"))
+          + ("" if heads == 24 else " (FLUX.1 has 24 heads: time scales ~linearly with heads, memory too)"))
     rows = []
     for variant in ("sdpa", "capture", "intervene"):
         # a fresh process per variant: peak RSS only grows within a process

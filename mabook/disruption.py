@@ -81,6 +81,18 @@ def check_units(prompts, seeds) -> list[tuple[str, int]]:
     return [(p, int(s)) for s in seeds for p in prompts]
 
 
+def check_generation(adapter: Adapter, prompts, seeds, num_inference_steps, batch_size, who: str) -> list[tuple[str, int]]:
+    """The checks every experiment that generates (prompt, seed) units makes first; returns the units."""
+    units = check_units(prompts, seeds)
+    if adapter.pipe is None:
+        raise ValueError(f"{who} needs a pipeline; this adapter wraps a bare transformer")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return units
+
+
 def _generate(adapter: Adapter, units: Sequence[tuple[str, int]], num_inference_steps: int, batch_size: int,
               pipe_kwargs: dict) -> np.ndarray:
     """(units, H, W, 3) floats in [0, 1]; unit i's noise comes from its own seeded generator, so an
@@ -114,13 +126,7 @@ def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0
     """Generate every (prompt, seed) unit once, unedited, under the probe.
 
     clip_model: a CLIP directory or hub id: the table then also has CLIP-T (image-prompt CLIP score)."""
-    units = check_units(prompts, seeds)
-    if adapter.pipe is None:
-        raise ValueError("disruption needs a pipeline; this adapter wraps a bare transformer")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    units = check_generation(adapter, prompts, seeds, num_inference_steps, batch_size, "disruption")
     image_taps = probe.taps(adapter, ["img"])
     means: dict[tuple[int, str], list[torch.Tensor]] = {}
 

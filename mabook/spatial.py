@@ -159,13 +159,7 @@ def capture(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,
     collected at every image tap and step either way (they rank the channels). pipe_kwargs go to
     the pipeline (height, width, guidance_scale, ...).
     """
-    units = disruption.check_units(prompts, seeds)
-    if adapter.pipe is None:
-        raise ValueError("spatial.capture needs a pipeline; this adapter wraps a bare transformer")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    units = disruption.check_generation(adapter, prompts, seeds, num_inference_steps, batch_size, "spatial.capture")
     image_taps = [str(t) for t in probe.taps(adapter, ["img"])]
     taps = image_taps if taps is None else _check_image_taps(adapter, [taps] if isinstance(taps, str) else taps)
     steps = list(range(num_inference_steps)) if steps is None else _check_steps(steps)

@@ -149,13 +149,7 @@ def record(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,)
     list of ints, or {tap name: ints}; token_mask: None or (units, image tokens) bool -- image taps
     then keep only those tokens (text taps keep all).
     """
-    units = disruption.check_units(prompts, seeds)
-    if adapter.pipe is None:
-        raise ValueError("transport needs a pipeline; this adapter wraps a bare transformer")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    units = disruption.check_generation(adapter, prompts, seeds, num_inference_steps, batch_size, "transport")
     tap_names = [str(t) for t in probe.taps(adapter)] if taps is None else [str(probe.resolve(adapter, t)) for t in taps]
     steps = list(range(num_inference_steps)) if steps is None else sorted(probe.check_steps(steps))
     if any(s >= num_inference_steps for s in steps):

@@ -31,3 +31,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def trained_organism():
+    """(pipe, adapter) of the committed organism, progress bars off (one per test module)."""
+    import mabook
+
+    pipe, adapter = mabook.load("organism")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, adapter

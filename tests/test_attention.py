@@ -19,10 +19,8 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def organism():
-    pipe, adapter = mabook.load("organism")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, adapter
+def organism(trained_organism):
+    return trained_organism
 
 
 def generate(pipe, prompt=PROMPT, steps=STEPS, **call):

@@ -18,10 +18,8 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def adapter():
-    pipe, adapter = mabook.load("organism")
-    pipe.set_progress_bar_config(disable=True)
-    return adapter
+def adapter(trained_organism):
+    return trained_organism[1]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +106,6 @@ def test_mean_op_writes_each_steps_dataset_mean(adapter, base):
 
 
 def synthetic_table():
-    rng = np.random.default_rng(0)
     rows = []
     for u in range(10):
         for kind, level in (("baseline", 0.0), ("top", 3.0), ("random", 1.0)):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import mabook
 from mabook import probe, transport
 
 torch.set_num_threads(1)
@@ -22,10 +21,8 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def adapter():
-    pipe, adapter = mabook.load("organism")
-    pipe.set_progress_bar_config(disable=True)
-    return adapter
+def adapter(trained_organism):
+    return trained_organism[1]
 
 
 @pytest.fixture(scope="module")
