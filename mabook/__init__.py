@@ -7,7 +7,7 @@
 import importlib
 
 __all__ = ["load", "adapter_for"]
-_SUBMODULES = ("bench", "cli", "discovery", "figures", "judge", "models", "organism", "probe", "stats", "world")
+_SUBMODULES = ("bench", "cli", "discovery", "exercises", "figures", "judge", "models", "organism", "probe", "stats", "world")
 
 
 def __getattr__(name):

@@ -116,6 +116,8 @@ def _resolve_layers(adapter: Adapter, chosen) -> list[str]:
         return allowed
     if isinstance(chosen, str):
         chosen = [chosen]
+    if not isinstance(chosen, (list, tuple)):
+        raise TypeError(f"layers must be None (all), an attention module path or a list of them, got {chosen!r}")
     chosen = list(chosen)
     if not chosen:
         raise ValueError("layers must be None (all) or a non-empty list of attention module paths")

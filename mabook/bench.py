@@ -429,6 +429,8 @@ def transport_bench(args: argparse.Namespace) -> int:
         b = transport_mod.bytes_recorded(f["blocks"], f["image_tokens"], f["steps"], k, f["bytes"])
         print(f"  k={k:<5d} {_mb(b):>12s}  ({b / full:.2%} of full width)")
     print(f"  k={f['width']:<5d} {_mb(full):>12s}  (full width)")
+    temb = transport_mod.bytes_recorded(1, 1, f["steps"], f["width"], f["bytes"])  # one 'token' per sample and step
+    print(f"  + the AdaLN conditioning (kept with channels='all'): {_mb(temb)}")
     print("  (FLUX-dev runs without a CFG batch -- guidance is distilled -- so halve these there; a K-means mask "
           "keeping a fraction of the tokens scales them by that fraction)")
     # 2. measured on the organism: record's actual bytes for each k vs the same arithmetic
@@ -448,6 +450,94 @@ def transport_bench(args: argparse.Namespace) -> int:
         expected = transport_mod.bytes_recorded(len(taps), tokens, args.num_inference_steps, k, 4) * len(prompts)
         print(f"  k={k:<5d} measured {_mb(rec.nbytes):>12s}, arithmetic {_mb(expected):>12s} "
               f"({'match' if rec.nbytes == expected else 'MISMATCH'}); record {seconds:.2f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep: `mabook sweep` on 1 vs N processes (accelerate launch), and what the shards cost
+# ---------------------------------------------------------------------------------------------
+
+
+def _launch_sweep(processes: int, experiment: str, out, extra: list[str], device: str, threads: int) -> float:
+    """Wall seconds of `accelerate launch --num_processes N -m mabook sweep EXPERIMENT ...` (a subprocess)."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if processes > 1 else []),
+           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "mabook", "sweep", experiment, "--out", str(out), "--device", device,
+           *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds
+
+
+@subcommand(
+    "sweep",
+    help="mabook sweep on 1 vs N processes (accelerate launch): wall-time ratio, images/s per process, shard overhead",
+    arguments=[
+        arg("--experiment", default="disrupt", help="discover, disrupt or sinks"),
+        arg("--model", default="organism", help="'organism' or a hub id (FLUX.1-dev at 1024²: its default size)"),
+        arg("--prompts", type=int, default=8, help="N held-out captions (organism) -- or prompts the model is asked"),
+        arg("--num-inference-steps", type=int, default=4),
+        arg("--batch-size", type=int, default=2, help="images per pipeline call = per shard"),
+        arg("--k", type=int, nargs="+", default=[1, 2], help="disrupt / sinks: k values (discover: one)"),
+        arg("--n-random", type=int, default=1),
+        arg("--processes", type=int, nargs="+", default=[1, 2], help="process counts to compare (the first is the base)"),
+        arg("--device", default="cpu", help="cpu (gloo group of CPU processes) or auto (one GPU per process)"),
+        arg("--threads", type=int, default=1, help="OMP threads per process"),
+        arg("--dtype", default="float32"),
+    ],
+)
+def sweep_bench(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from mabook import sweep as sweep_mod
+
+    sweep_mod.check_experiment(args.experiment)
+    for name in ("prompts", "num_inference_steps", "batch_size", "n_random", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.processes or any(n < 1 for n in args.processes):
+        raise ValueError(f"--processes must be ints >= 1, got {args.processes}")
+    extra = ["--model", args.model, "--prompts", str(args.prompts), "--num-inference-steps", str(args.num_inference_steps),
+             "--batch-size", str(args.batch_size), "--k", *map(str, args.k), "--dtype", args.dtype]
+    if args.experiment != "discover":
+        extra += ["--n-random", str(args.n_random)]
+    print(f"{args.experiment} on {args.model}: {args.prompts} prompts x {args.num_inference_steps} steps, batch "
+          f"{args.batch_size}, device {args.device}, {args.threads} thread(s) per process")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.processes:
+            out = Path(tmp) / f"p{n}"
+            wall = _launch_sweep(n, args.experiment, out, extra, args.device, args.threads)
+            doc = json.loads((out / ("topk.json" if args.experiment == "discover" else "summary.json")).read_text())
+            info, sweep_seconds = doc["sweep"], doc["settings"]["seconds"]
+            images = args.prompts if args.experiment == "discover" else len(doc["table"])
+            shard_bytes = sum(f.stat().st_size for f in (out / "shards").iterdir())
+            rows.append((n, wall, sweep_seconds, images, info))
+            print(f"{n} process(es): {wall:6.1f} s wall ({sweep_seconds:6.1f} s sweeping, {wall - sweep_seconds:5.1f} s "
+                  f"start-up: imports, model load, process group, writing) -- {images} images, "
+                  f"{images / sweep_seconds:.2f} images/s, {images / sweep_seconds / n:.2f} images/s per process; "
+                  f"{info['shards']} shards, {_mb(shard_bytes)}")
+            if n == args.processes[0]:
+                overhead = info["main_io_seconds"] / max(info["main_compute_seconds"], 1e-9)
+                print(f"  shard overhead (main process): {info['main_io_seconds']:.2f} s writing + reading shards vs "
+                      f"{info['main_compute_seconds']:.2f} s computing them = {overhead:.1%}")
+    base = rows[0]
+    for n, wall, sweep_seconds, _, _ in rows[1:]:
+        print(f"{n} vs {base[0]} process(es): wall-time ratio {wall / base[1]:.3f}x, sweeping {sweep_seconds / base[2]:.3f}x "
+              f"(ideal {base[0] / n:.3f}x; measured in this run, on this machine's load)")
     return 0
 
 

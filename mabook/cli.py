@@ -15,6 +15,12 @@
 `mabook transport --source "a red circle ..." --target "a blue square ..." --k 16 --out DIR` copies the
 top-k channels of the source's generation into the target's (same noise) at each --alpha and
 writes strip.png (rows: source, each alpha, target) and transport.json (the table).
+`mabook transport --reference IMG --target "…" --out DIR` does the same from an image (chapter 5):
+inverted onto the pipeline's schedule (or noised, --trajectory noise); the strip adds its
+reconstruction and the JSON the reconstruction error. --mask
+source|target|union restricts it to chapter 3's K-means foreground, --window early|mid|late to a
+third of the steps, --k 0 moves every channel and the AdaLN conditioning (alpha = 1 is then the
+source exactly), --baselines adds pixel blend and text-embedding blend rows.
 
 `mabook cluster --model organism --tap single_transformer_blocks.1.img --step 5 --k 2 --out DIR`
 writes K-means masks of the image tokens restricted to the top channels (mask PNGs) and, for
@@ -29,20 +35,43 @@ shapes-world captions, their IoU with the true masks (iou.json).
   summary.json       settings, means with bootstrap 95 % CIs, paired sink/control ratios, the table
   grid.png           baseline / sink / random / bottom images at the largest k
 
+`mabook sweep disrupt --prompts 64 --out runs/sweep` runs discover, disrupt or sinks as shards
+(one batch, or one (condition, batch), each) over the processes of `accelerate launch ... -m mabook
+sweep ...` (`mabook.sweep`): shards go to --shards (default OUT/shards), are skipped when already
+there (a killed sweep resumes), and the main process merges them and writes the verb's files
+(sinks: table.csv and summary.json only), plus baseline_stats.safetensors for disrupt and sinks.
+Exit code 3: --stop-after N reached (a test hook).
+
 --prompts is a text file (one prompt per line), an integer N (N held-out captions of the shapes
-world, for the organism), or the prompts themselves.
+world, for the organism), or the prompts themselves (none of them empty).
+
+Errors and exit codes. A bad value -- an argument out of range, an unknown name, a missing or
+corrupt file, a model id that is neither 'organism', a local directory nor loadable from the hub --
+prints one line on stderr, ``mabook VERB: error: ...``, naming the value and what is allowed, and
+exits with 2 (as argparse does for a malformed command line, which prints the same one line).
+``--debug`` (before or after the verb) shows the traceback instead. Ctrl-C prints one line and
+exits with 130. 0 is success.
+
+Interruptions. Every file in --out is written atomically (`mabook.files`: a temporary file in the
+same directory, fsync, rename), so a run killed at any moment leaves each file either complete from
+the new run, complete from the previous run, or absent -- never half a JSON or PNG. The summary JSON
+(topk.json, summary.json, iou.json, transport.json) is written last; it records the command, the
+mabook version and the checkpoint hash.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import contextlib
 import sys
 import time
 from pathlib import Path
 
+from mabook import files
+
 DTYPES = ("float32", "float16", "bfloat16")
+EXIT_BAD_INPUT = 2  # a bad value (one line on stderr), as argparse's exit code for a bad command line
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, the shell's convention
 
 
 def read_prompts(values: list[str]) -> list[str]:
@@ -52,40 +81,90 @@ def read_prompts(values: list[str]) -> list[str]:
         if not prompts:
             raise ValueError(f"prompt file {values[0]} has no non-empty lines")
         return prompts
-    if len(values) == 1 and values[0].isdigit():
+    if len(values) == 1 and values[0].strip().lstrip("-").isdigit():
         from mabook import world
 
         n = int(values[0])
         if n < 1:
             raise ValueError(f"--prompts N must be >= 1, got {n}")
         return world.heldout_captions(n, n_objects=1, seed=0)
+    if len(values) == 1 and values[0].endswith((".txt", ".csv", ".tsv")) and " " not in values[0]:
+        raise FileNotFoundError(f"--prompts: prompt file {values[0]!r} not found; pass an existing file (one prompt per "
+                                "line), an integer N, or the prompts themselves")
+    for i, v in enumerate(values):
+        if not v.strip():
+            raise ValueError(f"--prompts: prompt {i + 1} of {len(values)} is empty ({v!r}); allowed: non-empty prompts, a "
+                             "file of prompts, or an integer N (held-out captions)")
     return values
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows as CSV; the columns are every key any row has (baseline rows lack some), in first-seen order."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    """Rows as CSV (atomically); the columns are every key any row has (baseline rows lack some), in first-seen order."""
+    files.write_csv(path, rows)
+
+
+def _save_png(image, path: Path) -> None:
+    files.save_image(image, path, "PNG")
+
+
+def _out_dir(args) -> Path:
+    """--out, created; refused if it is an existing file."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {args.out!r} is an existing file; allowed: a directory (created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _settings(args, **extra) -> dict:
+    """The run's arguments for the summary JSON (not the function, the debug flag or the command line)."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "debug", "command_line")} | extra
+
+
+def _provenance(args, pipe) -> dict:
+    """What every summary JSON records: mabook version, the command, the checkpoint hash (organism)."""
+    return files.provenance(getattr(args, "command_line", None), getattr(pipe, "card", {}).get("sha256"))
+
+
+def _check_device(args) -> None:
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; allowed: 'cpu', 'cuda', 'cuda:N', 'mps'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: no CUDA device here; allowed: 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {args.device!r}: no MPS device here; allowed: 'cpu'")
+
+
+def _check_positive(args, *names: str) -> None:
+    """--num-inference-steps, --batch-size, ...: ints >= 1 (checked before loading anything)."""
+    for name in names:
+        value = getattr(args, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _check_seeds(seeds) -> None:
+    bad = [s for s in seeds if s < 0]
+    if bad:
+        raise ValueError(f"--seeds must be non-negative ints, got {bad[0]}")
 
 
 def discover(args: argparse.Namespace) -> int:
-    import torch
-
-    import mabook
     from mabook import discovery
 
     prompts = read_prompts(args.prompts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_positive(args, "num_inference_steps", "batch_size")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative int, got {args.seed}")
     # 1. load
-    pipe, adapter = mabook.load(args.model, device=args.device, dtype=getattr(torch, args.dtype),
-                                **({"path": args.checkpoint} if args.checkpoint else {}))
-    if pipe is None:
-        raise SystemExit(f"{args.model} holds only a transformer; `discover` needs a pipeline")
-    pipe.set_progress_bar_config(disable=True)
+    pipe, adapter = _load(args)
     discovery.check_k(args.k, adapter.width)  # fail before generating, not after
+    out = _out_dir(args)
     # 2. generate and keep statistics only
     start = time.perf_counter()
     stats = discovery.collect_statistics(adapter, prompts, args.num_inference_steps, args.seed, args.batch_size, cfg=args.cfg)
@@ -94,9 +173,9 @@ def discover(args: argparse.Namespace) -> int:
     reports = discovery.massive_channels(stats, args.k, stream="img", seed=args.seed)
     rows = discovery.table(reports)
     stats.save(out / "stats.safetensors")
-    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"prompts": prompts, "seconds": seconds}
-    (out / "topk.json").write_text(json.dumps({"settings": settings, "layers": rows}, indent=1) + "\n")
+    settings = _settings(args, prompts=prompts, seconds=seconds)
     _write_csv(out / "topk.csv", [{k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()} for r in rows])
+    files.write_json(out / "topk.json", {"settings": settings, **_provenance(args, pipe), "layers": rows})  # last
     # 4. summary
     print(f"{len(prompts)} prompts x {args.num_inference_steps} steps in {seconds:.1f} s -> {out}")
     print(f"{'tap':36s} {'top-k':24s} {'ratio':>8s} {'max|x|':>9s} {'sun':>4s}")
@@ -105,15 +184,45 @@ def discover(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool = False):
+    """While loading a model: no FutureWarnings or hub-client chatter on stderr (the error, if any,
+    is our one line); with --debug, everything."""
+    if debug:
+        yield
+        return
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+
+
 def _load(args):
     import torch
 
     import mabook
 
-    pipe, adapter = mabook.load(args.model, device=args.device, dtype=getattr(torch, args.dtype),
-                                **({"path": args.checkpoint} if args.checkpoint else {}))
+    _check_device(args)
+    if args.checkpoint and args.model != "organism":
+        raise ValueError(f"--checkpoint is for --model organism only, got --model {args.model!r}; pass the model's "
+                         "directory as --model instead")
+    with _quiet_libraries(getattr(args, "debug", False)):
+        pipe, adapter = mabook.load(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                                    **({"path": args.checkpoint} if args.checkpoint else {}))
     if pipe is None:
-        raise ValueError(f"{args.model} holds only a transformer; `{args.command}` needs a pipeline")
+        raise ValueError(f"--model {args.model!r} holds only a transformer; `{args.command}` needs a pipeline "
+                         "(a directory with model_index.json, or a hub id)")
     pipe.set_progress_bar_config(disable=True)
     return pipe, adapter
 
@@ -124,13 +233,18 @@ def disrupt(args: argparse.Namespace) -> int:
     from mabook import discovery, disruption
 
     prompts = read_prompts(args.prompts)
+    _check_seeds(args.seeds)
+    _check_positive(args, "num_inference_steps", "batch_size")
+    if args.op not in disruption.OPS:
+        raise ValueError(f"unknown --op {args.op!r}; allowed: {list(disruption.OPS)}")
+    if args.op == "scale" and args.value is None:
+        raise ValueError("--op scale needs --value (the factor), e.g. --value 0.5")
+    if "random" in args.kinds and args.n_random < 1:
+        raise ValueError(f"--n-random must be >= 1 when --kinds includes random, got {args.n_random}")
     pipe, adapter = _load(args)
     for k in args.k:
         discovery.check_k(k, adapter.width)  # fail before generating, not after
-    if args.op not in disruption.OPS:
-        raise ValueError(f"unknown --op {args.op!r}; allowed: {list(disruption.OPS)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_dir(args)
     start = time.perf_counter()
     # 1. baselines, once per (prompt, seed); 2. the conditions; 3. regenerate under each
     base = disruption.baseline(adapter, prompts, args.seeds, args.num_inference_steps, args.batch_size)
@@ -143,17 +257,16 @@ def disrupt(args: argparse.Namespace) -> int:
     table = result.table
     _write_csv(out / "table.csv", table)
     top = disruption.channel_set(base.stats, max(args.k), "top")
-    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"prompts": prompts, "seconds": seconds}
-    checkpoint = getattr(pipe, "card", {}).get("sha256")
-    summary = {"settings": settings, "checkpoint_sha256": checkpoint,
+    settings = _settings(args, prompts=prompts, seconds=seconds)
+    summary = {"settings": settings, **_provenance(args, pipe),
                "summary": disruption.summary(table), "paired_ratios": disruption.paired_ratios(table, op=args.op),
                "decomposition": disruption.decomposition(base, top), "table": table}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     k = max(args.k)
     names = ["baseline"] + [n for n in result.images if n.startswith((f"top-{k} ", f"bottom_abs_mean-{k} ",
                                                                        f"bottom_rms-{k} ", f"random-{k}#"))][:4]
     mosaic, names = disruption.grid(result, names)
-    Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST).save(out / "grid.png")
+    _save_png(Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST), out / "grid.png")
+    files.write_json(out / "summary.json", summary)  # last: a complete summary means a complete run
     # 5. print the paired ratios
     print(f"{len(base.units)} units x {len(conds)} conditions x {args.num_inference_steps} steps in {seconds:.1f} s -> {out}")
     print(f"grid rows: {', '.join(names)}")
@@ -176,6 +289,10 @@ def cluster(args: argparse.Namespace) -> int:
     from mabook import spatial, world
 
     prompts = read_prompts(args.prompts)
+    _check_seeds(args.seeds)
+    _check_positive(args, "num_inference_steps", "batch_size", "n_channels")
+    if args.kind not in spatial.KINDS:
+        raise ValueError(f"unknown --kind {args.kind!r}; allowed: {list(spatial.KINDS)}")
     pipe, adapter = _load(args)
     # 1. check everything before generating
     tap = spatial.image_tap(adapter, args.tap)
@@ -185,10 +302,11 @@ def cluster(args: argparse.Namespace) -> int:
                          f"0..{args.num_inference_steps - 1}")
     h, w = adapter.grid()
     spatial.check_clusters(args.k, h * w)
-    if args.kind not in spatial.KINDS:
-        raise ValueError(f"unknown --kind {args.kind!r}; allowed: {list(spatial.KINDS)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.kind != "all":
+        from mabook import discovery
+
+        discovery.check_k(args.n_channels, adapter.width)
+    out = _out_dir(args)
     # 2. generate once, keeping the hidden states at (tap, step)
     start = time.perf_counter()
     cap = spatial.capture(adapter, prompts, args.seeds, args.num_inference_steps, taps=[tap], steps=[step],
@@ -213,9 +331,10 @@ def cluster(args: argparse.Namespace) -> int:
     label_images = np.stack([colors[spatial.upsample(m, size) % len(colors)] for m in labels])
     grid_image = spatial.mosaic([images, spatial.overlay(images, fg), label_images])
     scale = max(1, 256 // size[0])
-    Image.fromarray(grid_image).resize((grid_image.shape[1] * scale, grid_image.shape[0] * scale), Image.NEAREST).save(out / "masks.png")
+    _save_png(Image.fromarray(grid_image).resize((grid_image.shape[1] * scale, grid_image.shape[0] * scale), Image.NEAREST),
+              out / "masks.png")
     for u in range(len(cap.units)):
-        Image.fromarray((spatial.upsample(fg[u], size) * 255).astype(np.uint8)).save(out / f"mask_{u:02d}.png")
+        _save_png(Image.fromarray((spatial.upsample(fg[u], size) * 255).astype(np.uint8)), out / f"mask_{u:02d}.png")
     # 4. IoU against the caption's rendering and the judge's mask of the generated image
     rows, summary = [], {}
     if judged:
@@ -225,11 +344,10 @@ def cluster(args: argparse.Namespace) -> int:
             summary[source] = {m: s[m] for m in ("token_iou", "pixel_iou", "object_iou")} | {
                 f"{m}_ci": s[f"{m}_ci"] for m in ("token_iou", "pixel_iou", "object_iou")} | {"n_units": s["n_units"]}
     seconds = time.perf_counter() - start
-    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"prompts": prompts, "tap": tap, "step": step,
-                                                                       "seconds": seconds}
-    payload = {"settings": settings, "checkpoint_sha256": getattr(pipe, "card", {}).get("sha256"), "set": name,
+    settings = _settings(args, prompts=prompts, tap=tap, step=step, seconds=seconds)
+    payload = {"settings": settings, **_provenance(args, pipe), "set": name,
                "channels": channels, "grid": list(cap.grid), "summary": summary, "rows": rows}
-    (out / "iou.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    files.write_json(out / "iou.json", payload, default=float)
     # 5. print
     print(f"{len(cap.units)} images x {args.num_inference_steps} steps in {seconds:.1f} s; {name} channels {channels} "
           f"at {tap}, step {step}; K={args.k} -> {out}")
@@ -247,6 +365,8 @@ def sinks(args: argparse.Namespace) -> int:
     from mabook import attention, disruption
 
     prompts = read_prompts(args.prompts)
+    _check_seeds(args.seeds)
+    _check_positive(args, "num_inference_steps", "batch_size", "top", "n_random")
     pipe, adapter = _load(args)
     # 0. fail before generating, not after: every intervention is built (and checked) up front
     layers = None if args.layer == ["all"] else args.layer
@@ -254,8 +374,7 @@ def sinks(args: argparse.Namespace) -> int:
              for k in args.k for keys in ("sink", "bottom", "random")
              for seed in (range(args.n_random) if keys == "random" else [0])]
     attention.intervene(adapter, conds[0])  # validates the layers and the family (nothing swapped yet)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_dir(args)
     start = time.perf_counter()
     # 1. baselines once per (prompt, seed), with the attention mass captured; 2. each intervention
     with attention.capture(adapter) as cap:
@@ -267,17 +386,17 @@ def sinks(args: argparse.Namespace) -> int:
     _write_csv(out / "movement.csv", attention.movement(cap, args.top))
     _write_csv(out / "mass_by_kind.csv", attention.mass_by_kind(cap))
     _write_csv(out / "table.csv", result.table)
-    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"prompts": prompts, "seconds": seconds}
+    settings = _settings(args, prompts=prompts, seconds=seconds)
     ratios = attention.paired_ratios(result.table, "pixel_mse")
-    summary = {"settings": settings, "checkpoint_sha256": getattr(pipe, "card", {}).get("sha256"),
+    summary = {"settings": settings, **_provenance(args, pipe),
                "summary": disruption.summary(result.table), "paired_ratios": ratios,
                "mass_by_kind": attention.mass_by_kind(cap), "table": result.table}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     k = max(args.k)
     names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{keys}-{k} ", f"{keys}-{k}#")))
                             for keys in ("sink", "random", "bottom")]
     mosaic, names = disruption.grid(result, names)
-    Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST).save(out / "grid.png")
+    _save_png(Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST), out / "grid.png")
+    files.write_json(out / "summary.json", summary)  # last: a complete summary means a complete run
     # 4. print where the sinks sit and the paired ratios
     rows = attention.mass_by_kind(cap)
     share = {kind: sum(r[kind] for r in rows) / len(rows) for kind in ("text", "pad", "image")}
@@ -291,56 +410,106 @@ def sinks(args: argparse.Namespace) -> int:
 
 
 def transport(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
     import numpy as np
     from PIL import Image
 
     from mabook import disruption, probe
     from mabook import transport as transport_mod
 
+    if args.reference is not None:
+        return _transport_reference(args)
+    if args.source is None:
+        raise ValueError("give --source (a prompt) or --reference (an image to invert)")
     for a in args.alpha:
         transport_mod._check_alpha(a)  # fail before generating, not after
     if args.k < 0:
         raise ValueError(f"--k must be >= 0 (0 = all channels), got {args.k}")
+    for name in ("source", "target"):
+        if not getattr(args, name).strip():
+            raise ValueError(f"--{name} is empty; allowed: a non-empty prompt")
+    _check_seeds(args.seeds)
+    _check_positive(args, "num_inference_steps", "batch_size", "mask_channels")
+    if args.mask != "none" and args.stream == "txt":
+        raise ValueError(f"--mask {args.mask} selects image tokens; allowed with --stream img or both, not txt")
+    if args.mask_step is not None and not 0 <= args.mask_step < args.num_inference_steps:
+        raise ValueError(f"--mask-step {args.mask_step} is out of range; allowed: 0 <= step < {args.num_inference_steps}")
     pipe, adapter = _load(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.k > adapter.width:
+        raise ValueError(f"--k {args.k} is out of range; allowed: 0 (all channels) or 1 <= k <= {adapter.width}")
+    out = _out_dir(args)
     start = time.perf_counter()
     # 1. the channel set: top-k by |mean| over the source and target generations (both guidance halves)
     streams = ["img", "txt"] if args.stream == "both" else [args.stream]
     taps = [str(t) for t in probe.taps(adapter, streams)]
+    if args.k > 0 or args.mask != "none":
+        with probe.collect(adapter, cfg="both") as run:
+            disruption._generate(adapter, [(args.source, s) for s in args.seeds] + [(args.target, s) for s in args.seeds],
+                                 args.num_inference_steps, args.batch_size, {})
     if args.k == 0:
         channels = "all"
     else:
-        with probe.collect(adapter, taps=taps, cfg="both") as run:
-            disruption._generate(adapter, [(args.source, s) for s in args.seeds] + [(args.target, s) for s in args.seeds],
-                                 args.num_inference_steps, args.batch_size, {})
         channels = {}
         for stream in streams:
             channels |= disruption.channel_set(run.stats, args.k, "top", stream=stream)
-    # 2. record the source once, 3. transport at every alpha (the unedited target generated once)
-    rec = transport_mod.record(adapter, [args.source], args.seeds, taps=taps, channels=channels,
+    # 2. record the source once (with the AdaLN conditioning: --conditioning, by default with all channels only)
+    conditioning = {"auto": None, "on": True, "off": False}[args.conditioning]
+    rec = transport_mod.record(adapter, [args.source], args.seeds, taps=taps, channels=channels, conditioning=conditioning,
                                num_inference_steps=args.num_inference_steps, batch_size=args.batch_size)
+    # 3. the K-means mask (chapter 3: top --mask-channels at one image tap and step) of the source, target or both
+    mask = None
+    if args.mask != "none":
+        from mabook import spatial
+
+        mask_tap = spatial.image_tap(adapter, args.mask_tap)
+        mask_step = args.num_inference_steps // 2 if args.mask_step is None else args.mask_step
+        mask_channels = {mask_tap: disruption.channel_set(run.stats, args.mask_channels, "top")[mask_tap]}
+        truth = "rendered" if disruption._judged([(args.source, 0), (args.target, 0)]) else None
+        masks = {}
+        for side, prompt in (("source", args.source), ("target", args.target)):
+            side_rec = transport_mod.record(adapter, [prompt], args.seeds, taps=[mask_tap], steps=[mask_step],
+                                            channels=mask_channels, num_inference_steps=args.num_inference_steps,
+                                            batch_size=args.batch_size)
+            masks[side] = transport_mod.kmeans_mask(side_rec, mask_tap, mask_step, source=truth)
+        mask = masks["source"] | masks["target"] if args.mask == "union" else masks[args.mask]
+    window = None if args.window == "all" else disruption.window(["-"], args.num_inference_steps, "all", args.window)[1]
+    # 4. transport at every alpha (the unedited target generated once), and the baselines at the same alphas
     targets, rows, strip = [args.target] * len(rec.units), [], []
     target_images = None
     for a in args.alpha:
-        result = transport_mod.transport(rec, targets, a, stream=args.stream, batch_size=args.batch_size,
-                                         target_images=target_images)
+        result = transport_mod.transport(rec, targets, a, mask=mask, stream=args.stream, steps=window,
+                                         batch_size=args.batch_size, target_images=target_images)
         target_images = result.target
-        rows += result.table
+        rows += [{**r, "method": "transport", "window": args.window, "mask": args.mask} for r in result.table]
         strip.append(result.images)
+    baselines = {}
+    if args.baselines:
+        for a in args.alpha:
+            baselines[f"pixel blend alpha={a:g}"] = transport_mod.pixel_blend(rec.images, target_images, a)
+        if adapter.family.name == "organism":
+            for a in args.alpha:
+                baselines[f"text embedding blend alpha={a:g}"] = transport_mod.embedding_blend(
+                    adapter, [args.source] * len(rec.units), targets, a, [s for _, s in rec.units],
+                    args.num_inference_steps, args.batch_size)
+        base = SimpleNamespace(images=target_images, units=rec.units, clip=None)  # what disruption._metrics reads
+        for name, images in baselines.items():
+            method, a = name.rsplit(" alpha=", 1)
+            rows += [{**r, "method": method, "alpha": float(a), "source_prompt": args.source}
+                     for r in disruption._metrics(base, images)]
     seconds = time.perf_counter() - start
-    # 4. the strip (rows: source, each alpha, target; columns: seeds) and the JSON
-    rows_of = {"source": rec.images, **{f"alpha={a:g}": im for a, im in zip(args.alpha, strip)}, "target": target_images}
+    # 5. the strip (rows: source, each alpha, target, then the baselines; columns: seeds) and the JSON
+    rows_of = {"source": rec.images, **{f"alpha={a:g}": im for a, im in zip(args.alpha, strip)}, "target": target_images,
+               **baselines}
     mosaic, _ = disruption.grid(disruption.Result([], rows_of, []))
-    Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST).save(out / "strip.png")
-    settings = {k: v for k, v in vars(args).items() if k != "func"} | {"seconds": seconds, "recorded_bytes": rec.nbytes}
-    summary = {"settings": settings, "checkpoint_sha256": getattr(pipe, "card", {}).get("sha256"),
-               "columns": ["source", *[f"alpha={a:g}" for a in args.alpha], "target"], "table": rows}
-    (out / "transport.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    _save_png(Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST), out / "strip.png")
+    settings = _settings(args, seconds=seconds, recorded_bytes=rec.nbytes, conditioning=rec.conditioning)
+    summary = {"settings": settings, **_provenance(args, pipe), "strip_rows": list(rows_of), "table": rows}
+    files.write_json(out / "transport.json", summary, default=str)
     print(f"{len(rec.units)} seeds x {len(args.alpha)} alphas, k={args.k or 'all'} ({args.stream}), "
           f"{args.num_inference_steps} steps in {seconds:.1f} s; recorded {rec.nbytes / 2**10:.1f} KiB -> {out}")
     for a in args.alpha:
-        r = [x for x in rows if x["alpha"] == a]
+        r = [x for x in rows if x["alpha"] == a and x["method"] == "transport"]
         attrs = ("color", "shape", "size", "position")
         took = [np.mean([x[f"took_source_{k}"] for k in attrs if x.get(f"differs_{k}")] or [np.nan])
                 for x in r if "took_source_color" in x]
@@ -349,6 +518,87 @@ def transport(args: argparse.Namespace) -> int:
             line += f"; took the source's differing attributes {np.nanmean(took):.2f}"
         print(line)
     return 0
+
+
+def _transport_reference(args: argparse.Namespace) -> int:
+    """`mabook transport --reference IMG --target ...`: the image brought onto a trajectory (inverted or
+    noised, `mabook.inversion`), its top-k channels moved into the target's generation from the same noise."""
+    import numpy as np
+    from PIL import Image
+
+    from mabook import disruption, inversion, probe
+    from mabook import transport as transport_mod
+
+    for a in args.alpha:
+        transport_mod._check_alpha(a)
+    if args.source is not None:
+        raise ValueError("--source and --reference exclude each other: a reference image needs no source prompt")
+    if args.k < 0:
+        raise ValueError(f"--k must be >= 0 (0 = all channels), got {args.k}")
+    if not args.target.strip():
+        raise ValueError("--target is empty; allowed: a non-empty prompt")
+    if args.mask != "none":
+        raise ValueError(f"--mask {args.mask} is not available with --reference; allowed: none")
+    _check_seeds(args.seeds)
+    _check_positive(args, "num_inference_steps", "batch_size")
+    pipe, adapter = _load(args)
+    if args.k > adapter.width:
+        raise ValueError(f"--k {args.k} is out of range; allowed: 0 (all channels) or 1 <= k <= {adapter.width}")
+    references = inversion.check_references(adapter, [args.reference], resize=args.resize)
+    out = _out_dir(args)
+    start = time.perf_counter()
+    # 1. the reference on its trajectory: inverted (unconditionally), or noised with the first seed
+    if args.trajectory == "invert":
+        traj = inversion.invert(adapter, references, num_inference_steps=args.num_inference_steps)
+    else:
+        traj = inversion.noise(adapter, references, args.seeds[0], num_inference_steps=args.num_inference_steps)
+    # 2. record every channel along it (their statistics pick the top-k); 3. transport at every alpha
+    streams = ["img", "txt"] if args.stream == "both" else [args.stream]
+    taps = [str(t) for t in probe.taps(adapter, streams)]
+    conditioning = {"auto": None, "on": True, "off": False}[args.conditioning]
+    with probe.collect(adapter, taps=taps, cfg="both") as run:
+        rec = inversion.record(traj, taps=taps, channels="all", batch_size=args.batch_size,
+                               conditioning=args.k == 0 if conditioning is None else conditioning)
+    channels = None
+    if args.k > 0:
+        channels = {}
+        for stream in streams:
+            channels |= disruption.channel_set(run.stats, args.k, "top", stream=stream)
+    window = None if args.window == "all" else disruption.window(["-"], args.num_inference_steps, "all", args.window)[1]
+    rows, strip, target_images = [], [], None
+    for a in args.alpha:
+        result = transport_mod.transport(rec, [args.target], a, stream=args.stream, channels=channels, steps=window,
+                                         batch_size=args.batch_size, target_images=target_images)
+        target_images = result.target
+        rows += [{**r, "method": "transport", "window": args.window} for r in result.table]
+        strip.append(result.images)
+    baselines = {f"pixel blend alpha={a:g}": transport_mod.pixel_blend(references, target_images, a)
+                 for a in args.alpha} if args.baselines else {}
+    seconds = time.perf_counter() - start
+    # 4. the strip (reference, its reconstruction, each alpha, target, baselines) and the JSON
+    rows_of = {"reference": references, "reconstruction": rec.images,
+               **{f"alpha={a:g}": im for a, im in zip(args.alpha, strip)}, "target": target_images, **baselines}
+    mosaic, _ = disruption.grid(disruption.Result([], rows_of, []))
+    _save_png(Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST), out / "strip.png")
+    error = {k: float(v[0]) for k, v in inversion.pixel_error(rec.images, references).items()}
+    residual = float(np.nanmax(traj.residuals)) if traj.residuals is not None and not np.isnan(traj.residuals).all() else None
+    settings = _settings(args, seconds=seconds, recorded_bytes=rec.nbytes, conditioning=rec.conditioning)
+    summary = {"settings": settings, **_provenance(args, pipe), "reconstruction_error": error,
+               "inversion": {"evaluations": traj.evaluations, "max_residual": residual}, "strip_rows": list(rows_of),
+               "table": rows}
+    files.write_json(out / "transport.json", summary, default=str)
+    print(f"reference {args.reference} {args.trajectory}ed in {args.num_inference_steps} steps; the record regenerates it "
+          f"with mean |error| {error['mae']:.4f}; k={args.k or 'all'} ({args.stream}) in {seconds:.1f} s -> {out}")
+    for r in rows:
+        print(f"alpha={r['alpha']:<5g} pixel MSE vs target {r['pixel_mse']:.4f}")
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """`mabook sweep EXPERIMENT`: see `mabook.sweep.command`."""
+    from mabook import sweep as sweep_mod
+
+    return sweep_mod.command(args)
 
 
 def _generation_parser(commands, name: str, help: str) -> argparse.ArgumentParser:
@@ -366,8 +616,19 @@ def _generation_parser(commands, name: str, help: str) -> argparse.ArgumentParse
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a malformed command line reported as the one line every other error is."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+DEBUG_HELP = "on an error, show the full traceback instead of one line"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mabook", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mabook", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     d = commands.add_parser("discover", help="find massive channels: statistics + top-k table")
     d.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
@@ -412,22 +673,67 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=sinks)
 
     t = _generation_parser(commands, "transport", "copy top-k channels of a source generation into a target; alpha strip")
-    t.add_argument("--source", required=True, help="the source prompt")
+    t.add_argument("--source", default=None, help="the source prompt (or --reference)")
+    t.add_argument("--reference", default=None, metavar="IMG",
+                   help="instead of --source: an RGB image of the generation's size (organism: 32x32), inverted")
+    t.add_argument("--trajectory", choices=("invert", "noise"), default="invert",
+                   help="with --reference: flow-matching inversion, or noising to each step's level (first --seeds)")
+    t.add_argument("--resize", action="store_true", help="with --reference: resize / convert it to the generation's RGB size")
     t.add_argument("--target", required=True, help="the target prompt (same seed: same noise)")
     t.add_argument("--alpha", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     t.add_argument("--k", type=int, default=16, help="top-k channels per tap by |mean| (0: all channels)")
     t.add_argument("--stream", choices=("img", "txt", "both"), default="img")
+    t.add_argument("--mask", choices=("none", "source", "target", "union"), default="none",
+                   help="transport only inside the source's, the target's or both K-means foregrounds (chapter 3)")
+    t.add_argument("--mask-tap", default=None, help="image tap the mask is clustered at (default: the middle one)")
+    t.add_argument("--mask-step", type=int, default=None, help="step the mask is clustered at (default: the middle one)")
+    t.add_argument("--mask-channels", type=int, default=4, help="the mask clusters the top-N channels (default 4)")
+    t.add_argument("--window", choices=("all", "early", "mid", "late"), default="all", help="the steps transported (thirds)")
+    t.add_argument("--conditioning", choices=("auto", "on", "off"), default="auto",
+                   help="also transport the AdaLN conditioning (auto: with all channels, --k 0, only)")
+    t.add_argument("--baselines", action="store_true",
+                   help="also pixel blend and (organism) text-embedding blend at each alpha: rows of the strip and table")
     t.set_defaults(func=transport)
+
+    from mabook.sweep import EXPERIMENTS, add_arguments as sweep_arguments
+
+    w = commands.add_parser("sweep", help=f"run {', '.join(EXPERIMENTS)} as shards over accelerate's processes; merge")
+    sweep_arguments(w)
+    w.set_defaults(func=sweep)
+    for verb in commands.choices.values():  # --debug after the verb too (SUPPRESS: never resets the top-level flag)
+        verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
+# Bad input, as our checks raise it: a bad value (ValueError, TypeError, KeyError), a missing or
+# unreadable file or a model that cannot be loaded (OSError: FileNotFoundError, models.ModelNotFoundError).
+BAD_INPUT = (ValueError, TypeError, KeyError, OSError)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyError) and error.args:
+        text = f"unknown key {error.args[0]!r}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `mabook` command: 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.command_line = files.command_line(argv, "mabook")
+    if args.debug:
+        return args.func(args)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"mabook {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"mabook {args.command}: interrupted; every file already in --out is complete (written atomically)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BAD_INPUT as e:  # bad input: one line, no traceback
+        print(f"mabook {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -51,8 +51,15 @@ def collect_statistics(
     """
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise TypeError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise ValueError(f"prompts must be non-empty, but prompt {empty[0]} is {prompts[empty[0]]!r} (an empty prompt "
+                         "generates unconditionally)")
     if adapter.pipe is None:
         raise ValueError("collect_statistics needs a pipeline; this adapter wraps a bare transformer")
+    for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if adapter.family.name != "organism":
         pipe_kwargs.setdefault("output_type", "latent")
     else:

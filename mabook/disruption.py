@@ -279,8 +279,8 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image SSIM of (N, H, W, 3) images in [0, 1] (torchmetrics' implementation)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-    x = torch.from_numpy(a).permute(0, 3, 1, 2).double()
-    y = torch.from_numpy(b).permute(0, 3, 1, 2).double()
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).double().contiguous()  # one memory layout, as in _metrics
+    y = torch.from_numpy(b).permute(0, 3, 1, 2).double().contiguous()
     return ssim(x, y, data_range=1.0, reduction="none").numpy()
 
 
@@ -315,8 +315,12 @@ def _metrics(base: Baseline, images: np.ndarray) -> list[dict]:
     """Per unit: distances to the unit's baseline, and the judge's reading where it applies."""
     from mabook import judge
 
-    mse = ((images - base.images) ** 2).mean((1, 2, 3))
-    mae = np.abs(images - base.images).mean((1, 2, 3))  # linear in the change, like LPIPS; MSE squares it
+    # per image, in one memory layout: a unit's row depends neither on the units computed beside it
+    # nor on how the pipeline laid out its array (numpy's float32 sums follow the memory order), so
+    # a sweep's batches (mabook.sweep) give one run's numbers bit for bit
+    diff = np.ascontiguousarray(images - base.images)
+    mse = np.array([np.square(d).mean() for d in diff])
+    mae = np.array([np.abs(d).mean() for d in diff])  # linear in the change, like LPIPS; MSE squares it
     ssim = _ssim(images, base.images)
     clip_t = _clip_t(images, [p for p, _ in base.units], base.clip) if base.clip else None
     rows = []
@@ -348,6 +352,9 @@ def run(base: Baseline, conds: Sequence[Condition], batch_size: int = 16, keep_i
     """Regenerate every unit of `base` under each condition; the tidy table of what changed."""
     if not conds:
         raise ValueError("conds must be a non-empty list of Condition")
+    for c in conds:
+        if not isinstance(c, Condition):
+            raise TypeError(f"conditions must be Condition objects (from disruption.conditions), got {type(c).__name__} {c!r:.60}")
     names = [c.name + " | " + c.op + " | " + c.window for c in conds]
     if len(set(names)) != len(names):
         raise ValueError("conditions must be distinct (name, op, window); got duplicates")
@@ -400,6 +407,8 @@ def damage(table: Sequence[dict], metric: str, **where) -> dict[tuple, float]:
 def summary(table: Sequence[dict], metrics: Sequence[str] | None = None) -> list[dict]:
     """One row per (kind, k, op, window): mean of each metric over units with a bootstrap 95 % CI.
     Random sets are averaged per unit first, so units stay the independent draws."""
+    if not table:
+        raise ValueError("the table is empty: nothing to summarise (pass disruption.run(...).table)")
     if metrics is None:
         metrics = [m for m in ("pixel_mse", "pixel_mae", "ssim", "clip_t", *ATTRIBUTES, "all_correct", "cleanliness", "mask_iou")
                    if m in table[0]]

@@ -2,9 +2,10 @@
 
 The adapter is the only place in mabook that knows how a family lays out its transformer: the
 ordered list of blocks, which element of a block's output is the image stream (`hidden_states`)
-and which the text stream (`encoder_hidden_states`), the image token grid of a generation, and the
-attention modules. Everything else (`mabook.probe`, `mabook.discovery`, the chapters) talks to the
-adapter, so supporting a new DiT means adding one `Family` entry below.
+and which the text stream (`encoder_hidden_states`), the image token grid of a generation, the
+attention modules, and the module that builds the AdaLN conditioning (`Family.conditioning`).
+Everything else (`mabook.probe`, `mabook.discovery`, the chapters) talks to the adapter, so
+supporting a new DiT means adding one `Family` entry below.
 
 Block outputs per family (diffusers 0.42), which is what the probe taps:
 
@@ -50,17 +51,22 @@ class Family:
     # guidance as a second, unconditional transformer call after the conditional one at the same
     # step (FluxPipeline with true_cfg_scale > 1 and a negative prompt), rather than a doubled batch
     separate_uncond_call: bool = False
+    # module whose output is the AdaLN conditioning `temb` (timestep + pooled text embedding), read by
+    # every block's modulation and the final norm_out; None where it is not one tensor (PixArt, SANA)
+    conditioning: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         # The organism is a FluxTransformer2DModel behind its own pipeline (pixels, no VAE).
-        Family("organism", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", True, "organism"),
+        Family("organism", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", True, "organism",
+               conditioning="time_text_embed"),
         # FLUX.1-dev is guidance-distilled: one call per step, no CFG batch.
         Family("flux", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", False,
-               "black-forest-labs/FLUX.1-dev", separate_uncond_call=True),
-        Family("sd3", "SD3Transformer2DModel", ("transformer_blocks",), "txt_img", True, "stabilityai/stable-diffusion-3.5-medium"),
+               "black-forest-labs/FLUX.1-dev", separate_uncond_call=True, conditioning="time_text_embed"),
+        Family("sd3", "SD3Transformer2DModel", ("transformer_blocks",), "txt_img", True, "stabilityai/stable-diffusion-3.5-medium",
+               conditioning="time_text_embed"),
         Family("pixart", "PixArtTransformer2DModel", ("transformer_blocks",), "img", True, "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
         Family("sana", "SanaTransformer2DModel", ("transformer_blocks",), "img", True, "Efficient-Large-Model/Sana_600M_1024px_diffusers"),
     )
@@ -69,6 +75,10 @@ FAMILIES: dict[str, Family] = {
 
 class UnsupportedModelError(ValueError):
     """The model's transformer is not one of the families mabook knows."""
+
+
+class ModelNotFoundError(OSError):
+    """A model id that is neither the organism, a local directory nor loadable from the hub (or its cache)."""
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
@@ -251,6 +261,12 @@ def load(
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32, torch.bfloat16), got {dtype!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; allowed: 'cpu', 'cuda', 'cuda:N', 'mps'") from None
     if str(name_or_path) == "organism":
         from mabook import organism
 
@@ -263,6 +279,9 @@ def load(
         raise ValueError(f"cpu_offload=True moves components to an accelerator in turn; device={device!r} has none")
 
     local = Path(name_or_path)
+    if not local.exists() and _looks_like_path(str(name_or_path)):
+        raise ModelNotFoundError(f"model directory {str(name_or_path)!r} does not exist ({local.expanduser().resolve()}); "
+                                 f"pass {_WHAT_TO_PASS}")
     if local.is_dir() and not (local / "model_index.json").is_file():
         config_file = local / "config.json"
         if not config_file.is_file():
@@ -279,10 +298,54 @@ def load(
 
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype, **from_pretrained_kwargs)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype, **from_pretrained_kwargs)
+    except OSError as e:  # diffusers' "Cannot load model ...": no such directory, repository, cache entry or network
+        if local.is_dir():
+            raise ModelNotFoundError(f"cannot load the pipeline in directory {str(local)!r}: {_reason(e)}") from e
+        raise _not_loadable(str(name_or_path), e) from e
+    except ValueError as e:  # huggingface_hub's HFValidationError: not even a well-formed hub id
+        if local.exists() or "repo id" not in str(e).lower() and "repo_id" not in str(e):
+            raise
+        raise ModelNotFoundError(f"model {str(name_or_path)!r} is not 'organism', not a local directory and not a valid "
+                                 f"hub id (namespace/name): {_reason(e)}; pass {_WHAT_TO_PASS}") from e
     adapter = adapter_for(pipe)  # fail on an unsupported family before moving weights around
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     return pipe, adapter
+
+
+_WHAT_TO_PASS = ("'organism' (the offline model organism), a local directory saved with save_pretrained, or a hub id "
+                 f"such as {FAMILIES['flux'].example!r} with network access (and HF_TOKEN for gated models)")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a hub id ("namespace/name" or "name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+
+
+def _reason(error: BaseException, limit: int = 160) -> str:
+    """The root cause of an error chain, on one short line."""
+    root = error
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    text = " ".join(str(root).split()) or type(root).__name__
+    return f"{type(root).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _not_loadable(name: str, error: BaseException) -> ModelNotFoundError:
+    """One line: what was tried for a hub id (local directory, the cache, the network) and what to pass instead."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        offline, cache = bool(constants.HF_HUB_OFFLINE), constants.HF_HUB_CACHE
+        cached = isinstance(try_to_load_from_cache(name, "model_index.json"), str)
+    except Exception:  # an id the hub client refuses to look up: not cached either
+        offline, cache, cached = False, "the Hugging Face cache", False
+    where = f"in the Hugging Face cache ({cache}) but incomplete there" if cached else f"not in the Hugging Face cache ({cache})"
+    network = ("downloads are off (HF_HUB_OFFLINE=1)" if offline
+               else f"the hub did not provide it (no network, no such repository, or a gated one without HF_TOKEN): {_reason(error)}")
+    return ModelNotFoundError(f"cannot load model {name!r}: not 'organism', not a local directory (no {Path(name).resolve()}), "
+                              f"{where}, and {network}; pass {_WHAT_TO_PASS}")

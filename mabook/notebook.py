@@ -3,7 +3,8 @@
 A chapter runs in four places: a reader's Colab session, a local Jupyter, the CI that executes it
 under nbmake, and the book build that turns it into a static page. `setup` hides the differences:
 
-- on Colab it asks for the widget manager that ipywidgets 8 needs there;
+- on Colab it asks for the widget manager that ipywidgets 8 needs there (``MABOOK_COLAB=1`` makes
+  a kernel behave as on Colab without Colab's ``google.colab`` module: the wheel test uses it);
 - it picks the device ("cuda" when there is one, else "cpu") and a dtype that device handles well;
 - it reads ``FULL`` from the environment (``FULL=1``: the big settings, e.g. on a GPU);
 - it chooses how plotly figures are shown. Live kernels keep plotly's own choice. On a static page
@@ -44,6 +45,9 @@ PIP_SPEC = f"mabook @ git+{REPOSITORY}@{REF}"
 # static HTML page.
 STATIC_ENV_VAR = "MABOOK_STATIC"
 STATIC_RENDERER = "mabook_static"
+# MABOOK_COLAB=1: behave as on Colab (`on_colab()` is True) where google.colab is not importable:
+# the Colab path is tested offline this way (tests/test_wheel.py).
+COLAB_ENV_VAR = "MABOOK_COLAB"
 
 WIDGET_NOTE = (
     "Interactive explorer: it needs a running kernel. Open this chapter live "
@@ -59,7 +63,7 @@ class Env:
         device: ``"cuda"`` or ``"cpu"`` (a torch device string).
         dtype: the torch dtype models should be loaded in: ``torch.bfloat16`` on a GPU that
             supports it, else ``torch.float32``.
-        on_colab: True inside Google Colab.
+        on_colab: True inside Google Colab (or when ``MABOOK_COLAB=1`` says to behave as there).
         full: True when ``FULL=1``: chapters switch to their big settings (more prompts, steps,
             seeds). Off by default so that the whole book builds on 2 CPU cores in minutes.
         static: True when the output becomes a static page (the book build): no kernel will be
@@ -78,8 +82,8 @@ def _flag(name: str) -> bool:
 
 
 def on_colab() -> bool:
-    """True inside a Google Colab kernel."""
-    return "google.colab" in sys.modules
+    """True inside a Google Colab kernel, or when ``MABOOK_COLAB=1`` asks to behave as on one."""
+    return "google.colab" in sys.modules or _flag(COLAB_ENV_VAR)
 
 
 def is_static() -> bool:
@@ -137,9 +141,12 @@ def setup(
 
     # 3. display: Colab's widget manager, plotly renderer, widgets on static pages
     if colab:
-        from google.colab import output  # type: ignore[import-not-found]
-
-        output.enable_custom_widget_manager()
+        try:
+            from google.colab import output  # type: ignore[import-not-found]
+        except ImportError:  # MABOOK_COLAB=1 outside Colab: nothing to enable
+            pass
+        else:
+            output.enable_custom_widget_manager()
     _configure_plotly(static=static, colab=colab)
     if static:
         _replace_widgets_by_note()
@@ -241,3 +248,14 @@ def _widget_note_bundle(widget, include=None, exclude=None):
         "text/html": f'<div class="mabook-widget-note admonition note"><p>{note}</p></div>',
         "text/plain": WIDGET_NOTE,
     }
+
+
+def write_summary(path, payload: dict, *, notebook: str, default=None):
+    """A chapter's big-run summary (``mabook/results/*.json``), written atomically (`mabook.files`:
+    temp file, fsync, rename -- a kernel killed mid-write leaves the previous summary) with the
+    mabook version and the command that reproduces it (``FULL=1 jupyter execute notebooks/<notebook>``)
+    beside the payload's own "checkpoint_sha256". Returns the path."""
+    from mabook import files
+
+    command = f"FULL=1 jupyter execute notebooks/{notebook}"
+    return files.write_json(path, files.with_provenance(payload, command), default=default)

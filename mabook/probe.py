@@ -10,7 +10,8 @@ Glossary.
          on one stream, named like the module path, e.g. ``single_transformer_blocks.9.img``
          (`Tap(block_path, stream)`; `str(tap)` is the name).
   layer  a block, in forward order (`adapter.blocks`); each layer has one tap per stream.
-  stream "img" (the image tokens, diffusers' `hidden_states`) or "txt" (`encoder_hidden_states`).
+  stream "img" (the image tokens, diffusers' `hidden_states`) or "txt" (`encoder_hidden_states`);
+         opt-in, "temb": the AdaLN conditioning (see below).
   step   the index of the denoising step in this generation, from 0: one scheduler position
          (`scheduler.step_index`, timestep). A new schedule (or, for a bare transformer, a rising
          timestep) starts a new generation; FLUX's "true CFG" makes two calls at one step; Heun's
@@ -27,8 +28,15 @@ One hook signature across the package (`HookFn`): ``fn(tap, step, hidden_states)
 with hidden_states (batch_size, sequence_length, channels) of the selected samples; returning a
 tensor of the same shape replaces it, returning None leaves the model untouched.
 
-What this is not: a general tracing library. Only block outputs are tapped; attention internals
-need a custom attention processor (see `adapter.attention_modules()`).
+The conditioning tap (opt-in). FLUX and SD3 modulate every block and the final `norm_out` with one
+vector per sample, `temb` = timestep embedding + projected pooled text embedding, built by
+`time_text_embed` -- an input of the blocks, not a block output. `conditioning_tap(adapter)` (named
+``time_text_embed.temb``; also `taps(adapter, ["temb"])`) hands it to hooks and edits as
+(batch_size, 1, channels): one token, so the one hook signature and `Edit` apply unchanged. It is
+never among the default taps.
+
+What this is not: a general tracing library. Only block outputs (and the conditioning) are tapped;
+attention internals need a custom attention processor (see `adapter.attention_modules()`).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import torch
 from mabook.models import Adapter
 
 STREAMS = ("img", "txt")
+CONDITIONING = "temb"  # the opt-in stream of the AdaLN conditioning: one token per sample
 CFG_MODES = ("cond", "uncond", "both")
 STATISTICS = ("abs_mean", "mean", "std", "max_abs", "median_abs")
 
@@ -66,19 +75,34 @@ class Tap:
     def __post_init__(self):
         if not isinstance(self.block_path, str):
             raise TypeError(f"Tap.block_path must be a str, got {type(self.block_path).__name__}")
-        if self.stream not in STREAMS:
-            raise ValueError(f"unknown stream {self.stream!r}; allowed: {list(STREAMS)}")
+        if self.stream not in (*STREAMS, CONDITIONING):
+            raise ValueError(f"unknown stream {self.stream!r}; allowed: {[*STREAMS, CONDITIONING]}")
 
     def __str__(self) -> str:
         return f"{self.block_path}.{self.stream}"
 
 
 def taps(adapter: Adapter, streams: Sequence[str] = STREAMS) -> list[Tap]:
-    """Every tap of the model on the given streams, in forward order (block by block)."""
+    """Every tap of the model on the given streams, in forward order (block by block; the
+    conditioning tap, asked for with "temb", first: it is computed before the blocks)."""
     for s in streams:
-        if s not in STREAMS:
-            raise ValueError(f"unknown stream {s!r}; allowed: {list(STREAMS)}")
-    return [Tap(b.path, s) for b in adapter.blocks for s in b.streams if s in streams]
+        if s not in (*STREAMS, CONDITIONING):
+            raise ValueError(f"unknown stream {s!r}; allowed: {[*STREAMS, CONDITIONING]}")
+    first = [conditioning_tap(adapter)] if CONDITIONING in streams else []
+    return first + [Tap(b.path, s) for b in adapter.blocks for s in b.streams if s in streams]
+
+
+def conditioning_tap(adapter: Adapter) -> Tap:
+    """The AdaLN conditioning `temb` (batch_size, channels), tapped as (batch_size, 1, channels):
+    ``time_text_embed.temb`` for FLUX, SD3 and the organism."""
+    path = adapter.family.conditioning
+    if path is None:
+        from mabook.models import FAMILIES
+
+        has = [f.name for f in FAMILIES.values() if f.conditioning is not None]
+        raise ValueError(f"{adapter.family.name} models have no conditioning tap (their timestep embedding is not one "
+                         f"tensor); allowed for: {has}")
+    return Tap(path, CONDITIONING)
 
 
 _all_taps = taps  # for classes whose argument is also called `taps`
@@ -87,6 +111,8 @@ _all_taps = taps  # for classes whose argument is also called `taps`
 def resolve(adapter: Adapter, tap: Tap | str) -> Tap:
     """A Tap (or its printed name) checked against the model's taps."""
     known = {str(t): t for t in taps(adapter)}
+    if adapter.family.conditioning is not None:
+        known[str(conditioning_tap(adapter))] = conditioning_tap(adapter)
     if not isinstance(tap, (Tap, str)):
         raise TypeError(f"a tap must be a Tap or its name (str), got {type(tap).__name__}")
     if str(tap) not in known:
@@ -108,8 +134,10 @@ def check_steps(steps) -> frozenset[int] | None:
     """None (every step), an int or ints -> a frozenset of steps; a clear error for anything else."""
     if steps is None:
         return None
-    if isinstance(steps, int):
+    if isinstance(steps, (int, np.integer)):
         steps = (steps,)
+    if isinstance(steps, str) or not isinstance(steps, Iterable):
+        raise TypeError(f"steps must be an int, a list of ints or None (all), got {steps!r}")
     steps = tuple(steps)
     for s in steps:
         if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0:
@@ -157,6 +185,8 @@ class Hooks:
         self.adapter, self.fn, self.cfg, self.guidance_batch = adapter, fn, cfg, guidance_batch
         if isinstance(taps, (Tap, str)):
             taps = [taps]
+        if taps is not None and not isinstance(taps, Iterable):
+            raise TypeError(f"taps must be a tap, a list of taps (Tap or name) or None (all), got {taps!r}")
         self.taps = _all_taps(adapter) if taps is None else [resolve(adapter, t) for t in taps]
         self.steps = check_steps(steps)
         self.step, self.call = -1, 0
@@ -236,6 +266,28 @@ class Hooks:
 
         return hook
 
+    # 2b. the conditioning tap (opt-in): temb (batch_size, channels) seen as one token
+    def _conditioning_hook(self, tap: Tap):
+        def hook(module, args, output):
+            if not self._active:
+                return None
+            if not isinstance(output, torch.Tensor) or output.dim() != 2:
+                got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise ValueError(f"{tap.block_path} returned {got}; the conditioning tap needs (batch_size, channels)")
+            hidden_states = output[:, None, :]  # (batch_size, 1, channels)
+            self.observed_bytes += hidden_states.numel() * hidden_states.element_size()
+            part = self._select(hidden_states)
+            if part is None:
+                return None
+            result = self.fn(tap, self.step, part)
+            if result is None or result is part:
+                return None
+            if result.shape != part.shape:
+                raise ValueError(f"hook at {tap} step {self.step} returned shape {tuple(result.shape)}, expected {tuple(part.shape)}")
+            return self._merge(hidden_states, result)[:, 0, :]
+
+        return hook
+
     def _select(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         if self.cfg == "both":
             return hidden_states
@@ -263,6 +315,10 @@ class Hooks:
             for block in self.adapter.blocks:
                 if block.path in by_block:
                     self._handles.append(block.module.register_forward_hook(self._block_hook(by_block[block.path])))
+            for tap in self.taps:
+                if tap.stream == CONDITIONING:
+                    module = self.adapter.transformer.get_submodule(tap.block_path)
+                    self._handles.append(module.register_forward_hook(self._conditioning_hook(tap)))
         except BaseException:
             self.remove()
             raise
@@ -471,8 +527,11 @@ class Statistics:
     # -- files -------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """safetensors: one (5, C) tensor per "step/tap" key; counts and timesteps in the metadata."""
+        """safetensors: one (5, C) tensor per "step/tap" key; counts and timesteps in the metadata.
+        Written atomically (`mabook.files.atomic_path`): an interrupted save leaves the previous file or none."""
         from safetensors.torch import save_file
+
+        from mabook.files import atomic_path
 
         tensors = {f"{s}/{t}": a.cpu().contiguous() for (s, t), a in self._acc.items()}
         meta = {
@@ -485,31 +544,42 @@ class Statistics:
             "rows": list(_ROWS),
             "median_tokens": MEDIAN_TOKENS,
         }
-        save_file(tensors, str(path), metadata={"mabook_statistics": json.dumps(meta)})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"mabook_statistics": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "Statistics":
-        from safetensors import safe_open
+        """Statistics saved by `save`; a missing, truncated or foreign file is one clear error."""
+        from safetensors import SafetensorError, safe_open
 
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"statistics file not found: {path} (`mabook discover --out DIR` writes DIR/stats.safetensors)")
         stats = cls()
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get("mabook_statistics")
-            if raw is None:
-                raise ValueError(f"{path} is not a mabook statistics file (no 'mabook_statistics' metadata)")
-            meta = json.loads(raw)
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} holds statistics in format {meta.get('format', 1)}, this mabook reads format "
-                                 f"{FORMAT}: collect them again")
-            stats.taps = [Tap(b, s) for b, s in meta["taps"]]
-            by_name = {str(t): t for t in stats.taps}
-            for key in f.keys():
-                step, name = key.split("/", 1)
-                k = (int(step), by_name[name])
-                stats._acc[k] = f.get_tensor(key)
-                stats._count[k] = int(meta["counts"][key])
-                stats._tokens[k] = int(meta["tokens"][key])
-                stats._calls[k] = int(meta["calls"][key])
-        stats.timesteps = {int(s): v for s, v in meta["timesteps"].items()}
+        try:
+            with safe_open(str(path), "pt") as f:
+                raw = (f.metadata() or {}).get("mabook_statistics")
+                if raw is None:
+                    raise ValueError(f"{path} is not a mabook statistics file (no 'mabook_statistics' metadata)")
+                meta = json.loads(raw)
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} holds statistics in format {meta.get('format', 1)}, this mabook reads format "
+                                     f"{FORMAT}: collect them again")
+                stats.taps = [Tap(b, s) for b, s in meta["taps"]]
+                by_name = {str(t): t for t in stats.taps}
+                for key in f.keys():
+                    step, name = key.split("/", 1)
+                    k = (int(step), by_name[name])
+                    stats._acc[k] = f.get_tensor(key)
+                    stats._count[k] = int(meta["counts"][key])
+                    stats._tokens[k] = int(meta["tokens"][key])
+                    stats._calls[k] = int(meta["calls"][key])
+            stats.timesteps = {int(s): v for s, v in meta["timesteps"].items()}
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+                             "collect the statistics again") from None
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} has malformed mabook statistics metadata ({type(e).__name__}: {e}); "
+                             "collect the statistics again") from None
         return stats
 
 
@@ -647,7 +717,14 @@ def _check_edit(adapter: Adapter, e: Edit) -> tuple[Tap, torch.Tensor, frozenset
         raise ValueError(f"unknown edit op {e.op!r}; allowed: {list(EDIT_OPS)} or a callable")
     if e.op in ("set", "scale") and e.value is None:
         raise ValueError(f"edit op {e.op!r} at {tap} needs a value")
-    channels = list(e.channels) if not isinstance(e.channels, torch.Tensor) else e.channels.tolist()
+    if isinstance(e.channels, (int, np.integer)) and not isinstance(e.channels, bool):
+        channels = [e.channels]
+    elif isinstance(e.channels, torch.Tensor):
+        channels = e.channels.flatten().tolist()
+    elif isinstance(e.channels, str) or not isinstance(e.channels, Iterable):
+        raise TypeError(f"edit channels at {tap} must be an int or a list of ints, got {e.channels!r}")
+    else:
+        channels = list(e.channels)
     if not channels:
         raise ValueError(f"edit at {tap} has no channels")
     C = adapter.width

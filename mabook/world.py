@@ -186,6 +186,8 @@ _CAPTION_RE = re.compile(
 
 def parse_caption(caption: str) -> Scene:
     """Caption -> intended Scene. Raises ValueError naming the caption and the grammar."""
+    if not isinstance(caption, str):
+        raise TypeError(f"caption must be a str, got {type(caption).__name__}")
     m = _CAPTION_RE.match(caption.strip().lower())
     if m is None:
         raise ValueError(
@@ -265,6 +267,10 @@ def sample(n: int, seed: int = 0, n_objects: int | None = None, split: str = "an
 
 def heldout_captions(n: int, n_objects: int, seed: int = 0) -> list[str]:
     """n distinct held-out captions with n_objects objects each, in a seeded order."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if n_objects not in (None, 1, 2):
+        raise ValueError(f"n_objects must be 1, 2 or None, got {n_objects!r}")
     rng = np.random.default_rng(seed)
     seen: dict[str, None] = {}
     tries = 0

@@ -161,3 +161,52 @@ def test_closing_line_is_one_ci_can_read(tmp_path):
     assert seconds == {"a": 1.5, "b": 0.1, "c": 0.0}
     assert re.fullmatch(r"\w+: \d+ passed, \d+ failed(, \d+ skipped)?", f"total: {counts}")
 
+
+
+def test_link_check_finds_a_broken_link_and_a_broken_anchor(tmp_path):
+    (tmp_path / "book").mkdir()
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "theme.html").write_text('<a href="nowhere.html">third-party</a>')  # not read
+    (tmp_path / "book" / "page.html").write_text('<h1 id="sec">S</h1><a name="old-anchor"></a><a href="../index.html#top">up</a>')
+    (tmp_path / "index.html").write_text(
+        '<div id="top"></div>'
+        '<a href="book/page.html#sec">ok</a> <a href="book/page.html#old-anchor">ok</a> <a href="#top">ok</a>'
+        '<a href="book/">folder without index</a> <a href="#">ok</a> <a href="https://example.org/x.html">external</a>'
+        '<a href="mailto:a@b.c">mail</a> <link rel="stylesheet" href="_static/theme.html"> <script src="_static/missing.js"></script>'
+        '<a href="book/missing.html">broken</a> <a href="book/page.html#nope">broken anchor</a> <a href="#gone">broken</a>'
+        '<img src="_images/missing%20file.png">'
+    )
+    broken = book.check_links(tmp_path)
+    assert broken == [
+        "index.html -> book/: no such file",
+        "index.html -> _static/missing.js: no such file",
+        "index.html -> book/missing.html: no such file",
+        "index.html -> book/page.html#nope: no id 'nope' in book/page.html",
+        "index.html -> #gone: no id 'gone' in index.html",
+        "index.html -> _images/missing%20file.png: no such file",
+    ]
+    (tmp_path / "book" / "index.html").write_text("<p>now it exists</p>")
+    assert len(book.check_links(tmp_path)) == 5
+
+
+def test_a_broken_link_fails_the_build(tmp_path):
+    ok = book.BuildResult(0, 1.0, tmp_path)
+    assert ok.ok
+    assert not book.BuildResult(0, 1.0, tmp_path, broken_links=["index.html -> x.html: no such file"]).ok
+
+
+def test_setup_behaves_as_on_colab_when_told(monkeypatch):
+    import sys
+
+    import plotly.io as pio
+
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.delenv(notebook.STATIC_ENV_VAR, raising=False)
+    assert not notebook.on_colab()
+    monkeypatch.setenv(notebook.COLAB_ENV_VAR, "1")
+    renderer = pio.renderers.default
+    try:
+        env = notebook.setup(device="cpu", quiet=True)  # no google.colab module here: tolerated
+        assert env.on_colab and pio.renderers.default == "colab"
+    finally:
+        pio.renderers.default = renderer

@@ -14,6 +14,8 @@ For every page it asserts:
 - no ipywidget was left as an empty box (a widget view without a kernel);
 - on chapter (notebook) pages, the Colab button opens this chapter's notebook on the main branch.
 
+And once: an exercise's solution is folded away behind a "Show solution" toggle that opens it.
+
 A full-page screenshot of each page is saved to ``_build/screenshots/`` (CI artifacts).
 """
 
@@ -147,6 +149,27 @@ def test_page_renders(page_path, server, browser):
         _check_no_empty_widgets(page)
         if page_path.startswith("notebooks/"):
             _check_colab_button(page, page_path)
+    finally:
+        page.close()
+
+
+def test_an_exercise_solution_toggle_opens(server, browser):
+    chapters = [p for p in PAGES if p.startswith("notebooks/") and "Show solution" in (HTML / p).read_text()]
+    if not chapters:
+        _missing(f"no chapter page with an exercise solution in {HTML}")
+    page = browser.new_page()
+    try:
+        page.goto(f"{server}/{chapters[0]}", wait_until="load")
+        details = page.locator("details.hide", has=page.locator("summary", has_text="Show solution")).first
+        summary, source = details.locator("summary"), details.locator(".cell_input").first
+        summary.scroll_into_view_if_needed()
+        assert summary.is_visible(), f"{chapters[0]}: the solution toggle is not visible"
+        assert not source.is_visible(), f"{chapters[0]}: the solution is shown before the toggle is opened"
+        summary.click()
+        source.wait_for(state="visible", timeout=5_000)
+        assert details.evaluate("d => d.open") is True
+        assert "exercises.check_" in source.inner_text(), "the opened cell is not an exercise solution"
+        assert details.locator("summary", has_text="Hide solution").is_visible()
     finally:
         page.close()
 

@@ -1,5 +1,6 @@
 """mabook.cli: `mabook discover` writes statistics and the top-k table; bad input is one clear line."""
 
+import contextlib
 import csv
 import json
 import subprocess
@@ -100,7 +101,7 @@ def test_disrupt_writes_table_summary_and_grid(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--k", "500"], "k=500 is out of range; allowed: 1 <= k <= 128"),
     (["--op", "erase"], "unknown --op 'erase'"),
-    (["--prompts", ""], "every prompt must be a non-empty str"),
+    (["--prompts", ""], "prompt 1 of 1 is empty"),
 ])
 def test_disrupt_bad_input_is_one_line(checkpoint, tmp_path, capsys, argv, message):
     code = cli.main(["disrupt", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--num-inference-steps", "1",
@@ -209,11 +210,78 @@ def test_transport_writes_strip_and_table(checkpoint, tmp_path, capsys):
     assert "alpha=0" in capsys.readouterr().out
 
 
+def test_transport_from_a_reference_image_writes_strip_and_table(checkpoint, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from mabook import world
+
+    image = tmp_path / "ref.png"
+    Image.fromarray(world.render(world.parse_caption("a large red circle at the top left on a black background")).image).save(image)
+    out = tmp_path / "reference"
+    code = cli.main(["transport", "--checkpoint", str(checkpoint), "--reference", str(image), "--target",
+                     "a small blue square at the center on a white background", "--alpha", "0", "1", "--k", "4",
+                     "--baselines", "--num-inference-steps", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "transport.json").read_text())
+    assert summary["strip_rows"][:2] == ["reference", "reconstruction"] and "pixel blend alpha=1" in summary["strip_rows"]
+    assert sorted(r["alpha"] for r in summary["table"]) == [0.0, 1.0] and summary["table"][0]["pixel_mse"] == 0
+    assert 0 <= summary["reconstruction_error"]["mae"] <= 1 and summary["inversion"]["evaluations"] >= 4
+    assert np.asarray(Image.open(out / "strip.png")).shape[1] == (32 + 2) * 4 + 2 * 4
+    Image.new("RGB", (40, 32)).save(tmp_path / "wide.png")
+    code = cli.main(["transport", "--checkpoint", str(checkpoint), "--reference", str(tmp_path / "wide.png"), "--target", "b",
+                     "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is 40x32 (width x height); allowed: 32x32" in err and len(err.strip().splitlines()) == 1
+
+
 def test_transport_bad_alpha_is_one_line(checkpoint, tmp_path, capsys):
     code = cli.main(["transport", "--checkpoint", str(checkpoint), "--source", "a", "--target", "b", "--alpha", "1.5",
                      "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "alpha" in err and len(err.strip().splitlines()) == 1
+
+
+def test_transport_mask_window_and_baselines(checkpoint, tmp_path, capsys):
+    out = tmp_path / "masked"
+    code = cli.main(["transport", "--checkpoint", str(checkpoint), "--source", "a large red circle at the top left on a black background",
+                     "--target", "a small blue square at the center on a white background", "--alpha", "0.5", "1",
+                     "--k", "4", "--mask", "union", "--window", "late", "--baselines", "--num-inference-steps", "3",
+                     "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "transport.json").read_text())
+    methods = {(r["method"], r["alpha"]) for r in summary["table"]}
+    assert methods == {(m, a) for m in ("transport", "pixel blend", "text embedding blend") for a in (0.5, 1.0)}
+    masked = [r for r in summary["table"] if r["method"] == "transport"]
+    assert all(0 < r["masked_tokens"] < 64 for r in masked) and not summary["settings"]["conditioning"]
+    assert summary["strip_rows"][-1] == "text embedding blend alpha=1"
+
+
+def test_transport_all_channels_at_alpha_one_is_the_source(checkpoint, tmp_path, capsys):
+    """--k 0 moves every channel and the AdaLN conditioning: the image is the source's, as the
+    text-embedding blend at alpha = 1 (the source's own embeddings) is."""
+    out = tmp_path / "all"
+    code = cli.main(["transport", "--checkpoint", str(checkpoint), "--source", "a large red circle at the top left on a black background",
+                     "--target", "a small blue square at the center on a white background", "--alpha", "1", "--k", "0",
+                     "--baselines", "--num-inference-steps", "2", "--out", str(out)])
+    assert code == 0
+    table = json.loads((out / "transport.json").read_text())["table"]
+    by = {r["method"]: r["pixel_mse"] for r in table}
+    assert by["transport"] == by["text embedding blend"] == by["pixel blend"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mask", "all"], "invalid choice: 'all'"),
+    (["--mask-step", "9"], "--mask-step 9 is out of range; allowed: 0 <= step < 2"),
+    (["--mask-channels", "0"], "--mask-channels must be >= 1, got 0"),
+    (["--mask", "union", "--stream", "txt"], "--mask union selects image tokens; allowed with --stream img or both"),
+])
+def test_transport_bad_mask_arguments_are_one_line(checkpoint, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) if argv == ["--mask", "all"] else contextlib.nullcontext():
+        code = cli.main(["transport", "--checkpoint", str(checkpoint), "--source", "a", "--target", "b",
+                         "--num-inference-steps", "2", "--out", str(tmp_path / "x"), *argv])
+        assert code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bench_transport_prints_flux_arithmetic_and_measured_bytes(checkpoint, capsys):

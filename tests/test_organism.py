@@ -46,6 +46,31 @@ def test_bad_arguments_give_clear_errors(committed):
         committed(PROMPTS[0], num_inference_steps=1, output_type="jpg")
 
 
+def test_prompt_embeddings_give_the_prompts_image(committed):
+    kw = lambda: dict(num_inference_steps=2, generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="np")
+    with torch.no_grad():
+        embeds, pooled = committed.encode_prompt(PROMPTS)
+    by_prompt = committed(PROMPTS, **kw()).images
+    assert np.array_equal(committed(prompt_embeds=embeds, pooled_prompt_embeds=pooled, **kw()).images, by_prompt)
+    other = committed(prompt_embeds=embeds, pooled_prompt_embeds=pooled.flip(0), **kw()).images
+    assert not np.array_equal(other, by_prompt)  # the pooled vector is read (the AdaLN conditioning)
+
+
+def test_bad_prompt_embeddings_give_clear_errors(committed):
+    embeds, pooled = torch.zeros(2, 32, 128), torch.zeros(2, 128)
+    with pytest.raises(ValueError, match=r"prompt_embeds has shape \(2, 16, 128\); expected \(batch_size, 32, 128\)"):
+        committed(prompt_embeds=embeds[:, :16], pooled_prompt_embeds=pooled, num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"pooled_prompt_embeds has shape \(1, 128\); expected \(batch_size, 128\) with "
+                                         r"the batch_size of prompt_embeds \(2\)"):
+        committed(prompt_embeds=embeds, pooled_prompt_embeds=pooled[:1], num_inference_steps=1)
+    with pytest.raises(TypeError, match="prompt_embeds and pooled_prompt_embeds must both be tensors, got Tensor and NoneType"):
+        committed(prompt_embeds=embeds, num_inference_steps=1)
+    with pytest.raises(ValueError, match="either prompt or prompt_embeds/pooled_prompt_embeds, not both"):
+        committed(PROMPTS, prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=1)
+    with pytest.raises(ValueError, match="pass prompt, or prompt_embeds with pooled_prompt_embeds"):
+        committed(num_inference_steps=1)
+
+
 def test_tokenizer_is_word_level_and_pads_to_fixed_length():
     tok = organism.build_tokenizer()
     ids = tok(PROMPTS[0], padding="max_length", max_length=32).input_ids

@@ -331,6 +331,73 @@ def test_hooks_removed_after_keyboard_interrupt(adapter):
     assert_no_hooks(adapter)
 
 
+def _every_context(adapter):
+    """{name: a callable that runs a generation inside one of mabook's hook or processor contexts}."""
+    import contextlib
+
+    from mabook import attention, disruption, spatial, transport
+
+    tap = "transformer_blocks.1.img"
+
+    def inside(*contexts):
+        def run():
+            with contextlib.ExitStack() as stack:
+                for context in contexts:
+                    stack.enter_context(context())
+                generate(adapter, prompts=PROMPTS[:1])
+        return run
+
+    def transported():
+        rec = transport.record(adapter, PROMPTS[:1], taps=[tap], channels=[0, 1], num_inference_steps=STEPS)
+        transport.transport(rec, PROMPTS[1:], 0.5, target_images=rec.images)
+
+    return {
+        "probe.collect": inside(lambda: probe.collect(adapter, capture=[(tap, 2)])),
+        "probe.edit": inside(lambda: probe.edit(adapter, Edit(tap, [0], "zero"))),
+        "probe.hooks": inside(lambda: probe.hooks(adapter, lambda *a: None)),
+        "attention.capture": inside(lambda: attention.capture(adapter)),
+        "attention.intervene": inside(lambda: attention.intervene(adapter, attention.KeyIntervention("sink", k=2))),
+        "attention.intervene+capture": inside(lambda: attention.intervene(adapter, attention.KeyIntervention("random", k=1)),
+                                              lambda: attention.capture(adapter, cfg="both")),
+        "transport.record": lambda: transport.record(adapter, PROMPTS[:1], taps=[tap], channels=[0], num_inference_steps=STEPS),
+        "transport.transport": transported,
+        "disruption.baseline": lambda: disruption.baseline(adapter, PROMPTS[:1], [0], STEPS),
+        "spatial.capture": lambda: spatial.capture(adapter, PROMPTS[:1], [0], STEPS, taps=[tap], steps=[1]),
+    }
+
+
+CONTEXTS = ["probe.collect", "probe.edit", "probe.hooks", "attention.capture", "attention.intervene", "attention.intervene+capture",
+            "transport.record", "transport.transport", "disruption.baseline", "spatial.capture"]
+
+
+@pytest.mark.parametrize("name", CONTEXTS)
+def test_every_context_is_undone_by_keyboard_interrupt_mid_generation(adapter, name):
+    """Ctrl-C at the second denoising step, inside each of mabook's contexts (probe's, attention's,
+    transport's and the experiments' built on them): no hook and no swapped attention processor
+    survives, and the next generation is bit-identical to one before."""
+    before = generate(adapter, prompts=PROMPTS[:1])
+    processors = {path: m.processor for path, m in adapter.attention_modules().items()}
+    run = _every_context(adapter)[name]
+    calls = []
+    skip = STEPS if name == "transport.transport" else 0  # let its record finish: interrupt the transport itself
+
+    def interrupt_at_second_step(module, args, output):
+        calls.append(1)
+        if len(calls) == skip + 2:
+            raise KeyboardInterrupt
+
+    handle = adapter.blocks[-1].module.register_forward_hook(interrupt_at_second_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        handle.remove()
+    assert len(calls) == skip + 2, "the interrupt did not come mid-generation"
+    assert_no_hooks(adapter)
+    assert all(m.processor is processors[path] for path, m in adapter.attention_modules().items())
+    assert torch.equal(generate(adapter, prompts=PROMPTS[:1]), before)
+
+
 # -- edits --------------------------------------------------------------------------------------
 
 
@@ -551,3 +618,38 @@ def test_merged_runs_equal_one_run_over_all_prompts(adapter):
     assert merged.taps == together.stats.taps and merged.steps == together.stats.steps
     for name in ("abs_mean", "mean", "std", "max_abs"):
         np.testing.assert_allclose(merged.array(name), together.stats.array(name), rtol=1e-4, atol=1e-5)
+
+
+# -- the conditioning tap (opt-in) ----------------------------------------------------------------
+
+
+def test_conditioning_tap_is_opt_in_and_named_like_its_module(adapter):
+    cond = probe.conditioning_tap(adapter)
+    assert str(cond) == "time_text_embed.temb" and adapter.transformer.get_submodule(cond.block_path) is not None
+    assert cond not in probe.taps(adapter)  # never a default tap
+    assert probe.taps(adapter, ["temb", "img"])[0] == cond and probe.resolve(adapter, "time_text_embed.temb") == cond
+    with pytest.raises(ValueError, match="unknown stream 'pooled'; allowed: \\['img', 'txt', 'temb'\\]"):
+        probe.taps(adapter, ["pooled"])
+    pixart = mabook.models.Adapter(mabook.models.FAMILIES["pixart"], adapter.transformer)
+    with pytest.raises(ValueError, match="pixart models have no conditioning tap"):
+        probe.conditioning_tap(pixart)
+
+
+def test_conditioning_tap_sees_temb_and_its_edits_reach_the_output(adapter):
+    cond = probe.conditioning_tap(adapter)
+    seen = {}
+    with probe.hooks(adapter, lambda tap, step, h: seen.setdefault(step, h.clone()), taps=[cond], cfg="both"):
+        baseline = generate(adapter)
+    pipe = adapter.pipe
+    pipe.scheduler.set_timesteps(STEPS)
+    with torch.no_grad():  # what FluxTransformer2DModel computes: time_text_embed(1000 * timestep, pooled)
+        pooled = torch.cat([pipe.encode_prompt([""] * 2)[1], pipe.encode_prompt(PROMPTS)[1]])
+        for step, t in enumerate(pipe.scheduler.timesteps):
+            expected = adapter.transformer.time_text_embed((t / 1000).expand(4) * 1000, pooled)
+            assert seen[step].shape == (4, 1, adapter.width)
+            torch.testing.assert_close(seen[step][:, 0], expected, rtol=1e-5, atol=1e-6)
+    with probe.edit(adapter, [Edit(cond, list(range(adapter.width)), lambda x: x.clone())]):
+        assert torch.equal(generate(adapter), baseline)  # an identity edit is bit-identical
+    with probe.edit(adapter, [Edit(cond, [0, 1, 2], "zero")]):
+        assert not torch.allclose(generate(adapter), baseline)
+    assert_no_hooks(adapter)

@@ -1,9 +1,9 @@
-"""mabook.transport: record, transport, baselines.
+"""mabook.transport: record, transport, baselines, pairs, scores and the chapter-4 comparison.
 
 The endpoints are checked bitwise: alpha = 0 is the target; alpha = 1 with every channel at every
-tap and step is the source once the one conditioning that is not a block output (the pooled text
-embedding of the final AdaLN) is made equal -- and, with it left alone, the last hidden states are
-still the source's bitwise.
+step and the AdaLN conditioning is the source's image; without the conditioning every block output
+is the source's but the image is not. Scores and summaries are checked against numpy and against
+the world's own renders, not against the code's own formulas.
 """
 
 import dataclasses
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from mabook import probe, transport
+import mabook
+from mabook import probe, transport, world
+from mabook.transport import Method, Pair
 
 torch.set_num_threads(1)
 SOURCE = "a large cyan square at the right on a white background"
@@ -27,14 +29,25 @@ def adapter(trained_organism):
 
 @pytest.fixture(scope="module")
 def full(adapter):
-    """Every channel at every tap of both streams and every step, two units."""
+    """Every channel at every tap of both streams and every step, and the conditioning; two units."""
     return transport.record(adapter, [SOURCE, TARGET], seeds=[0], num_inference_steps=STEPS)
+
+
+def image_taps(adapter):
+    return [str(t) for t in probe.taps(adapter, ["img"])]
 
 
 def assert_no_hooks(adapter):
     for name, module in adapter.transformer.named_modules():
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"):
             assert not getattr(module, attr), f"{name or 'transformer'}.{attr} not empty"
+
+
+def render(caption) -> np.ndarray:
+    return world.render(world.parse_caption(caption)).image.astype(np.float32) / 255
+
+
+# -- exactness ----------------------------------------------------------------------------------
 
 
 def test_alpha_zero_reproduces_target_exactly(full):
@@ -44,43 +57,70 @@ def test_alpha_zero_reproduces_target_exactly(full):
     assert_no_hooks(full.adapter)
 
 
-def test_alpha_one_all_channels_copies_every_block_output(adapter, full):
-    """Every block output of both streams becomes the source's, bitwise; the image still differs,
-    because the final AdaLN reads the target's pooled text embedding (an input, not a block output)."""
-    out = transport.transport(full, [TARGET, SOURCE], alpha=1.0, stream="both")
-    last = str(probe.taps(adapter, ["img"])[-1])
-    seen = {}
-    box = {}
+@pytest.mark.parametrize("stream", ["both", "img"])
+def test_alpha_one_all_channels_with_conditioning_reproduces_source_exactly(full, stream):
+    assert full.conditioning  # channels="all" keeps the conditioning by default
+    out = transport.transport(full, [TARGET, SOURCE], alpha=1.0, stream=stream)
+    assert not np.array_equal(out.target, full.images)
+    assert torch.equal(torch.from_numpy(out.images), torch.from_numpy(full.images))  # bitwise
+    assert all(r["conditioning"] for r in out.table)
+    assert_no_hooks(full.adapter)
+
+
+def test_without_the_conditioning_every_block_output_is_the_source_but_not_the_image(adapter, full):
+    """The final AdaLN (norm_out) then modulates the source's hidden states with the target's pooled text."""
+    out = transport.transport(full, [TARGET, SOURCE], alpha=1.0, stream="both", conditioning=False)
+    last = image_taps(adapter)[-1]
+    taps = [t for t in full.channels if not t.endswith(".temb")]
+    seen, box = {}, {}
     # the editor first: forward hooks run in registration order, so the observer sees the edited output
-    with probe.edit(adapter, transport._edits(full, box, list(full.channels), full.steps, 1.0, None, 0, 2)) as ed:
+    with probe.edit(adapter, transport._edits(full, box, taps, full.steps, 1.0, None, 0, 2)) as ed:
         box["editor"] = ed
         with probe.hooks(adapter, lambda tap, step, h: seen.setdefault(step, h.clone()), taps=[last], cfg="both"):
             transport.disruption._generate(adapter, [(TARGET, 0), (SOURCE, 0)], STEPS, 16, {})
     for step in range(STEPS):
         src = torch.cat([full.dense(last, step, role, 0, 2) for role in ("uncond", "cond")])
         assert torch.equal(seen[step], src)
-    assert np.abs(out.images - full.images).max() > 1e-3  # documented: the pooled path is not transported
+    assert np.abs(out.images - full.images).max() > 1e-3
+    assert not any(r["conditioning"] for r in out.table)
 
 
-def test_alpha_one_with_equal_pooled_embedding_reproduces_source_exactly(adapter, monkeypatch):
+def test_conditioning_is_recorded_as_the_transformer_computes_it(adapter, full):
+    """The recorded temb equals time_text_embed(timestep, pooled text embedding), computed here directly."""
     pipe = adapter.pipe
-    encode = pipe.encode_prompt
-    _, pooled_source = encode([SOURCE])
+    cond = str(probe.conditioning_tap(adapter))
+    assert cond == "time_text_embed.temb" and full.channels[cond] == list(range(adapter.width))
+    pipe.scheduler.set_timesteps(STEPS)
+    with torch.no_grad():
+        _, pooled = pipe.encode_prompt([SOURCE, TARGET])
+        _, empty = pipe.encode_prompt(["", ""])
+        for step, t in enumerate(pipe.scheduler.timesteps):
+            timestep = (t / 1000).expand(2) * 1000  # as the pipeline passes it and FluxTransformer2DModel scales it
+            for role, p in (("cond", pooled), ("uncond", empty)):
+                expected = adapter.transformer.time_text_embed(timestep, p)
+                torch.testing.assert_close(full.dense(cond, step, role, 0, 2)[:, 0], expected, rtol=1e-5, atol=1e-6)
 
-    def same_pooled(prompts):  # token embeddings differ, pooled vectors of non-empty prompts are the source's
-        embeds, pooled = encode(prompts)
-        keep = torch.tensor([p != "" for p in prompts])[:, None]
-        return embeds, torch.where(keep, pooled_source.expand_as(pooled), pooled)
 
-    monkeypatch.setattr(pipe, "encode_prompt", same_pooled)
-    rec = transport.record(adapter, [SOURCE], seeds=[3], num_inference_steps=STEPS)
-    out = transport.transport(rec, [TARGET], alpha=1.0, stream="both")
-    assert not np.array_equal(out.target, rec.images)  # the text tokens alone make a different image
-    assert torch.equal(torch.from_numpy(out.images), torch.from_numpy(rec.images))
+def test_channel_sets_record_no_conditioning_by_default(adapter):
+    rec = transport.record(adapter, [SOURCE], [0], taps=image_taps(adapter), channels=[5], num_inference_steps=1)
+    assert not rec.conditioning and "time_text_embed.temb" not in rec.channels
+    with pytest.raises(ValueError, match="conditioning=True, but this record did not keep the conditioning"):
+        transport.transport(rec, [TARGET], conditioning=True)
+
+
+def test_a_subset_of_an_all_channel_record_equals_a_record_of_the_subset(adapter, full):
+    chans = {t: [66, 5] for t in image_taps(adapter)}
+    small = transport.record(adapter, [SOURCE, TARGET], [0], taps=image_taps(adapter), channels=chans, num_inference_steps=STEPS)
+    a = transport.transport(small, [TARGET, SOURCE], alpha=0.7)
+    b = transport.transport(full, [TARGET, SOURCE], alpha=0.7, channels=chans, target_images=a.target)
+    assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, a.target)
+    assert b.table[0]["k"] == 2 and not b.table[0]["conditioning"]
+    with pytest.raises(ValueError, match=r"channels \[7\] at transformer_blocks.0.img were not recorded"):
+        transport.transport(small, [TARGET, SOURCE], channels=[66, 7])
 
 
 def test_record_memory_grows_with_k_not_width(adapter):
-    taps = [str(t) for t in probe.taps(adapter, ["img"])]
+    taps = image_taps(adapter)
     one = transport.record(adapter, [SOURCE], [0], taps=taps, channels=[5], num_inference_steps=STEPS)
     eight = transport.record(adapter, [SOURCE], [0], taps=taps, channels=list(range(8)), num_inference_steps=STEPS)
     assert eight.nbytes == 8 * one.nbytes
@@ -94,20 +134,157 @@ def test_record_memory_grows_with_k_not_width(adapter):
     np.testing.assert_array_equal(kept[0, :16], everything[0, :16])
 
 
+def test_unit_seeds_pair_each_prompt_with_its_own_noise(adapter):
+    paired = transport.record(adapter, [SOURCE, TARGET], taps=image_taps(adapter)[:1], channels=[1], unit_seeds=[3, 4],
+                              num_inference_steps=1)
+    assert paired.units == [(SOURCE, 3), (TARGET, 4)]
+    alone = transport.record(adapter, [TARGET], [4], taps=image_taps(adapter)[:1], channels=[1], num_inference_steps=1)
+    np.testing.assert_allclose(paired.images[1], alone.images[0], atol=1e-4)  # same noise; batch size changes rounding only
+    with pytest.raises(ValueError, match=r"unit_seeds must be one non-negative int per prompt \(2\)"):
+        transport.record(adapter, [SOURCE, TARGET], unit_seeds=[1], num_inference_steps=1)
+
+
 def test_masked_transport_leaves_other_tokens_alone_at_its_tap(adapter, full):
     mask = torch.zeros(2, 64, dtype=torch.bool)
     mask[:, :8] = True  # the top row of tokens
-    out = transport.transport(full, [TARGET, SOURCE], alpha=0.5, mask=mask, steps=[0])
+    out = transport.transport(full, [TARGET, SOURCE], alpha=0.5, mask=mask, steps=[0], conditioning=False)
     assert out.images.shape == full.images.shape and out.table[0]["masked_tokens"] == 8
     assert {"took_source_color", "kept_target_position", "differs_size", "ssim"} <= set(out.table[0])
 
 
-def test_baselines(adapter, full):
+def test_kmeans_mask_feeds_a_masked_transport(full):
+    tap = str(probe.taps(full.adapter, ["img"])[3])
+    mask = transport.kmeans_mask(full, tap, STEPS - 1, channels=[66, 5, 9, 100])
+    assert mask.shape == (2, 64) and mask.dtype == torch.bool and mask.any(1).all() and not mask.all()
+    out = transport.transport(full, [TARGET, SOURCE], alpha=1.0, mask=mask, conditioning=False)
+    assert [r["masked_tokens"] for r in out.table] == mask.sum(1).tolist()
+
+
+# -- baselines ----------------------------------------------------------------------------------
+
+
+def test_pixel_blend_and_random_channels(adapter, full):
     s, t = full.images[:1], full.images[1:]
     np.testing.assert_allclose(transport.pixel_blend(s, t, 0.25), 0.75 * t + 0.25 * s, atol=1e-7)
     chans = {"transformer_blocks.0.img": [0, 1, 2]}
     rand = transport.random_channels(adapter, chans, seed=1)
     assert len(rand["transformer_blocks.0.img"]) == 3 and not set(rand["transformer_blocks.0.img"]) & {0, 1, 2}
+
+
+def test_embedding_blend_endpoints_are_exact_and_the_middle_is_the_mixed_embedding(adapter, full):
+    pipe = adapter.pipe
+    target = transport.transport(full, [TARGET, SOURCE], alpha=0.0).target
+    assert np.array_equal(transport.embedding_blend(adapter, [SOURCE, TARGET], [TARGET, SOURCE], 0.0, [0, 0], STEPS), target)
+    assert np.array_equal(transport.embedding_blend(adapter, [SOURCE, TARGET], [TARGET, SOURCE], 1.0, [0, 0], STEPS), full.images)
+    with torch.no_grad():  # the middle: mixed in numpy, float64, then generated through the pipeline
+        (se, sp), (te, tp) = pipe.encode_prompt([SOURCE]), pipe.encode_prompt([TARGET])
+    mix = lambda a, b: torch.from_numpy((0.7 * a.numpy().astype(np.float64) + 0.3 * b.numpy()).astype(np.float32))
+    expected = pipe(prompt_embeds=mix(te, se), pooled_prompt_embeds=mix(tp, sp), num_inference_steps=STEPS,
+                    generator=[torch.Generator().manual_seed(0)], output_type="np").images
+    got = transport.embedding_blend(adapter, [SOURCE], [TARGET], 0.3, [0], STEPS)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert np.abs(got - target[:1]).max() > 1e-3
+
+
+def test_embedding_blend_is_the_organisms_only():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    bare = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    with pytest.raises(NotImplementedError, match="organism only, not 'flux'"):
+        transport.embedding_blend(mabook.adapter_for(bare), [SOURCE], [TARGET], 0.5, [0])
+
+
+# -- pairs, scores, summaries -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, n_objects, n_differ", [("one_attribute", 1, 1), ("two_attributes", 1, 2),
+                                                      ("one_object_of_two", 2, 1)])
+def test_pairs_differ_exactly_in_the_named_attributes(kind, n_objects, n_differ):
+    ps = transport.pairs(kind, 12, seed=3)
+    assert len({(p.source, p.target) for p in ps}) == 12 and ps == transport.pairs(kind, 12, seed=3)
+    for p in ps:
+        s, t = world.parse_caption(p.source), world.parse_caption(p.target)
+        assert len(s.objects) == len(t.objects) == n_objects and s.background == t.background
+        diff = {(i, a) for i, (o, q) in enumerate(zip(s.objects, t.objects)) for a in world.ATTRIBUTES
+                if getattr(o, a) != getattr(q, a)}
+        assert len({i for i, _ in diff}) == 1 and {a for _, a in diff} == set(p.differs) and len(p.differs) == n_differ
+        if n_objects == 2:
+            assert not world.overlaps(*s.objects) and s.objects[0].color != s.objects[1].color
+    counts = {a: sum(a in p.differs for p in ps) for a in world.ATTRIBUTES}
+    assert max(counts.values()) - min(counts.values()) <= 2  # the attributes take turns
+
+
+def test_pairs_bad_input():
+    with pytest.raises(ValueError, match="unknown pair kind 'three'; allowed"):
+        transport.pairs("three", 2)
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
+        transport.pairs("one_attribute", 0)
+
+
+def test_score_on_the_worlds_own_renders():
+    pair = transport.pairs("one_object_of_two", 4, seed=0)[1]
+    src, tgt = render(pair.source), render(pair.target)
+    took = transport.score(pair, src, tgt)
+    assert took["took_source"] == 1 and took["kept_target"] == 1 and took["other_kept"] == 1
+    assert took["outside_change"] == 0 and took["other_change"] == 0  # the renders differ only where the captions do
+    assert took["pixel_mae"] == pytest.approx(float(np.abs(src - tgt).mean()), abs=1e-7)
+    kept = transport.score(pair, tgt, tgt)
+    assert kept["took_source"] == 0 and kept["kept_target"] == 1 and kept["pixel_mae"] == 0
+    assert np.isnan(kept[f"took_{next(a for a in world.ATTRIBUTES if a not in pair.differs)}"])
+    # one pixel far from every object changes: outside_change is that change spread over the outside pixels
+    s, t = world.parse_caption(pair.source), world.parse_caption(pair.target)
+    i = transport.changed_objects(pair)[0]
+    from scipy import ndimage
+    region = ndimage.binary_dilation(world.render(s).masks[i] | world.render(t).masks[i])
+    y, x = np.argwhere(~region & ~world.render(t).foreground)[0]
+    noisy = tgt.copy()
+    noisy[y, x] = 1 - noisy[y, x]
+    expected = np.abs(noisy - tgt).mean(-1)[~region].mean()
+    assert transport.score(pair, noisy, tgt)["outside_change"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_summary_averages_seeds_per_pair_then_bootstraps():
+    rows = [{"kind": "k", "pair": i, "method": "random", "alpha": 1.0, "took_source": v}
+            for i, vs in enumerate([(0, 1), (1, 1), (0, 0), (1, 0)]) for v in vs]
+    rows += [{"kind": "k", "pair": i, "method": "top", "alpha": 1.0, "took_source": float(i % 2), "other_kept": np.nan}
+             for i in range(4)]
+    s = {r["method"]: r for r in transport.summary(rows, metrics=("took_source", "other_kept"))}
+    per_pair = np.array([0.5, 1, 0, 0.5])  # seeds averaged within each pair
+    assert s["random"]["took_source"] == pytest.approx(per_pair.mean()) and s["random"]["n_pairs"] == 4
+    lo, hi = s["random"]["took_source_ci"]
+    assert lo <= per_pair.mean() <= hi and lo >= per_pair.min() and hi <= per_pair.max()
+    assert np.isnan(s["top"]["other_kept"]) and s["top"]["n_other_kept"] == 0
+    d = transport.paired_difference(rows, {"method": "top"}, {"method": "random"})
+    assert d["difference"] == pytest.approx(np.mean(np.array([0, 1, 0, 1]) - per_pair)) and d["n_pairs"] == 4
+
+
+# -- the chapter-4 comparison -------------------------------------------------------------------
+
+
+def test_compare_runs_every_method_on_the_same_pairs(adapter):
+    pairs = {kind: transport.pairs(kind, 1, seed=0) for kind in transport.PAIR_KINDS}
+    taps = image_taps(adapter)
+    top = {t: [66, 5] for t in taps}
+    methods = [Method("top-2", channels=top), Method("all channels", channels="all"), Method("pixel blend", "pixel"),
+               Method("text embedding blend", "embedding"), Method("top-2 in union mask", channels=top, mask="union"),
+               Method("top-2, step 0", channels=top, steps=(0,), alphas=(1.0,))]
+    c = transport.compare(adapter, pairs, methods, alphas=(0.0, 1.0), num_inference_steps=STEPS, batch_size=2, chunk=2,
+                          mask_at=(taps[4], 1), mask_channels=top)
+    assert c.sources.shape == c.targets.shape == (3, 32, 32, 3) and c.masks["union"].shape == (3, 64)
+    for m in methods[:5]:
+        assert np.array_equal(c.images[(m.name, None, 0.0)], c.targets)
+    for name in ("all channels", "pixel blend", "text embedding blend"):
+        assert np.array_equal(c.images[(name, None, 1.0)], c.sources)
+    assert ("top-2, step 0", None, 0.0) not in c.images
+    assert {r["method"] for r in c.rows} >= {"source image", "target image", "top-2 in union mask"}
+    assert len([r for r in c.rows if r["method"] == "top-2"]) == 3 * 2
+    assert all((c.masks["union"] == (c.masks["source"] | c.masks["target"])).flatten())
+    assert_no_hooks(adapter)
+
+
+# -- bad input ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -119,6 +296,7 @@ def test_baselines(adapter, full):
      "mask has shape \\(2, 16\\); expected \\(units, tokens\\) = \\(2, 64\\)"),
     (dict(stream="pooled"), "unknown stream 'pooled'; allowed: \\['img', 'txt', 'both'\\]"),
     (dict(steps=[STEPS + 2]), f"steps \\[{STEPS + 2}\\] were not recorded"),
+    (dict(conditioning="yes"), "conditioning must be True, False or None, got 'yes'"),
 ])
 def test_bad_input_is_refused_clearly(full, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -131,6 +309,18 @@ def test_different_token_grids_are_refused(full):
         transport.transport(other, [TARGET, SOURCE])
 
 
+def test_bad_comparisons_are_refused(adapter):
+    pairs = {"one_attribute": [Pair(SOURCE, TARGET, ("color",))]}
+    with pytest.raises(ValueError, match="unknown mask 'object'; allowed: None \\(whole image\\) or \\['source', 'target', 'union'\\]"):
+        Method("m", channels="all", mask="object")
+    with pytest.raises(ValueError, match="alpha must be a number in \\[0, 1\\], got 2"):
+        Method("m", channels="all", alphas=(2,))
+    with pytest.raises(ValueError, match="need mask_at=\\(image tap, step\\) and mask_channels"):
+        transport.compare(adapter, pairs, [Method("m", channels="all", mask="source")], num_inference_steps=1)
+    with pytest.raises(ValueError, match="distinct \\(name, seed\\)"):
+        transport.compare(adapter, pairs, [Method("m", "pixel"), Method("m", "pixel")], num_inference_steps=1)
+
+
 def test_no_hook_survives_an_exception(adapter, full):
     broken = dataclasses.replace(full, values={k: {r: v[:-1] for r, v in by.items()} for k, by in full.values.items()})
     with pytest.raises(Exception):
@@ -139,11 +329,3 @@ def test_no_hook_survives_an_exception(adapter, full):
     with pytest.raises(ValueError, match="token_mask is empty"):
         transport.record(adapter, [SOURCE], [0], token_mask=torch.zeros(1, 64, dtype=torch.bool), num_inference_steps=STEPS)
     assert_no_hooks(adapter)
-
-
-def test_kmeans_mask_feeds_a_masked_transport(full):
-    tap = str(probe.taps(full.adapter, ["img"])[3])
-    mask = transport.kmeans_mask(full, tap, STEPS - 1)
-    assert mask.shape == (2, 64) and mask.dtype == torch.bool and mask.any(1).all() and not mask.all()
-    out = transport.transport(full, [TARGET, SOURCE], alpha=1.0, mask=mask)
-    assert [r["masked_tokens"] for r in out.table] == mask.sum(1).tolist()

@@ -155,6 +155,11 @@ class OrganismPipeline(DiffusionPipeline):
 
     Classifier-free guidance runs the conditional and unconditional ("") prompts as one batch
     of 2*batch_size: the unconditional half comes first (as in diffusers' SD3 pipeline).
+
+    Instead of `prompt`, the text can come as embeddings (diffusers' names, e.g. interpolated
+    between two prompts): `prompt_embeds` (batch_size, max_text_length, text_hidden_size) and
+    `pooled_prompt_embeds` (batch_size, text_hidden_size), as `encode_prompt` returns them; the
+    unconditional half is still the encoded empty prompt.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer"
@@ -185,10 +190,23 @@ class OrganismPipeline(DiffusionPipeline):
         dtype = self.transformer.dtype
         return out.last_hidden_state.to(dtype), out.pooler_output.to(dtype)
 
+    def check_embeds(self, prompt_embeds, pooled_prompt_embeds) -> None:
+        """Raise unless the two are tensors shaped as `encode_prompt` returns them, with one batch size."""
+        cfg = self.organism_config
+        if not isinstance(prompt_embeds, torch.Tensor) or not isinstance(pooled_prompt_embeds, torch.Tensor):
+            raise TypeError(f"prompt_embeds and pooled_prompt_embeds must both be tensors, got "
+                            f"{type(prompt_embeds).__name__} and {type(pooled_prompt_embeds).__name__}")
+        tokens, width = cfg.max_text_length, cfg.text_hidden_size
+        if prompt_embeds.dim() != 3 or tuple(prompt_embeds.shape[1:]) != (tokens, width) or not len(prompt_embeds):
+            raise ValueError(f"prompt_embeds has shape {tuple(prompt_embeds.shape)}; expected (batch_size, {tokens}, {width})")
+        if tuple(pooled_prompt_embeds.shape) != (prompt_embeds.shape[0], width):
+            raise ValueError(f"pooled_prompt_embeds has shape {tuple(pooled_prompt_embeds.shape)}; expected "
+                             f"(batch_size, {width}) with the batch_size of prompt_embeds ({prompt_embeds.shape[0]})")
+
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         num_images_per_prompt: int = 1,
@@ -196,25 +214,38 @@ class OrganismPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
     ):
         cfg = self.organism_config
         # 0. check inputs
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
-            raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass prompt, or prompt_embeds with pooled_prompt_embeds")
+        if prompt is not None and (prompt_embeds is not None or pooled_prompt_embeds is not None):
+            raise ValueError("pass either prompt or prompt_embeds/pooled_prompt_embeds, not both")
+        if prompt is None:
+            self.check_embeds(prompt_embeds, pooled_prompt_embeds)
+        else:
+            if isinstance(prompt, str):
+                prompt = [prompt]
+            if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
+                raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        prompt = [p for p in prompt for _ in range(num_images_per_prompt)]
-        batch_size = len(prompt)
         device, dtype = self.transformer.device, self.transformer.dtype
         self._guidance_scale = guidance_scale  # read by probes through do_classifier_free_guidance
         do_cfg = self.do_classifier_free_guidance
 
         # 1. encode prompt (and the empty prompt for classifier-free guidance)
-        prompt_embeds, pooled = self.encode_prompt(prompt)
+        if prompt is not None:
+            prompt = [p for p in prompt for _ in range(num_images_per_prompt)]
+            prompt_embeds, pooled = self.encode_prompt(prompt)
+        else:
+            prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
+            pooled = pooled_prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
+        batch_size = prompt_embeds.shape[0]
         if do_cfg:
             neg_embeds, neg_pooled = self.encode_prompt([""] * batch_size)
             prompt_embeds = torch.cat([neg_embeds, prompt_embeds])
@@ -318,10 +349,13 @@ def save(pipe: OrganismPipeline, path: Path, info: dict | None = None) -> str:
     tensors = {f"transformer.{k}": v.detach().to(torch.float16).contiguous() for k, v in pipe.transformer.state_dict().items()}
     tensors |= {f"text_encoder.{k}": v.detach().to(torch.float16).contiguous() for k, v in pipe.text_encoder.state_dict().items()}
     config = asdict(pipe.organism_config)
-    save_file(tensors, str(path), metadata={"organism_config": json.dumps(config)})
+    from mabook.files import atomic_path, write_json
+
+    with atomic_path(path) as tmp:  # an interrupted save leaves the previous checkpoint (or none), never half of one
+        save_file(tensors, str(tmp), metadata={"organism_config": json.dumps(config)})
     digest = sha256(path)
     card = {"file": path.name, "sha256": digest, "organism_config": config, **(info or {})}
-    card_path(path).write_text(json.dumps(card, indent=1) + "\n")
+    write_json(card_path(path), card)
     return digest
 
 
@@ -346,13 +380,21 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
             f"organism checkpoint not found: {path} (and its card {card_file.name}); "
             "train one with `python -m mabook.organism.train`"
         )
-    card = json.loads(card_file.read_text())
+    try:
+        card = json.loads(card_file.read_text())
+        recorded = card["sha256"]
+        config = OrganismConfig(**{**card["organism_config"], "axes_dims_rope": tuple(card["organism_config"]["axes_dims_rope"])})
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"the checkpoint card {card_file} is corrupt ({type(e).__name__}: {e}); it must be the JSON "
+                         "`organism.save` writes, with 'sha256' and 'organism_config'") from None
     digest = sha256(path)
-    if digest != card["sha256"]:
-        raise ChecksumError(f"{path} has SHA-256 {digest}, but its card records {card['sha256']}: the file is corrupt or was replaced")
-    config = OrganismConfig(**{**card["organism_config"], "axes_dims_rope": tuple(card["organism_config"]["axes_dims_rope"])})
+    if digest != recorded:
+        raise ChecksumError(f"{path} has SHA-256 {digest}, but its card records {recorded}: the file is corrupt or was replaced")
     pipe = build_pipeline(config)
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors' SafetensorError: a file whose card was written for it, yet unreadable
+        raise ValueError(f"{path} is not a readable safetensors checkpoint ({e})") from None
     for prefix, module in (("transformer.", pipe.transformer), ("text_encoder.", pipe.text_encoder)):
         sub = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(sub, strict=True)

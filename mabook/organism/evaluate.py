@@ -65,7 +65,9 @@ def main(argv=None):
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
-        a.out.write_text(text + "\n")
+        from mabook.files import write_text
+
+        write_text(a.out, text + "\n")  # atomic: an interrupted run leaves the previous file
 
 
 if __name__ == "__main__":

@@ -335,7 +335,10 @@ def main(argv=None):
     if a.measure is not None:
         if a.out == CHECKPOINT:
             raise SystemExit("--measure needs --out FILE.json (the checkpoint itself is never overwritten)")
-        a.out.write_text(json.dumps(measure_run(a.measure), indent=1) + "\n")
+        from mabook import files
+
+        command = files.command_line(argv, "python -m mabook.organism.train")
+        files.write_json(a.out, files.with_provenance(measure_run(a.measure), command))  # atomic; version + command
         print(f"wrote {a.out}")
         return
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name != "save_at"})

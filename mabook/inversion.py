@@ -1,0 +1,648 @@
+"""Bring a reference image onto a denoising trajectory, so its channels can be transported (chapter 5).
+
+Image-conditioned transport (arXiv 2605.13974's second use) needs a *source trajectory* for an
+image that no prompt generated. Two ways to make one, both on the pipeline's own schedule
+(sigma_0 = 1 > sigma_1 > ... > sigma_N = 0, the scheduler's `sigmas`):
+
+1. `invert(adapter, images)`: flow-matching inversion. The pipeline's Euler step is
+   x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, t_i); run backwards from the clean latents x_N it
+   gives x_i = x_{i+1} - (sigma_{i+1} - sigma_i) v(x_i, t_i), implicit in x_i. The plain inversion
+   evaluates v at x_{i+1} instead (`fixed_point_iterations=0`); otherwise a relaxed fixed-point
+   iteration solves the implicit equation, keeping per reference the iterate whose forward Euler
+   step lands closest to x_{i+1} (its relative *residual*, kept in `Trajectory.residuals`) and
+   stopping once every residual is below `tolerance`. Solved, regenerating from the inverted noise
+   x_0 retraces the reference's path and ends on it (`regenerate`, `pixel_error`); on the organism
+   the plain inversion does not (chapter 5 measures both).
+2. `noise(adapter, images, seeds)`: no model in the loop: step i sits at
+   x_i = (1 - sigma_i) x_N + sigma_i eps with one fixed eps per reference (`at_level`). Exact
+   at every step, but a trajectory the model itself would not follow (`path_residuals` says how far
+   its own Euler step misses the next point).
+
+`record(trajectory, ...)` then records the reference's channels along it with `mabook.transport.record`
+(the pipeline regenerates from the inverted noise; for noising, a `NoisingScheduler` swapped in for
+the call makes the pipeline step along x_i instead of its own prediction), and
+`mabook.transport.transport(rec, target_prompts, ...)` moves them into a new prompt's generation,
+which starts from the same noise (the record's `latents`). `compare` runs chapter 5's table on
+shapes-world pairs: trajectories x `transport.Method`s (channel sets, the pixel blend) x alphas.
+
+Latents are what the pipeline's `latents=` takes. Per family:
+
+========  ===========================================================================
+organism  pixels in [-1, 1], 4x4-pixel patches (`organism.patchify`): (B, 64, 48); no VAE
+flux      VAE encoder (mode of the posterior), (z - shift_factor) * scaling_factor, then
+          2x2 latent pixels packed per token (`FluxPipeline._pack_latents`): (B, h/2 * w/2, 4C)
+sd3       VAE encoder, (z - shift_factor) * scaling_factor, unpacked: (B, C, h, w)
+========  ===========================================================================
+
+References are (H, W, 3) RGB images (PIL images, paths, uint8 arrays or floats in [0, 1]) of the
+generation's size; anything else is refused with what is allowed, and resized or converted only
+with `resize=True`. The default prompt is the empty (unconditional) one: a reference needs no caption.
+
+What this is not: an editing method with tuned inversion tricks (no null-text optimisation, no
+RF-Inversion controller), nor support for families whose transformer call it does not know
+(PixArt-Sigma is not flow matching; SANA's call differs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+
+from mabook import disruption, probe, transport, world
+from mabook.models import Adapter
+
+METHODS = ("invert", "noise")
+FAMILIES = ("organism", "flux", "sd3")  # flow-matching families whose transformer call this module knows
+PIPE_KWARGS = ("height", "width", "guidance_scale", "max_sequence_length")  # what invert/noise pass on
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reference images: checked, never silently fixed
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_family(adapter: Adapter) -> None:
+    if adapter.family.name not in FAMILIES:
+        raise ValueError(f"inversion supports the flow-matching families {list(FAMILIES)}; "
+                         f"{adapter.family.name} is not one of them")
+    if adapter.pipe is None:
+        raise ValueError("inversion needs a pipeline; this adapter wraps a bare transformer")
+
+
+def image_size(adapter: Adapter, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """(height, width) in pixels of a generation: the organism's 32 x 32, else the pipeline's default
+    (or the given) size, which must be a multiple of the pixels per token."""
+    _check_family(adapter)
+    pipe = adapter.pipe
+    if adapter.family.name == "organism":
+        adapter.grid(height, width)  # raises on anything but the organism's size
+        size = pipe.organism_config.image_size
+        return size, size
+    scale = int(pipe.vae_scale_factor)
+    per_token = scale * (2 if adapter.family.name == "flux" else int(adapter.transformer.config.patch_size))
+    default = int(pipe.default_sample_size) * scale
+    height, width = height or default, width or default
+    if height % per_token or width % per_token:
+        raise ValueError(f"height and width must be multiples of {per_token} pixels (one token), got {height}x{width}")
+    return height, width
+
+
+def _as_array(image, index: int, size: tuple[int, int], resize: bool) -> np.ndarray:
+    """One reference -> (H, W, 3) float32 in [0, 1]."""
+    from PIL import Image
+
+    H, W = size
+    what = f"reference image {index}"
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: no such file {str(path)!r}")
+        image = Image.open(path)
+        image.load()
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            if not resize:
+                raise ValueError(f"{what} has mode {image.mode!r}; allowed: 'RGB' (pass resize=True to convert it)")
+            image = image.convert("RGB")
+        array = np.asarray(image)
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+        if array.ndim != 3 or array.shape[-1] != 3:
+            if not resize or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 4)):
+                raise ValueError(f"{what} has shape {array.shape}; allowed: (height, width, 3) RGB"
+                                 + (" (pass resize=True to convert gray or RGBA)" if array.ndim in (2, 3) else ""))
+            array = np.asarray(Image.fromarray(_to_uint8(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1
+                                                         else array, what)).convert("RGB"))
+    else:
+        raise TypeError(f"{what} must be a PIL image, a path or an (H, W, 3) array, got {type(image).__name__}")
+    if array.shape[:2] != (H, W):
+        if not resize:
+            raise ValueError(f"{what} is {array.shape[1]}x{array.shape[0]} (width x height); allowed: {W}x{H} for this "
+                             "generation (pass resize=True to resize it)")
+        array = np.asarray(Image.fromarray(_to_uint8(array, what)).resize((W, H), Image.BICUBIC))
+    return _to_unit(array, what)
+
+
+def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    return array if array.dtype == np.uint8 else (np.clip(_to_unit(array, what), 0, 1) * 255).round().astype(np.uint8)
+
+
+def _to_unit(array: np.ndarray, what: str) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{what} has dtype {array.dtype}; allowed: uint8, or floats in [0, 1]")
+    if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1 or np.isnan(array).any()):
+        raise ValueError(f"{what} has values in [{np.nanmin(array):.3g}, {np.nanmax(array):.3g}]; float images must lie in [0, 1]")
+    return array.astype(np.float32)
+
+
+def check_references(adapter: Adapter, images, resize: bool = False, height: int | None = None,
+                     width: int | None = None) -> np.ndarray:
+    """References -> (B, H, W, 3) float32 in [0, 1] at the generation's size.
+
+    images: one image or a list; an image is a PIL image, a path, an (H, W, 3) uint8 array or floats
+    in [0, 1] (a (B, H, W, 3) array is a batch). Wrong size or mode is an error unless resize=True."""
+    size = image_size(adapter, height, width)
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        images = list(images)
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    if not images:
+        raise ValueError("no reference images given")
+    return np.stack([_as_array(im, i, size, resize) for i, im in enumerate(images)])
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Latents, schedule, velocity: what the pipeline does, per family
+# ---------------------------------------------------------------------------------------------
+
+
+def encode(adapter: Adapter, images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) in [0, 1] -> clean latents as the pipeline's `latents=` takes them (float32; table above)."""
+    from mabook import organism
+
+    _check_family(adapter)
+    pipe = adapter.pipe
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1  # (B, 3, H, W)
+    if adapter.family.name == "organism":
+        return organism.patchify(x, pipe.organism_config.patch_size).to(adapter.transformer.device)
+    vae = pipe.vae
+    with torch.no_grad():
+        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode().float()
+    z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    if adapter.family.name == "flux":
+        B, C, h, w = z.shape
+        z = pipe._pack_latents(z, B, C, h, w)
+    return z.to(adapter.transformer.device)
+
+
+def _copy_scheduler(adapter: Adapter):
+    scheduler = adapter.pipe.scheduler
+    if not hasattr(scheduler, "sigmas"):
+        raise ValueError(f"inversion needs a flow-matching scheduler with sigmas, got {type(scheduler).__name__}")
+    return type(scheduler).from_config(scheduler.config)
+
+
+def _set_schedule(adapter: Adapter, scheduler, num_inference_steps: int, height=None, width=None) -> None:
+    """Call scheduler.set_timesteps as the family's pipeline does (FLUX: its own sigmas and resolution shift)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    device = adapter.transformer.device
+    if adapter.family.name == "organism":
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return
+    h, w = adapter.grid(height, width)
+    config = scheduler.config
+    if adapter.family.name == "flux":  # FluxPipeline.__call__, step 5
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = calculate_shift(h * w, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+    else:  # StableDiffusion3Pipeline.__call__, step 5
+        kwargs = {}
+        if config.get("use_dynamic_shifting"):
+            kwargs["mu"] = calculate_shift(h * w, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                           config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        retrieve_timesteps(scheduler, num_inference_steps, device, **kwargs)
+
+
+def schedule(adapter: Adapter, num_inference_steps: int, height: int | None = None,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps (N,), sigmas (N + 1,)) exactly as the pipeline sets them, from a copy of its scheduler."""
+    _check_family(adapter)
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    scheduler = _copy_scheduler(adapter)
+    _set_schedule(adapter, scheduler, num_inference_steps, height, width)
+    return scheduler.timesteps, scheduler.sigmas
+
+
+def default_guidance_scale(adapter: Adapter) -> float:
+    """The pipeline's own default `guidance_scale` (organism 4.0, FLUX.1 3.5, SD3 7.0)."""
+    return float(inspect.signature(adapter.pipe.__call__).parameters["guidance_scale"].default)
+
+
+def _velocity(adapter: Adapter, prompt: str, batch: int, guidance_scale: float, height=None, width=None,
+              max_sequence_length: int | None = None):
+    """v(latents, t): the velocity the pipeline's denoising loop computes for `prompt` at timestep t,
+    guidance included (an empty prompt has cond = uncond, so its guidance batch is skipped)."""
+    pipe, transformer, family = adapter.pipe, adapter.transformer, adapter.family.name
+    device, dtype = transformer.device, transformer.dtype
+    cfg = guidance_scale > 1.0 and prompt != "" and family != "flux"  # FLUX.1 embeds guidance instead
+    msl = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    with torch.no_grad():
+        if family == "organism":
+            from mabook import organism
+
+            embeds, pooled = pipe.encode_prompt([prompt] * batch)
+            if cfg:
+                neg, neg_pooled = pipe.encode_prompt([""] * batch)
+                embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
+            grid = pipe.organism_config.grid
+            extra = dict(img_ids=organism.image_ids(grid, device).to(dtype),
+                         txt_ids=torch.zeros(pipe.organism_config.max_text_length, 3, device=device, dtype=dtype))
+            scale_t = 1000.0
+        elif family == "flux":
+            embeds, pooled, text_ids = pipe.encode_prompt(prompt=[prompt] * batch, prompt_2=None, device=device, **msl)
+            h, w = adapter.grid(height, width)
+            guidance = (torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
+                        if transformer.config.guidance_embeds else None)
+            extra = dict(txt_ids=text_ids, img_ids=pipe._prepare_latent_image_ids(batch, h, w, device, dtype),
+                         guidance=guidance)
+            scale_t = 1000.0
+        else:  # sd3
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=[prompt] * batch, prompt_2=None, prompt_3=None,
+                                                                 device=device, do_classifier_free_guidance=cfg, **msl)
+            if cfg:
+                embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
+            extra, scale_t = {}, 1.0  # SD3's transformer takes the scheduler's timestep as is
+
+    def v(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([latents] * 2) if cfg else latents
+        with torch.no_grad():
+            out = transformer(hidden_states=x.to(dtype), encoder_hidden_states=embeds, pooled_projections=pooled,
+                              timestep=(t / scale_t).expand(x.shape[0]).to(dtype), return_dict=False, **extra)[0].float()
+        if cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out
+
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Trajectories: inversion and noising
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trajectory:
+    """References on the pipeline's schedule: clean latents x_N and the start x_0 at sigma_0 = 1.
+
+    `noise` is what the pipeline's `latents=` takes to (re)start the trajectory: the inverted noise,
+    or the fixed eps of noising. images: the references (B, H, W, 3) in [0, 1]."""
+
+    adapter: Adapter
+    method: str  # "invert" or "noise"
+    images: np.ndarray
+    clean: torch.Tensor  # (B, *latent shape) float32: the references' latents
+    noise: torch.Tensor  # (B, *latent shape) float32
+    prompt: str
+    num_inference_steps: int
+    sigmas: torch.Tensor  # (N + 1,) the schedule, sigma_N = 0
+    seeds: list[int]  # noising: eps's seed per reference; inversion: 0 (unused)
+    pipe_kwargs: dict = field(default_factory=dict)
+    residuals: np.ndarray | None = None  # inversion: (N, B) relative forward residual per step (NaN: plain)
+    evaluations: int = 0  # transformer calls the inversion made (per batch of references, summed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _check_common(adapter: Adapter, images, prompt, num_inference_steps, resize, pipe_kwargs):
+    _check_family(adapter)
+    unknown = sorted(set(pipe_kwargs) - set(PIPE_KWARGS))
+    if unknown:
+        raise ValueError(f"unknown pipeline argument(s) {unknown}; allowed: {list(PIPE_KWARGS)}")
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str ('' = unconditional), got {type(prompt).__name__}")
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    return check_references(adapter, images, resize, pipe_kwargs.get("height"), pipe_kwargs.get("width"))
+
+
+def at_level(clean: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The rectified-flow path: (1 - sigma) * clean + sigma * noise (sigma a float or 0-d tensor)."""
+    if clean.shape != noise.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and noise {tuple(noise.shape)} differ in shape")
+    return (1 - sigma) * clean + sigma * noise
+
+
+def _invert_step(v, x: torch.Tensor, t, dt, iterations: int, relaxation: float, tolerance: float):
+    """x_i from x_{i+1} = x: (x_i, relative residual per sample, transformer calls)."""
+    B = x.shape[0]
+    scale = x.reshape(B, -1).norm(dim=1).clamp_min(1e-12)
+    guess = x - dt * v(x, t)  # the plain inversion: v at x_{i+1}
+    if iterations == 0:
+        return guess, torch.full((B,), float("nan")), 1
+    best, best_r = guess, torch.full((B,), float("inf"), device=x.device)
+    calls = 1
+    for _ in range(iterations):
+        new = x - dt * v(guess, t)
+        calls += 1
+        r = (new - guess).reshape(B, -1).norm(dim=1) / scale  # = |guess + dt v(guess) - x| / |x|: forward miss
+        better = r < best_r
+        best = torch.where(better.reshape(B, *[1] * (x.dim() - 1)), guess, best)
+        best_r = torch.where(better, r, best_r)
+        if bool((best_r < tolerance).all()):
+            break
+        guess = guess + relaxation * (new - guess)
+    return best, best_r.cpu(), calls
+
+
+def invert(adapter: Adapter, images, prompt: str = "", num_inference_steps: int = 20, fixed_point_iterations: int = 20,
+           relaxation: float = 0.3, tolerance: float = 1e-3, batch_size: int = 16, resize: bool = False,
+           **pipe_kwargs) -> Trajectory:
+    """Euler inversion of the references on the pipeline's schedule -> Trajectory(method="invert").
+
+    prompt: '' (default, unconditional) or a caption; guidance as the pipeline's default (or
+    guidance_scale=). fixed_point_iterations: at most this many relaxed fixed-point iterations per
+    step (0: the plain inversion); relaxation: the step of each (undamped iterations cycle at high
+    noise on the organism); tolerance: stop once every reference's relative forward residual is
+    below it. pipe_kwargs: height, width, guidance_scale, max_sequence_length. Cost: between
+    2 and 1 + fixed_point_iterations transformer calls per step and batch (`Trajectory.evaluations`)."""
+    refs = _check_common(adapter, images, prompt, num_inference_steps, resize, pipe_kwargs)
+    if not isinstance(fixed_point_iterations, int) or isinstance(fixed_point_iterations, bool) or fixed_point_iterations < 0:
+        raise ValueError(f"fixed_point_iterations must be an int >= 0, got {fixed_point_iterations!r}")
+    if isinstance(relaxation, bool) or not isinstance(relaxation, (int, float)) or not 0 < relaxation <= 1:
+        raise ValueError(f"relaxation must be a number in (0, 1], got {relaxation!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    height, width = pipe_kwargs.get("height"), pipe_kwargs.get("width")
+    guidance = float(pipe_kwargs.get("guidance_scale", default_guidance_scale(adapter)))
+    timesteps, sigmas = schedule(adapter, num_inference_steps, height, width)
+    clean = encode(adapter, refs)
+    noise, residuals, calls = [], np.full((num_inference_steps, len(refs)), np.nan), 0
+    for start in range(0, len(refs), batch_size):
+        x = clean[start:start + batch_size]
+        v = _velocity(adapter, prompt, len(x), guidance, height, width, pipe_kwargs.get("max_sequence_length"))
+        for i in reversed(range(num_inference_steps)):  # from sigma_N = 0 back to sigma_0 = 1
+            dt = sigmas[i + 1] - sigmas[i]  # < 0, as in the scheduler's step
+            x, r, n = _invert_step(v, x, timesteps[i], dt, fixed_point_iterations, float(relaxation), float(tolerance))
+            residuals[i, start:start + len(x)] = r.numpy()
+            calls += n
+        noise.append(x)
+    return Trajectory(adapter, "invert", refs, clean, torch.cat(noise), prompt, num_inference_steps, sigmas.cpu(),
+                      [0] * len(refs), dict(pipe_kwargs), residuals, calls)
+
+
+def noise(adapter: Adapter, images, seeds: Sequence[int] | int = 0, prompt: str = "", num_inference_steps: int = 20,
+          resize: bool = False, **pipe_kwargs) -> Trajectory:
+    """Noising to each step's level -> Trajectory(method="noise"): eps ~ N(0, I) from each reference's
+    seed (a list, one per reference, or one int for all), step i at `at_level(clean, eps, sigma_i)`."""
+    refs = _check_common(adapter, images, prompt, num_inference_steps, resize, pipe_kwargs)
+    seeds = [int(seeds)] * len(refs) if isinstance(seeds, (int, np.integer)) else list(seeds)
+    if len(seeds) != len(refs) or not all(isinstance(s, (int, np.integer)) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds must be one non-negative int per reference ({len(refs)}) or one int, got {seeds!r}")
+    _, sigmas = schedule(adapter, num_inference_steps, pipe_kwargs.get("height"), pipe_kwargs.get("width"))
+    clean = encode(adapter, refs)
+    eps = torch.cat([torch.randn((1, *clean.shape[1:]), generator=torch.Generator("cpu").manual_seed(int(s)))
+                     for s in seeds]).to(clean.device)
+    return Trajectory(adapter, "noise", refs, clean, eps, prompt, num_inference_steps, sigmas.cpu(),
+                      [int(s) for s in seeds], dict(pipe_kwargs))
+
+
+class NoisingScheduler(FlowMatchEulerDiscreteScheduler):
+    """A flow-matching Euler scheduler whose `step` ignores the model and returns the next point of
+    x_i = (1 - sigma_i) clean + sigma_i noise: the pipeline then walks a noised trajectory (and the
+    probe sees the transformer at every x_i). Generations take the rows of `clean` / `noise` in
+    order, one batch after another; each must start at its rows' noise (checked)."""
+
+    def attach(self, clean: torch.Tensor, noise: torch.Tensor) -> "NoisingScheduler":
+        self._clean, self._noise, self._row, self._rows = clean, noise, 0, None
+        return self
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.step_index == 0 or self._rows is None:  # a new generation: its batch is the next rows
+            rows = slice(self._row, self._row + sample.shape[0])
+            start = at_level(self._clean[rows], self._noise[rows], self.sigmas[self.step_index]).to(sample)
+            if start.shape != sample.shape or not torch.allclose(start, sample, atol=1e-5):
+                raise ValueError(f"NoisingScheduler: the generation does not start at the noised references "
+                                 f"{rows.start}..{rows.stop - 1} (batch {tuple(sample.shape)}); pass their noise as latents")
+            self._rows, self._row = rows, rows.stop
+        prev = at_level(self._clean[self._rows], self._noise[self._rows], self.sigmas[self.step_index + 1])
+        self._step_index += 1
+        prev = prev.to(device=sample.device, dtype=model_output.dtype)
+        if self.step_index >= len(self.timesteps):
+            self._rows = None
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+@contextlib.contextmanager
+def noising_scheduler(adapter: Adapter, clean: torch.Tensor, noise: torch.Tensor):
+    """Inside: the pipeline's scheduler is a NoisingScheduler (same config) walking clean/noise; restored after."""
+    pipe = adapter.pipe
+    original = pipe.scheduler
+    if not isinstance(original, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(f"noising needs a FlowMatchEulerDiscreteScheduler, the pipeline has {type(original).__name__}")
+    pipe.scheduler = NoisingScheduler.from_config(original.config).attach(clean, noise)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = original
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Reconstruction and recording
+# ---------------------------------------------------------------------------------------------
+
+
+def regenerate(traj: Trajectory, prompt: str | None = None, batch_size: int = 16, **pipe_kwargs) -> np.ndarray:
+    """(B, H, W, 3): the pipeline run from the trajectory's noise (default: with its prompt), unedited.
+    For an inversion this is the reconstruction; for noising, a fresh generation from eps."""
+    pipe = traj.adapter.pipe
+    prompt = traj.prompt if prompt is None else prompt
+    kwargs = {**traj.pipe_kwargs, **pipe_kwargs}
+    out = []
+    for start in range(0, len(traj), batch_size):
+        latents = traj.noise[start:start + batch_size]
+        images = pipe([prompt] * len(latents), num_inference_steps=traj.num_inference_steps, latents=latents,
+                      output_type="np", **kwargs).images
+        out.append(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
+    return np.concatenate(out).astype(np.float32)
+
+
+def path_residuals(traj: Trajectory, batch_size: int = 16) -> np.ndarray:
+    """(N, B): how far the model's own Euler step from each point of the trajectory lands from the
+    next point, relative to it: |x_i + (sigma_{i+1} - sigma_i) v(x_i, t_i) - x_{i+1}| / |x_{i+1}|.
+    Inversion: its solve's residuals (`Trajectory.residuals`, NaN for the plain inversion); noising:
+    computed here at x_i = at_level(clean, eps, sigma_i), with the trajectory's prompt -- a path the
+    model would follow has residuals near 0."""
+    if traj.method == "invert":
+        return traj.residuals
+    adapter, N = traj.adapter, traj.num_inference_steps
+    kwargs = traj.pipe_kwargs
+    timesteps, sigmas = schedule(adapter, N, kwargs.get("height"), kwargs.get("width"))
+    guidance = float(kwargs.get("guidance_scale", default_guidance_scale(adapter)))
+    out = np.zeros((N, len(traj)))
+    for start in range(0, len(traj), batch_size):
+        clean, eps = traj.clean[start:start + batch_size], traj.noise[start:start + batch_size]
+        v = _velocity(adapter, traj.prompt, len(clean), guidance, kwargs.get("height"), kwargs.get("width"),
+                      kwargs.get("max_sequence_length"))
+        for i in range(N):
+            x, x_next = at_level(clean, eps, sigmas[i]), at_level(clean, eps, sigmas[i + 1])
+            miss = x + (sigmas[i + 1] - sigmas[i]) * v(x, timesteps[i]) - x_next
+            out[i, start:start + len(clean)] = (miss.reshape(len(clean), -1).norm(dim=1)
+                                                / x_next.reshape(len(clean), -1).norm(dim=1).clamp_min(1e-12)).cpu().numpy()
+    return out
+
+
+def pixel_error(images: np.ndarray, references: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image: mean |difference|, MSE, max |difference| and PSNR (dB) of images in [0, 1]."""
+    images, references = np.asarray(images, np.float64), np.asarray(references, np.float64)
+    if images.shape != references.shape:
+        raise ValueError(f"images {images.shape} and references {references.shape} differ in shape")
+    d = images - references
+    axes = tuple(range(1, d.ndim))
+    mse = (d ** 2).mean(axes)
+    with np.errstate(divide="ignore"):
+        psnr = np.where(mse > 0, 10 * np.log10(1 / np.maximum(mse, 1e-300)), np.inf)
+    return {"mae": np.abs(d).mean(axes), "mse": mse, "max": np.abs(d).max(axes), "psnr": psnr}
+
+
+def record(traj: Trajectory, taps: Sequence[str] | None = None, steps: Sequence[int] | None = None, channels="all",
+           token_mask=None, batch_size: int = 16, captions: Sequence[str] | None = None,
+           conditioning: bool | None = None) -> transport.Record:
+    """Record the references' channels along their trajectory (`transport.record` with `latents`).
+
+    Inversion: the pipeline regenerates from the inverted noise with the trajectory's prompt (the
+    record's images are the reconstructions). Noising: the same call under `noising_scheduler`
+    (the record's images are the references, through the VAE). captions: what each reference shows,
+    if known (shapes-world captions): they become the record's unit labels, so the transport table
+    judges whether outputs took the reference's attributes; the generation still uses the prompt.
+    conditioning: also keep the AdaLN conditioning (`transport.record`'s default: with channels "all")."""
+    if traj.method not in METHODS:
+        raise ValueError(f"unknown method {traj.method!r}; allowed: {list(METHODS)}")
+    if captions is not None and (isinstance(captions, str) or len(captions) != len(traj)):
+        raise ValueError(f"captions must be a list of one str per reference ({len(traj)}), got {captions!r:.80}")
+    args = dict(taps=taps, steps=steps, channels=channels, token_mask=token_mask, conditioning=conditioning,
+                num_inference_steps=traj.num_inference_steps, batch_size=batch_size, latents=traj.noise, **traj.pipe_kwargs)
+    prompts = [traj.prompt] * len(traj)
+    if traj.method == "invert":
+        rec = transport.record(traj.adapter, prompts, [0], **args)
+    else:
+        with noising_scheduler(traj.adapter, traj.clean, traj.noise):
+            rec = transport.record(traj.adapter, prompts, [0], **args)
+    labels = list(captions) if captions is not None else prompts
+    rec.units = [(label, seed) for label, seed in zip(labels, traj.seeds)]
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The chapter's comparison: trajectories x methods x alphas on shapes-world pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def render_references(pairs: Sequence[transport.Pair]) -> np.ndarray:
+    """(pairs, 32, 32, 3) float32 in [0, 1]: each pair's source caption drawn by the world -- the reference."""
+    return np.stack([world.render(world.parse_caption(p.source)).image for p in pairs]).astype(np.float32) / 255
+
+
+@dataclass
+class Comparison:
+    """`compare`'s result: `rows` (one per pair x trajectory x method x alpha, and per pair x trajectory
+    the "reference image", its "reconstruction" (the record's own image) and the "target image"),
+    `images[(trajectory, method name, seed, alpha)]` (pairs, H, W, 3), the `references`, and per
+    trajectory the unedited `targets`, the `reconstructions` and the `trajectories` (one per chunk);
+    `pairs` is [(kind, index, Pair)]."""
+
+    rows: list[dict]
+    images: dict[tuple, np.ndarray]
+    references: np.ndarray
+    targets: dict[str, np.ndarray]
+    reconstructions: dict[str, np.ndarray]
+    trajectories: dict[str, list[Trajectory]]
+    pairs: list[tuple[str, int, transport.Pair]]
+    seconds: float = 0.0
+
+
+def _targets(adapter: Adapter, units, latents: torch.Tensor, num_inference_steps: int, batch_size: int) -> np.ndarray:
+    return np.concatenate([disruption._generate(adapter, units[a:a + batch_size], num_inference_steps, batch_size,
+                                                {"latents": latents[a:a + batch_size]})
+                           for a in range(0, len(units), batch_size)])
+
+
+def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[transport.Pair]], methods: Sequence[transport.Method],
+            trajectories: Sequence[str] = METHODS, alphas: Sequence[float] = (1.0,), num_inference_steps: int = 20,
+            fixed_point_iterations: int = 20, tolerance: float = 1e-3, batch_size: int = 16, chunk: int = 64,
+            first_seed: int = 0) -> Comparison:
+    """Image-conditioned transport on shapes-world pairs: the reference is the pair's source caption
+    drawn by the world (`render_references`), the target its target caption; pair i's noising uses
+    seed first_seed + i.
+
+    Per chunk of pairs and trajectory ("invert", "noise"): the references are brought onto the
+    trajectory, recorded once with every image-stream channel and the conditioning (a record of all
+    channels serves every channel set, as a subset), the targets are generated once from the same
+    noise, then every `transport.Method` ("channels" or "pixel"; no masks, no text embeddings) runs
+    at every alpha (or at its own `alphas`). Rows carry `transport.score(pair, output, target image)` (took_source: the
+    output shows the reference's attributes) and the trajectory."""
+    import time
+
+    start_time = time.perf_counter()
+    flat = [(kind, i, p) for kind, ps in pairs_by_kind.items() for i, p in enumerate(ps)]
+    if not flat:
+        raise ValueError("pairs_by_kind holds no pair")
+    if not methods:
+        raise ValueError("methods must be a non-empty list of transport.Method")
+    for m in methods:
+        if m.kind not in ("channels", "pixel") or m.mask is not None:
+            raise ValueError(f"method {m.name!r}: chapter 5 runs channel transport and the pixel blend, without masks "
+                             f"(kind {m.kind!r}, mask {m.mask!r}); a reference has no text to blend")
+    bad = [t for t in trajectories if t not in METHODS]
+    if bad or not trajectories:
+        raise ValueError(f"unknown trajectories {bad}; allowed: {list(METHODS)}")
+    alphas = [transport._check_alpha(a) for a in alphas]
+    taps = [str(t) for t in probe.taps(adapter, ["img"])]
+    rows: list[dict] = []
+    images: dict[tuple, list[np.ndarray]] = {}
+    references = render_references([p for _, _, p in flat])
+    targets: dict[str, list] = {t: [] for t in trajectories}
+    reconstructions: dict[str, list] = {t: [] for t in trajectories}
+    kept: dict[str, list[Trajectory]] = {t: [] for t in trajectories}
+
+    def add(part, outs, target_images, **labels):
+        for j, (kind, i, pair) in enumerate(part):
+            rows.append({"kind": kind, "pair": i, **labels, **transport.score(pair, outs[j], target_images[j])})
+
+    for c0 in range(0, len(flat), chunk):
+        part = flat[c0:c0 + chunk]
+        refs, seeds = references[c0:c0 + len(part)], [first_seed + c0 + j for j in range(len(part))]
+        units = [(p.target, s) for (_, _, p), s in zip(part, seeds)]
+        for name in trajectories:
+            # 1. the references on their trajectory, recorded once; 2. the targets from the same noise
+            if name == "invert":
+                traj = invert(adapter, refs, num_inference_steps=num_inference_steps,
+                              fixed_point_iterations=fixed_point_iterations, tolerance=tolerance, batch_size=batch_size)
+            else:
+                traj = noise(adapter, refs, seeds, num_inference_steps=num_inference_steps)
+            rec = record(traj, taps=taps, channels="all", conditioning=True, batch_size=batch_size,
+                         captions=[p.source for _, _, p in part])
+            target_images = _targets(adapter, units, traj.noise, num_inference_steps, batch_size)
+            kept[name].append(traj)
+            targets[name].append(target_images)
+            reconstructions[name].append(rec.images)
+            # 3. every method at every alpha
+            for m in methods:
+                for alpha in (alphas if m.alphas is None else m.alphas):
+                    if alpha == 0:
+                        out = target_images
+                    elif m.kind == "pixel":
+                        out = transport.pixel_blend(refs, target_images, alpha)
+                    else:
+                        out = transport.transport(
+                            rec, [u for u, _ in units], alpha, stream="img",
+                            channels=None if m.channels == "all" else m.channels, steps=m.steps, batch_size=batch_size,
+                            target_images=target_images,
+                            conditioning=(m.channels == "all") if m.conditioning is None else m.conditioning).images
+                    images.setdefault((name, m.name, m.seed, alpha), []).append(out)
+                    add(part, out, target_images, trajectory=name, method=m.name, method_kind=m.kind, seed=m.seed,
+                        alpha=alpha)
+            for label, ims in (("reference image", refs), ("reconstruction", rec.images), ("target image", target_images)):
+                add(part, ims, target_images, trajectory=name, method=label, method_kind="reference", seed=None,
+                    alpha=None)
+    return Comparison(rows, {k: np.concatenate(v) for k, v in images.items()}, references,
+                      {t: np.concatenate(v) for t, v in targets.items()},
+                      {t: np.concatenate(v) for t, v in reconstructions.items()}, kept, flat, time.perf_counter() - start_time)

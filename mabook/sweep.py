@@ -1,0 +1,661 @@
+"""Sweeps: the chapters' experiments split over processes, GPUs and machines with Hugging Face accelerate.
+
+``mabook sweep EXPERIMENT --out DIR ...`` runs one experiment -- "discover" (chapter 1: the
+streaming statistics and the top-k table), "disrupt" (chapter 2: top-k vs control channels, the
+tidy table) or "sinks" (chapter 6: sink vs random / bottom keys suppressed, the tidy table) -- as a
+list of *shards*, each a batch of the single-process run:
+
+1. every process lists the shards not yet in the shard directory (``--shards``, default
+   ``OUT/shards``) and takes a contiguous share of them with accelerate's process state
+   (`accelerate.PartialState.split_between_processes`);
+2. it writes each shard atomically (`mabook.files.atomic_path`: a temporary file, then `os.replace`),
+   named by the hash of its content spec: the phase, the settings that change its numbers, its
+   units, the checkpoint's hash (`shard_name`). A killed sweep run again skips the finished shards;
+   a changed setting never reuses a stale one;
+3. the main process merges: statistics with `probe.Statistics.merge` in the single-process order,
+   table rows concatenated in the single-process order; bootstrap CIs are computed once, on the
+   merged table (`disruption.summary`, `disruption.paired_ratios`, `attention.paired_ratios`).
+
+"disrupt" and "sinks" have two phases with a barrier between them: the baselines (one shard per
+batch of (prompt, seed) units; their pooled statistics choose the channel sets and the dataset
+means, and are merged once into a "baseline-stats" shard every process reads), then the conditions
+(one shard per (condition, batch)). The two experiments share their baseline shards.
+
+Exactness. A shard is one batch of the single-process run, with that batch's seeds and generator,
+so a process computes the same numbers in the same order as the single process would. The table's
+rows are per image (pixel MSE and MAE summed over each image alone in one memory layout, SSIM, the
+judge: `disruption._metrics`), so the merged table is bit-identical. Statistics
+are pooled with Chan's update, whose float rounding depends on the order of the pooling: merging one
+shard per batch, in batch order, replays exactly the single process's sequence of updates, so the
+merged statistics are bit-identical too -- when each batch makes one transformer call per step (a
+[uncond; cond] guidance batch, or no guidance, as the organism, FLUX.1-dev and SD3 do; FLUX's
+"true CFG" makes two calls per step, and pooling per batch then regroups the two calls' updates:
+maxima and counts stay exact, the float64 sums, means and stds are expected to agree to ~1e-15
+relative -- a few float64 roundings -- and a disrupt sweep's "mean" op inherits that; no family in
+the tests makes two calls, so this case is not measured). `tests/test_sweep.py` checks both bit for
+bit on 2 CPU processes (gloo). What is *not* exact across setups is the hardware: shards
+computed on another device, dtype or thread count than the reference may differ in the last bits,
+which is why the device type and dtype are part of every shard's name.
+
+Launching (see ``book/gpu_runner.md``)::
+
+    mabook sweep disrupt --prompts 64 --out runs/sweep                     # one process
+    accelerate launch --num_processes 4 -m mabook sweep disrupt ...        # 4 GPUs, one machine
+    accelerate launch --multi_gpu --num_processes 2 -m mabook sweep disrupt --device cpu ...   # 2 CPU processes
+
+On CPU, accelerate 1.15's ``--cpu`` launcher starts *one* process whatever ``--num_processes``
+says (it needs ``mpirun`` for more); ``--multi_gpu`` uses torchrun, and ``--device cpu`` then
+makes the processes join a gloo group. A sweep started the ``--cpu`` way warns and runs alone.
+Several machines need one shard directory they all see (a shared filesystem).
+
+What this is not: a scheduler. A process that dies takes the launch down (torchrun stops the
+others); run the same command again and it resumes. Two sweeps must not share a shard directory
+at the same time. The sinks sweep writes the intervention table and summary, not chapter 6's
+attention-mass tables (`mabook sinks` captures those on one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXPERIMENTS = ("discover", "disrupt", "sinks")
+PHASES = ("discover", "baseline", "baseline-stats", "disrupt", "sinks")
+FORMAT = 1  # the shard layout; bump it when a shard's content or spec changes meaning
+KEEP_IMAGES = 4  # units whose images the grid shows (as disruption.run's keep_images)
+EXIT_STOPPED = 3  # `--stop-after` reached (a test hook: a sweep killed mid-way)
+DEFAULTS = {  # per experiment, as the single-process verbs have them
+    "discover": {"prompts": ["16"], "batch_size": 8, "k": [4], "n_random": None},
+    "disrupt": {"prompts": ["8"], "batch_size": 16, "k": [1, 2, 4, 8, 16], "n_random": 5},
+    "sinks": {"prompts": ["8"], "batch_size": 16, "k": [1, 2, 5, 10], "n_random": 3},
+}
+_SHARD = re.compile(r"^(%s)-[0-9a-f]{24}\.safetensors$" % "|".join(PHASES))
+_TEMPORARY = re.compile(r"^\..+\.tmp$")  # `files.atomic_path`'s temporary files, left by a killed write
+
+
+class Stopped(Exception):
+    """`stop_after` shards were written by this process: the sweep stops as if killed (a test hook)."""
+
+
+def check_experiment(experiment) -> str:
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {experiment!r}; allowed: {list(EXPERIMENTS)}")
+    return experiment
+
+
+def check_shard_dir(path) -> Path:
+    """The shard directory, created if missing: refused if it is a file, cannot be created or
+    written, or holds files that no sweep wrote (so that a typo cannot fill, say, a home directory)."""
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise ValueError(f"shard directory must be a path, got {path!r}; allowed: a new or empty directory, or one "
+                         "that an earlier `mabook sweep` wrote")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"shard directory {str(path)!r} is an existing file; allowed: a directory (created if "
+                         "missing) that is new, empty, or written by an earlier `mabook sweep`")
+    if p.is_dir():
+        foreign = sorted(f.name for f in p.iterdir() if not (_SHARD.match(f.name) or _TEMPORARY.match(f.name)))
+        if foreign:
+            raise ValueError(f"shard directory {str(path)!r} holds {len(foreign)} file(s) that are not sweep shards "
+                             f"(e.g. {foreign[:3]}); allowed: a new or empty directory, or one that an earlier "
+                             "`mabook sweep` wrote (files named PHASE-HASH.safetensors)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"shard directory {str(path)!r} cannot be created ({e.strerror}); allowed: a writable "
+                         "directory path") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"shard directory {str(path)!r} is not writable; allowed: a writable directory")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards: content-addressed safetensors files, written atomically
+# ---------------------------------------------------------------------------------------------
+
+
+def _normal(spec: dict) -> dict:
+    """The spec as JSON reads it back (tuples -> lists): what a shard stores and is compared with."""
+    return json.loads(json.dumps(spec))
+
+
+def shard_name(spec: dict) -> str:
+    """PHASE-HASH.safetensors: the first 24 hex digits of the SHA-256 of the spec's canonical JSON."""
+    if spec.get("phase") not in PHASES:
+        raise ValueError(f"unknown shard phase {spec.get('phase')!r}; allowed: {list(PHASES)}")
+    text = json.dumps(_normal(spec), sort_keys=True, separators=(",", ":"))
+    return f"{spec['phase']}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.safetensors"
+
+
+def write_shard(path: Path, spec: dict, tensors: dict | None = None, payload: dict | None = None) -> None:
+    """One file: the tensors, and {"format", "spec", "payload"} as JSON metadata; atomic."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mabook.files import atomic_path
+
+    meta = {"mabook_shard": json.dumps({"format": FORMAT, "spec": _normal(spec), "payload": payload or {}})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()} or {"_": torch.zeros(0)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_shard(path: Path, spec: dict, names: Sequence[str] | None = None) -> tuple[dict, dict]:
+    """(payload, tensors) of a shard -- only the tensors `names` if given; a shard that is not
+    one, or holds another spec than its name says, is one clear error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("mabook_shard")
+            if raw is None:
+                raise ValueError(f"{path} is not a sweep shard (no 'mabook_shard' metadata); delete it and run the sweep again")
+            doc = json.loads(raw)
+            if doc.get("format") != FORMAT or doc.get("spec") != _normal(spec):
+                raise ValueError(f"shard {path} holds another computation than its name says (format "
+                                 f"{doc.get('format')}, this mabook writes {FORMAT}); delete it and run the sweep again")
+            tensors = {k: f.get_tensor(k) for k in (f.keys() if names is None else names)}
+    except SafetensorError as e:
+        raise ValueError(f"shard {path} is unreadable ({e}); delete it and run the sweep again to recompute it") from None
+    return doc["payload"], tensors
+
+
+def _pack_stats(stats, prefix: str = "stats/") -> tuple[dict, dict]:
+    """A `probe.Statistics` as tensors and JSON metadata (the layout of `Statistics.save`, in
+    insertion order: merging is order-sensitive)."""
+    tensors = {f"{prefix}{s}/{t}": a for (s, t), a in stats._acc.items()}
+    meta = {"taps": [[t.block_path, t.stream] for t in stats.taps],
+            "counts": {f"{s}/{t}": c for (s, t), c in stats._count.items()},
+            "tokens": {f"{s}/{t}": c for (s, t), c in stats._tokens.items()},
+            "calls": {f"{s}/{t}": c for (s, t), c in stats._calls.items()},
+            "timesteps": {str(s): v for s, v in stats.timesteps.items()}}
+    return tensors, meta
+
+
+def _unpack_stats(tensors: dict, meta: dict, prefix: str = "stats/"):
+    from mabook.probe import Statistics, Tap
+
+    stats = Statistics()
+    stats.taps = [Tap(b, s) for b, s in meta["taps"]]
+    by_name = {str(t): t for t in stats.taps}
+    for key, count in meta["counts"].items():
+        step, name = key.split("/", 1)
+        k = (int(step), by_name[name])
+        stats._acc[k] = tensors[prefix + key]
+        stats._count[k], stats._tokens[k], stats._calls[k] = count, meta["tokens"][key], meta["calls"][key]
+    stats.timesteps = {int(s): v for s, v in meta["timesteps"].items()}
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: list what is missing, split it, compute and write; barriers between phases
+# ---------------------------------------------------------------------------------------------
+
+
+def process_state(device: str = "auto"):
+    """accelerate's `PartialState` (a gloo group of CPU processes when `device` is "cpu" or there
+    is no GPU); warns when `accelerate launch --cpu` started one process for several."""
+    import torch
+    from accelerate import PartialState
+
+    launch = os.environ
+    if (launch.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in launch
+            and not any(v in launch for v in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))):
+        print("mabook sweep: warning: `accelerate launch --cpu` started one process (without mpirun its launcher "
+              "starts only one); for several CPU processes use `accelerate launch --multi_gpu --num_processes N "
+              "-m mabook sweep ... --device cpu`. Running everything here.", file=sys.stderr)
+    cpu = str(device).startswith("cpu") or (device == "auto" and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
+
+
+def process_device(state, device: str = "auto") -> str:
+    """This process's device: "auto" and "cuda" mean the GPU accelerate gave this process."""
+    kind = getattr(getattr(state, "device", None), "type", "cpu")
+    if device == "auto":
+        return "cpu" if kind == "cpu" else str(state.device)
+    if device == "cuda" and kind == "cuda":
+        return str(state.device)
+    return device
+
+
+@dataclass
+class Counts:
+    """What a sweep did: shards in all, found finished, computed by every process this run, and
+    this process's own seconds computing and reading / writing shards."""
+
+    total: int = 0
+    reused: int = 0
+    computed: int = 0  # by all processes, this run
+    computed_here: int = 0
+    compute_seconds: float = 0.0
+    io_seconds: float = 0.0
+
+
+class _Runner:
+    def __init__(self, state, shard_dir: Path, stop_after: int | None):
+        self.state, self.dir, self.stop_after = state, shard_dir, stop_after
+        self.counts = Counts()
+
+    def phase(self, items: Sequence[tuple[dict, Callable[[], tuple[dict, dict]]]]) -> list[str]:
+        """Make sure a shard exists for every (spec, compute) item; returns their names, in order."""
+        names = [shard_name(spec) for spec, _ in items]
+        todo = {}
+        for name, item in zip(names, items):
+            todo.setdefault(name, item)
+        pending = [n for n in todo if not (self.dir / n).is_file()]
+        self.counts.total += len(todo)
+        self.counts.reused += len(todo) - len(pending)
+        self.counts.computed += len(pending)
+        self.state.wait_for_everyone()  # every process has listed before any writes
+        with self.state.split_between_processes(pending) as mine:
+            for name in mine:
+                spec, compute = todo[name]
+                start = time.perf_counter()
+                tensors, payload = compute()
+                middle = time.perf_counter()
+                write_shard(self.dir / name, spec, tensors, payload)
+                self.counts.compute_seconds += middle - start
+                self.counts.io_seconds += time.perf_counter() - middle
+                self.counts.computed_here += 1
+                if self.stop_after is not None and self.counts.computed_here >= self.stop_after:
+                    raise Stopped(f"stopped after {self.counts.computed_here} shard(s) (--stop-after); run the same "
+                                  f"command again to resume from the {len(list(self.dir.glob('*.safetensors')))} "
+                                  f"shards in {self.dir}")
+        self.state.wait_for_everyone()
+        return names
+
+    def read(self, name: str, spec: dict, names: Sequence[str] | None = None) -> tuple[dict, dict]:
+        start = time.perf_counter()
+        out = read_shard(self.dir / name, spec, names)
+        self.counts.io_seconds += time.perf_counter() - start
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiments
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    """The merged result, on the main process.
+
+    discover: `stats` (all taps, the `cfg` half). disrupt / sinks: `base` (the merged
+    `disruption.Baseline`: its `stats` are the baselines' image-stream statistics, both guidance
+    halves), `conditions` (`disruption.Condition` or `attention.KeyIntervention`), `table` (one row
+    per (unit, condition), baseline rows first, in `disruption.run`'s order) and `images` (the
+    first KEEP_IMAGES units' images per condition, for `disruption.grid`)."""
+
+    experiment: str
+    counts: Counts
+    seconds: float
+    stats: object = None
+    base: object = None
+    conditions: list = field(default_factory=list)
+    table: list[dict] = field(default_factory=list)
+    images: dict = field(default_factory=dict)
+
+    def result(self):
+        """The table and images as a `disruption.Result` (for `disruption.grid`)."""
+        from mabook import disruption
+
+        return disruption.Result(self.table, self.images, list(self.conditions))
+
+
+def checkpoint_id(adapter) -> str:
+    """What identifies the weights: the organism's recorded SHA-256, else the path the transformer
+    was loaded from (a hub snapshot's path names its commit)."""
+    card = getattr(adapter.pipe, "card", None)
+    if isinstance(card, dict) and card.get("sha256"):
+        return "sha256:" + card["sha256"]
+    name = getattr(getattr(adapter.transformer, "config", None), "_name_or_path", None)
+    return f"path:{name or type(adapter.transformer).__name__}"
+
+
+def _common(adapter, num_inference_steps: int, pipe_kwargs: dict, checkpoint: str | None) -> dict:
+    param = next(adapter.transformer.parameters())
+    return {"format": FORMAT, "family": adapter.family.name, "checkpoint": checkpoint or checkpoint_id(adapter),
+            "device": param.device.type, "dtype": str(param.dtype).replace("torch.", ""),
+            "num_inference_steps": num_inference_steps, "pipe_kwargs": pipe_kwargs}
+
+
+def _batches(items: list, batch_size: int) -> list[tuple[int, list]]:
+    """(start index, chunk) of the single-process run's batches."""
+    return [(i, items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+def _discover_shard(adapter, prompts, num_inference_steps, generator_seed, cfg, pipe_kwargs):
+    from mabook import discovery
+
+    stats = discovery.collect_statistics(adapter, prompts, num_inference_steps, generator_seed, len(prompts), cfg=cfg,
+                                         **pipe_kwargs)
+    tensors, meta = _pack_stats(stats)
+    return tensors, {"stats": meta}
+
+
+def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip):
+    """`disruption.baseline` for one batch of units (its body, with the units given rather than
+    made from prompts x seeds); the test suite checks the two agree bit for bit."""
+    import numpy as np
+    import torch
+
+    from mabook import disruption, probe
+
+    image_taps = probe.taps(adapter, ["img"])
+    means: dict[tuple[int, str], list] = {}
+
+    def record(tap, step, hidden_states):
+        means.setdefault((step, str(tap)), []).append(hidden_states.detach().float().mean(1).cpu())
+
+    with probe.collect(adapter, taps=image_taps, cfg="both") as run, probe.hooks(adapter, record, taps=image_taps):
+        images = disruption._generate(adapter, units, num_inference_steps, len(units), pipe_kwargs)
+    steps = sorted({s for s, _ in means})
+    token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
+    base = disruption.Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs), clip=clip)
+    tensors, meta = _pack_stats(run.stats)
+    tensors |= {"images": torch.from_numpy(images), "token_means": torch.from_numpy(token_means)}
+    return tensors, {"stats": meta, "metrics": disruption._metrics(base, images)}
+
+
+def _condition_shard(experiment, condition, batch_base, keep):
+    """One condition on one batch: `disruption.run` / `attention.run` on a one-batch baseline."""
+    import torch
+
+    from mabook import attention, disruption
+
+    runner = disruption.run if experiment == "disrupt" else attention.run
+    result = runner(batch_base, [condition], len(batch_base.units), keep_images=keep)
+    (label,) = [n for n in result.images if n != "baseline"]
+    tensors = {"images": torch.from_numpy(result.images[label][:keep])} if keep else {}
+    return tensors, {"rows": result.table, "label": label}
+
+
+def _condition_spec(condition) -> dict:
+    from dataclasses import asdict
+
+    return {"type": type(condition).__name__, **asdict(condition)}
+
+
+def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequence[int] = (0,),
+        num_inference_steps: int = 20, batch_size: int = 16, seed: int = 0, cfg: str = "cond", k: Sequence[int] = (4,),
+        kinds: Sequence[str] = ("top", "bottom_abs_mean", "bottom_rms", "random"), n_random: int = 5, op: str = "zero",
+        value: float | None = None, windows: bool = False, path: str = "score", eta: float = 0.0,
+        layers: Sequence[str] | None = None, clip_model: str | None = None, checkpoint: str | None = None,
+        stop_after: int | None = None, state=None, **pipe_kwargs) -> SweepResult | None:
+    """Run `experiment` ("discover", "disrupt" or "sinks") as shards in `shards` (a directory) over
+    this launch's processes; the merged `SweepResult` on the main process, None on the others.
+
+    The arguments are the single-process verbs': discover pools `prompts` in batches of
+    `batch_size`, batch b generated with generator seed `seed` + b (`discovery.collect_statistics`);
+    disrupt and sinks generate every (prompt, seed) unit (`disruption.baseline`), disrupt under
+    `disruption.conditions(base, k, kinds, n_random, op, value)` (plus `window_conditions` at max(k)
+    with `windows`), sinks under `attention.KeyIntervention(keys, k, path, eta, layers, seed)` for
+    keys sink, bottom and `n_random` random draws per k. `k` is one int for discover (the top-k
+    table), a list otherwise. `checkpoint` names the weights in the shard specs (default
+    `checkpoint_id(adapter)`). `state`: an accelerate `PartialState` (default: this launch's).
+    `stop_after`: raise `Stopped` after this process wrote that many shards (a test hook).
+    """
+    import numpy as np
+
+    from mabook import attention, disruption, discovery, probe
+
+    # 0. check everything before generating anything
+    check_experiment(experiment)
+    units = disruption.check_generation(adapter, prompts, seeds, num_inference_steps, batch_size, f"sweep {experiment}")
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be an int >= 1 (or None), got {stop_after!r}")
+    ks = [k] if isinstance(k, (int, np.integer)) else list(k)
+    if not ks:
+        raise ValueError("k must be an int or a non-empty list of ints")
+    for kk in ks:
+        if experiment != "sinks":
+            discovery.check_k(kk, adapter.width)
+    if experiment == "discover":
+        if len(ks) != 1:
+            raise ValueError(f"discover takes one k (channels per set in the top-k table), got {ks}")
+        probe._check_cfg(cfg)
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    elif experiment == "disrupt":
+        if op not in disruption.OPS:
+            raise ValueError(f"unknown op {op!r}; allowed: {list(disruption.OPS)}")
+        if op == "scale" and not isinstance(value, (int, float)):
+            raise ValueError(f"op 'scale' needs a numeric value (the factor), got {value!r}")
+        for kind in kinds:
+            if kind not in disruption.KINDS:
+                raise ValueError(f"unknown channel set kind {kind!r}; allowed: {list(disruption.KINDS)}")
+    else:
+        if not isinstance(n_random, int) or n_random < 1:
+            raise ValueError(f"n_random must be an int >= 1, got {n_random!r}")
+        layers = None if layers in (None, ["all"], ("all",), "all") else layers
+        interventions = [attention.KeyIntervention(keys, kk, path, eta, layers, seed=s)
+                         for kk in ks for keys in ("sink", "bottom", "random")
+                         for s in (range(n_random) if keys == "random" else [0])]
+        attention.intervene(adapter, interventions[0])  # validates the layers and the family (nothing swapped yet)
+    shard_dir = check_shard_dir(shards)
+    state = process_state("cpu" if next(adapter.transformer.parameters()).device.type == "cpu" else "auto") \
+        if state is None else state
+    runner = _Runner(state, shard_dir, stop_after)
+    if state.is_main_process:  # temporary files of killed writes; nobody writes before the next barrier
+        for f in shard_dir.iterdir():
+            if _TEMPORARY.match(f.name):
+                f.unlink(missing_ok=True)
+    state.wait_for_everyone()
+    start = time.perf_counter()
+    common = _common(adapter, num_inference_steps, dict(pipe_kwargs), checkpoint)
+
+    # 1. discover: one shard per batch, merged in batch order
+    if experiment == "discover":
+        from mabook.probe import Statistics
+
+        items = []
+        for b, (_, chunk) in enumerate(_batches(list(prompts), batch_size)):
+            spec = {"phase": "discover", **common, "cfg": cfg, "generator_seed": seed + b, "prompts": chunk}
+            items.append((spec, lambda chunk=chunk, b=b: _discover_shard(adapter, chunk, num_inference_steps, seed + b,
+                                                                         cfg, pipe_kwargs)))
+        names = runner.phase(items)
+        if not state.is_main_process:
+            return None
+        parts = []
+        for name, (spec, _) in zip(names, items):
+            payload, tensors = runner.read(name, spec)
+            parts.append(_unpack_stats(tensors, payload["stats"]))
+        return SweepResult(experiment, runner.counts, time.perf_counter() - start, stats=Statistics.merge(parts))
+
+    # 2. disrupt / sinks: the baselines, one shard per batch of units
+    from mabook.probe import Statistics
+
+    clip = disruption.load_clip(clip_model) if clip_model else None
+    common["clip_model"] = clip_model
+    batches = _batches(units, batch_size)
+    base_items = [({"phase": "baseline", **common, "units": chunk},
+                   lambda chunk=chunk: _baseline_shard(adapter, chunk, num_inference_steps, pipe_kwargs, clip))
+                  for _, chunk in batches]
+    base_names = runner.phase(base_items)
+    stats_spec = {"phase": "baseline-stats", "format": FORMAT, "parts": base_names}
+    stats_name = shard_name(stats_spec)
+    main_parts = None
+    if state.is_main_process and not (shard_dir / stats_name).is_file():
+        main_parts = [runner.read(n, spec) for n, (spec, _) in zip(base_names, base_items)]
+        merged = Statistics.merge([_unpack_stats(t, p["stats"]) for p, t in main_parts])
+        tensors, meta = _pack_stats(merged)
+        write_shard(shard_dir / stats_name, stats_spec, tensors, {"stats": meta})
+    state.wait_for_everyone()
+    payload, tensors = runner.read(stats_name, stats_spec)
+    stats = _unpack_stats(tensors, payload["stats"])
+    empty = np.zeros((0,), np.float32)
+    base = disruption.Baseline(adapter, units, empty, stats, empty, num_inference_steps, dict(pipe_kwargs), clip=clip)
+
+    # 3. the conditions (every process builds the same list from the same statistics), one shard per (condition, batch)
+    if experiment == "disrupt":
+        conds = disruption.conditions(base, ks, kinds, n_random, op, value)
+        if windows:
+            conds += disruption.window_conditions(base, max(ks), op=op)
+    else:
+        conds = interventions
+    batch_images: dict[int, np.ndarray] = {}
+
+    def batch_base(index: int, chunk: list) -> disruption.Baseline:
+        if index not in batch_images:
+            _, t = runner.read(base_names[index], base_items[index][0], ["images"])
+            batch_images[index] = t["images"].numpy()
+        return disruption.Baseline(adapter, chunk, batch_images[index], stats, empty, num_inference_steps,
+                                   dict(pipe_kwargs), metrics=[], clip=clip)
+
+    items = []
+    for c in conds:
+        for index, (first, chunk) in enumerate(batches):
+            keep = max(0, min(len(chunk), KEEP_IMAGES - first))
+            spec = {"phase": experiment, **common, "condition": _condition_spec(c), "units": chunk,
+                    "baseline": stats_name, "keep": keep}
+            items.append((spec, lambda c=c, index=index, chunk=chunk, keep=keep:
+                          _condition_shard(experiment, c, batch_base(index, chunk), keep)))
+    names = runner.phase(items)
+    if not state.is_main_process:
+        return None
+
+    # 4. merge on the main process: the baseline, then the table in disruption.run's order
+    if main_parts is None:
+        main_parts = [runner.read(n, spec) for n, (spec, _) in zip(base_names, base_items)]
+    images = np.concatenate([t["images"].numpy() for _, t in main_parts])
+    token_means = np.concatenate([t["token_means"].numpy() for _, t in main_parts])
+    metrics = [m for p, _ in main_parts for m in p["metrics"]]
+    base = disruption.Baseline(adapter, units, images, stats, token_means, num_inference_steps, dict(pipe_kwargs),
+                               metrics=metrics, clip=clip)
+    table = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"} for m in metrics]
+    kept = {"baseline": images[:KEEP_IMAGES]}
+    for name, (spec, _) in zip(names, items):
+        payload, tensors = runner.read(name, spec)
+        table += payload["rows"]
+        if spec["keep"]:
+            label = payload["label"]
+            kept[label] = np.concatenate([kept[label], tensors["images"].numpy()]) if label in kept else tensors["images"].numpy()
+    return SweepResult(experiment, runner.counts, time.perf_counter() - start, stats=stats, base=base,
+                       conditions=list(conds), table=table, images=kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: `mabook sweep EXPERIMENT ...` (cli.py registers it)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `mabook sweep` arguments: the generating verbs' (defaults per experiment), and the shards'."""
+    parser.add_argument("experiment", help=f"one of {', '.join(EXPERIMENTS)}")
+    parser.add_argument("--out", required=True, help="output directory (the verb's files: stats / tables / summary)")
+    parser.add_argument("--shards", default=None, help="shard directory (default OUT/shards; several machines: a shared one)")
+    parser.add_argument("--stop-after", type=int, default=None, help="test hook: stop after this process wrote N shards")
+    parser.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
+    parser.add_argument("--checkpoint", default=None, help="organism only: a checkpoint other than the committed one")
+    parser.add_argument("--prompts", nargs="+", default=None, help="a file, an integer N, or prompts (default: the verb's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="disrupt, sinks: seeds per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="discover: batch b uses generator seed SEED + b")
+    parser.add_argument("--num-inference-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per pipeline call = per shard (default: the verb's)")
+    parser.add_argument("--device", default="auto", help="auto (this process's GPU, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--k", type=int, nargs="+", default=None,
+                        help="discover: channels per set (one); disrupt: channel-set sizes; sinks: keys suppressed")
+    parser.add_argument("--cfg", choices=("cond", "uncond", "both"), default="cond", help="discover: which guidance half")
+    parser.add_argument("--kinds", nargs="+", default=["top", "bottom_abs_mean", "bottom_rms", "random"],
+                        choices=["top", "bottom_abs_mean", "bottom_rms", "random"], help="disrupt: channel sets")
+    parser.add_argument("--n-random", type=int, default=None, help="disrupt, sinks: seeded random sets per k")
+    parser.add_argument("--op", default="zero", help="disrupt: zero, mean, token_mean or scale")
+    parser.add_argument("--value", type=float, default=None, help="disrupt: the factor of --op scale")
+    parser.add_argument("--windows", action="store_true", help="disrupt: also zero the largest k in each layer x step window")
+    parser.add_argument("--path", choices=("score", "value_zero", "value_mean"), default="score", help="sinks")
+    parser.add_argument("--eta", type=float, default=0.0, help="sinks, score path: the keys' probability factor")
+    parser.add_argument("--layer", nargs="+", default=["all"], help="sinks: attention module paths, or 'all'")
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mabook sweep`: load the model on this process's device, run the shards, merge and write on the main process."""
+    from PIL import Image
+
+    from mabook import attention, cli, discovery, disruption, files
+
+    check_experiment(args.experiment)
+    defaults = DEFAULTS[args.experiment]
+    for name in ("prompts", "batch_size", "k", "n_random"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    prompts = cli.read_prompts(args.prompts)
+    cli._check_seeds(args.seeds)
+    cli._check_positive(args, "num_inference_steps", "batch_size", *(("n_random",) if args.n_random is not None else ()))
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if args.experiment == "discover" and len(args.k) != 1:
+        raise ValueError(f"discover takes one --k (channels per set in the top-k table), got {args.k}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} is an existing file; allowed: a directory (created if missing)")
+    shards = check_shard_dir(args.shards or out / "shards")
+    state = process_state(args.device)
+    args.device = process_device(state, args.device)
+    pipe, adapter = cli._load(args)
+    started = time.perf_counter()
+    try:
+        result = run(args.experiment, adapter, prompts, shards, seeds=args.seeds, num_inference_steps=args.num_inference_steps,
+                     batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
+                     k=args.k[0] if args.experiment == "discover" else args.k, kinds=args.kinds,
+                     n_random=args.n_random, op=args.op, value=args.value, windows=args.windows, path=args.path,
+                     eta=args.eta, layers=args.layer, stop_after=args.stop_after, state=state)
+    except Stopped as e:
+        print(f"mabook sweep: process {state.process_index}: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    if result is None:  # not the main process: its shards are written
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    c = result.counts
+    settings = cli._settings(args, prompts=prompts, seconds=result.seconds, processes=state.num_processes,
+                             shards=str(shards))
+    sweep_info = {"processes": state.num_processes, "shards": c.total, "reused": c.reused, "computed": c.computed,
+                  "main_compute_seconds": c.compute_seconds, "main_io_seconds": c.io_seconds,
+                  "seconds": time.perf_counter() - started}
+    provenance = cli._provenance(args, pipe)
+    line = (f"{args.experiment}: {c.total} shards ({c.reused} reused, {c.computed} computed) on {state.num_processes} "
+            f"process(es) in {result.seconds:.1f} s -> {out}")
+    if args.experiment == "discover":
+        reports = discovery.massive_channels(result.stats, args.k[0], stream="img", seed=args.seed)
+        rows = discovery.table(reports)
+        result.stats.save(out / "stats.safetensors")
+        cli._write_csv(out / "topk.csv", [{k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()}
+                                          for r in rows])
+        files.write_json(out / "topk.json", {"settings": settings, **provenance, "sweep": sweep_info, "layers": rows})
+        print(line)
+        print(f"{'tap':36s} {'top-k':24s} {'ratio':>8s} {'max|x|':>9s} {'sun':>4s}")
+        for r in reports:
+            print(f"{r.tap:36s} {str(r.top):24s} {r.ratio_to_median:8.1f} {r.max_abs:9.2f} {'yes' if r.sun_massive else 'no':>4s}")
+        return 0
+    # disrupt / sinks: the table, the baselines' statistics, the summary (CIs computed once, here) and the grid
+    table, k = result.table, max(args.k)
+    cli._write_csv(out / "table.csv", table)
+    result.stats.save(out / "baseline_stats.safetensors")
+    summary = {"settings": settings, **provenance, "sweep": sweep_info, "summary": disruption.summary(table)}
+    if args.experiment == "disrupt":
+        summary["paired_ratios"] = disruption.paired_ratios(table, op=args.op)
+        summary["decomposition"] = disruption.decomposition(result.base, disruption.channel_set(result.stats, k, "top"))
+        names = ["baseline"] + [n for n in result.images if n.startswith((f"top-{k} ", f"bottom_abs_mean-{k} ",
+                                                                           f"bottom_rms-{k} ", f"random-{k}#"))][:4]
+        ratio_line = "k={k:<3d} top / {control:16s} pixel MSE {top_damage:.4f} / {control_damage:.4f} = {ratio:.2f}x"
+    else:
+        summary["paired_ratios"] = attention.paired_ratios(table, "pixel_mse")
+        names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{keys}-{k} ", f"{keys}-{k}#")))
+                                for keys in ("sink", "random", "bottom")]
+        ratio_line = "k={k:<3d} sink / {control:6s} pixel MSE {sink_damage:.4f} / {control_damage:.4f} = {ratio:.2f}x"
+    summary["table"] = table
+    mosaic, names = disruption.grid(result.result(), names)
+    cli._save_png(Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST), out / "grid.png")
+    files.write_json(out / "summary.json", summary)  # last: a complete summary means a complete sweep
+    print(line)
+    for r in summary["paired_ratios"]:
+        print(ratio_line.format(**r) + f" (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})")
+    return 0

@@ -1,0 +1,451 @@
+"""mabook.inversion: references onto a trajectory, recorded, transported.
+
+Checked against independent computations: the noising path and the fixed-point step against numpy,
+the schedule against the one the pipeline itself sets, FLUX's 2x2 latent packing against a numpy
+reshape, one Euler step of the pipeline against the velocity used for inversion; and on the
+trained organism, inversion followed by regeneration gives the reference back.
+"""
+
+import numpy as np
+import pytest
+import tokenizers as tk
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+import mabook
+from mabook import inversion, probe, transport, world
+
+torch.set_num_threads(1)
+CAPTIONS = ["a large cyan square at the right on a white background",
+            "a small yellow circle at the top left on a gray background",
+            "a large red triangle at the bottom on a black background"]
+TARGET = "a large blue circle at the center on a black background"
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def adapter(trained_organism):
+    return trained_organism[1]
+
+
+@pytest.fixture(scope="module")
+def references():
+    return np.stack([world.render(world.parse_caption(c)).image for c in CAPTIONS])  # (3, 32, 32, 3) uint8
+
+
+@pytest.fixture(scope="module")
+def inverted(adapter, references):
+    return inversion.invert(adapter, references, num_inference_steps=STEPS)
+
+
+def assert_no_hooks(adapter):
+    for name, module in adapter.transformer.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"):
+            assert not getattr(module, attr), f"{name or 'transformer'}.{attr} not empty"
+
+
+def transformer_inputs(adapter, run):
+    """Each transformer call's hidden_states (a hook of the test's own, removed in finally)."""
+    seen = []
+    handle = adapter.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["hidden_states"].detach().clone()), with_kwargs=True)
+    try:
+        out = run()
+    finally:
+        handle.remove()
+    return seen, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference images
+# ---------------------------------------------------------------------------------------------
+
+
+def test_references_pass_unchanged_in_every_accepted_form(adapter, references, tmp_path):
+    expected = references.astype(np.float32) / 255
+    path = tmp_path / "ref.png"
+    Image.fromarray(references[0]).save(path)
+    assert np.array_equal(inversion.check_references(adapter, references), expected)
+    assert np.array_equal(inversion.check_references(adapter, list(references)), expected)
+    assert np.array_equal(inversion.check_references(adapter, expected[1]), expected[1:2])
+    assert np.array_equal(inversion.check_references(adapter, Image.fromarray(references[2])), expected[2:])
+    assert np.array_equal(inversion.check_references(adapter, str(path)), expected[:1])
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((48, 64, 3), np.uint8), r"reference image 0 is 64x48 \(width x height\); allowed: 32x32 .*resize=True"),
+    (Image.new("RGBA", (32, 32)), r"reference image 0 has mode 'RGBA'; allowed: 'RGB' \(pass resize=True"),
+    (Image.new("L", (32, 32)), r"has mode 'L'; allowed: 'RGB'"),
+    (np.zeros((32, 32), np.uint8), r"has shape \(32, 32\); allowed: \(height, width, 3\) RGB"),
+    (np.full((32, 32, 3), 2.0, np.float32), r"values in \[2, 2\]; float images must lie in \[0, 1\]"),
+    (np.zeros((32, 32, 3), np.int64), r"dtype int64; allowed: uint8, or floats in \[0, 1\]"),
+    ("no/such/file.png", r"no such file 'no/such/file.png'"),
+    (3, r"must be a PIL image, a path or an \(H, W, 3\) array, got int"),
+    ([], r"no reference images given"),
+])
+def test_bad_references_are_refused_naming_the_value_and_what_is_allowed(adapter, image, message):
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=message):
+        inversion.check_references(adapter, image)
+
+
+def test_resize_converts_and_resizes_only_when_asked(adapter):
+    big = Image.new("RGBA", (64, 48), (255, 0, 0, 255))
+    out = inversion.check_references(adapter, big, resize=True)
+    assert out.shape == (1, 32, 32, 3) and np.allclose(out[0], [1, 0, 0])
+    gray = np.full((32, 32), 128, np.uint8)
+    assert np.allclose(inversion.check_references(adapter, gray, resize=True), 128 / 255)
+
+
+def test_the_organism_takes_its_own_size_only(adapter):
+    with pytest.raises(ValueError, match="the organism generates 32x32 images only"):
+        inversion.image_size(adapter, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule, noising, the fixed-point step: against independent computations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_schedule_is_the_one_the_pipeline_sets(adapter):
+    timesteps, sigmas = inversion.schedule(adapter, STEPS)
+    pipe = adapter.pipe
+    pipe("a", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert torch.equal(timesteps, pipe.scheduler.timesteps) and torch.equal(sigmas, pipe.scheduler.sigmas)
+    assert sigmas[0] == 1 and sigmas[-1] == 0
+
+
+def test_noising_is_the_rectified_flow_path(adapter, references):
+    traj = inversion.noise(adapter, references, seeds=[4, 5, 6], num_inference_steps=STEPS)
+    x0 = references.astype(np.float64) / 255 * 2 - 1  # the organism's pixel space, (B, 32, 32, 3)
+    clean = x0.reshape(3, 8, 4, 8, 4, 3).transpose(0, 1, 3, 5, 2, 4).reshape(3, 64, 48)  # 4x4 patches, row-major
+    np.testing.assert_allclose(traj.clean.numpy(), clean, atol=1e-6)
+    eps = torch.randn((1, 64, 48), generator=torch.Generator().manual_seed(5)).numpy()[0]
+    np.testing.assert_array_equal(traj.noise[1].numpy(), eps)
+    for sigma in (0.0, 0.3, 1.0):
+        np.testing.assert_allclose(inversion.at_level(traj.clean, traj.noise, sigma).numpy(),
+                                   (1 - sigma) * clean + sigma * traj.noise.numpy(), atol=1e-6)
+
+
+def test_noising_scheduler_walks_the_path_and_ends_on_the_reference(adapter, references):
+    traj = inversion.noise(adapter, references[:2], seeds=[1, 2], num_inference_steps=4)
+    sigmas = traj.sigmas.numpy().astype(np.float64)
+
+    def run():
+        with inversion.noising_scheduler(adapter, traj.clean, traj.noise):
+            return adapter.pipe(["", ""], num_inference_steps=4, latents=traj.noise, output_type="np").images
+
+    seen, images = transformer_inputs(adapter, run)
+    assert isinstance(adapter.pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert not isinstance(adapter.pipe.scheduler, inversion.NoisingScheduler)  # restored
+    clean, eps = traj.clean.numpy(), traj.noise.numpy()
+    for i, x in enumerate(seen):  # each call is [uncond; cond] of the same x_i
+        expected = (1 - sigmas[i]) * clean + sigmas[i] * eps
+        np.testing.assert_allclose(x[:2].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(x[2:].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(images, references[:2] / 255, atol=1e-5)
+
+
+def test_fixed_point_step_solves_the_implicit_euler_equation():
+    """For a linear velocity v(x) = A x + b, x_i = x_{i+1} - dt v(x_i) has the solution
+    (I + dt A)^-1 (x_{i+1} - dt b), computed here with numpy."""
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(6, 6)) * 0.5
+    b = rng.normal(size=6)
+    x_next = rng.normal(size=(2, 1, 6))
+    dt = -0.2
+    v = lambda x, t: torch.from_numpy(x.numpy() @ A.T + b)  # noqa: E731
+    solved, residual, calls = inversion._invert_step(v, torch.from_numpy(x_next), None, dt, 60, 0.5, 1e-12)
+    expected = np.linalg.solve(np.eye(6) + dt * A, (x_next[:, 0] - dt * b).T).T
+    np.testing.assert_allclose(solved.numpy()[:, 0], expected, atol=1e-9)
+    forward = solved.numpy() + dt * (solved.numpy() @ A.T + b)  # the Euler step lands back on x_{i+1}
+    np.testing.assert_allclose(forward, x_next, atol=1e-9)
+    plain, r, n = inversion._invert_step(v, torch.from_numpy(x_next), None, dt, 0, 0.5, 1e-3)
+    np.testing.assert_allclose(plain.numpy(), x_next - dt * (x_next @ A.T + b))
+    assert n == 1 and torch.isnan(r).all() and calls <= 61
+
+
+# ---------------------------------------------------------------------------------------------
+# Inversion on the trained organism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inversion_then_regeneration_reconstructs_the_reference(adapter, references, inverted):
+    """Stated error: mean |difference| below 0.01 and every attribute judged right; the plain
+    inversion (no fixed-point iterations) is worse."""
+    from mabook import judge
+
+    images = inversion.regenerate(inverted)
+    err = inversion.pixel_error(images, references / 255)
+    assert (err["mae"] < 0.01).all(), err["mae"]
+    assert all(judge.judge(im, c).all_correct for im, c in zip(images, CAPTIONS))
+    assert np.nanmax(inverted.residuals) < 0.1 and inverted.evaluations >= 2 * STEPS
+    plain = inversion.invert(adapter, references, num_inference_steps=STEPS, fixed_point_iterations=0)
+    assert plain.evaluations == STEPS and np.isnan(plain.residuals).all()
+    assert inversion.pixel_error(inversion.regenerate(plain), references / 255)["mae"].mean() > err["mae"].mean()
+
+
+def test_record_from_latents_gives_targets_the_same_noise(adapter, inverted):
+    """alpha = 0 is the target generated from the inverted noise; alpha = 1 with every channel and
+    the conditioning is the reconstruction, bitwise."""
+    rec = inversion.record(inverted, taps=[str(t) for t in probe.taps(adapter, ["img"])], channels="all",
+                           captions=CAPTIONS)
+    assert rec.units == [(c, 0) for c in CAPTIONS] and rec.conditioning and rec.latents is inverted.noise
+    np.testing.assert_array_equal(rec.images, inversion.regenerate(inverted))
+    targets = [TARGET] * 3
+    zero = transport.transport(rec, targets, 0.0)
+    np.testing.assert_array_equal(zero.images, inversion.regenerate(inverted, prompt=TARGET))
+    np.testing.assert_array_equal(zero.images, zero.target)
+    one = transport.transport(rec, targets, 1.0, target_images=zero.target)
+    np.testing.assert_array_equal(one.images, rec.images)
+    assert_no_hooks(adapter)
+
+
+def test_noised_record_holds_the_reference_and_its_channels(adapter, references):
+    traj = inversion.noise(adapter, references[:1], seeds=3, num_inference_steps=3)
+    tap = str(probe.taps(adapter, ["img"])[2])
+    rec = inversion.record(traj, taps=[tap], channels=[66, 5])
+    np.testing.assert_allclose(rec.images, references[:1] / 255, atol=1e-5)
+    assert rec.units == [("", 3)] and set(rec.channels) == {tap}
+    # step 1 of the record is the transformer at x_1 = (1 - sigma_1) x_N + sigma_1 eps: call it there directly
+    timesteps, _ = inversion.schedule(adapter, 3)
+    x1 = inversion.at_level(traj.clean, traj.noise, traj.sigmas[1])
+    seen = {}
+
+    def keep(t, step, hidden_states):
+        seen[step] = hidden_states[..., [66, 5]].clone()
+
+    with probe.hooks(adapter, keep, taps=[tap], cfg="both"):
+        inversion._velocity(adapter, "", 1, 4.0)(x1, timesteps[1])
+    torch.testing.assert_close(rec.dense(tap, 1, "cond", 0, 1), seen[0], rtol=1e-4, atol=1e-5)
+
+
+def test_compare_rows_cover_every_trajectory_method_and_alpha(adapter):
+    pairs = {"one_attribute": transport.pairs("one_attribute", 2, seed=0)}
+    top = {t: [66, 103] for t in [str(t) for t in probe.taps(adapter, ["img"])]}
+    methods = [transport.Method("top-2", channels=top), transport.Method("pixel blend", kind="pixel")]
+    cmp = inversion.compare(adapter, pairs, methods, alphas=(0.5, 1.0), num_inference_steps=2, fixed_point_iterations=2)
+    keys = {(r["trajectory"], r["method"], r["alpha"]) for r in cmp.rows}
+    for trajectory in inversion.METHODS:
+        for name in ("top-2", "pixel blend"):
+            assert {(trajectory, name, 0.5), (trajectory, name, 1.0)} <= keys
+        assert {(trajectory, n, None) for n in ("reference image", "reconstruction", "target image")} <= keys
+    assert len(cmp.rows) == 2 * 2 * (2 * 2 + 3) and cmp.references.shape == (2, 32, 32, 3)
+    ref_rows = [r for r in cmp.rows if r["method"] == "reference image"]
+    assert all(r["took_source"] == 1.0 for r in ref_rows)  # the world's own render shows the reference's attributes
+    blend = cmp.images[("noise", "pixel blend", None, 1.0)]
+    np.testing.assert_allclose(blend, cmp.references, atol=1e-6)
+    with pytest.raises(ValueError, match="a reference has no text to blend"):
+        inversion.compare(adapter, pairs, [transport.Method("text", kind="embedding")])
+    with pytest.raises(ValueError, match=r"unknown trajectories \['sideways'\]"):
+        inversion.compare(adapter, pairs, methods, trajectories=("sideways",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(fixed_point_iterations=-1), "fixed_point_iterations must be an int >= 0, got -1"),
+    (dict(relaxation=0), r"relaxation must be a number in \(0, 1\], got 0"),
+    (dict(tolerance=-1.0), "tolerance must be a number >= 0"),
+    (dict(num_inference_steps=0), "num_inference_steps must be an int >= 1, got 0"),
+    (dict(prompt=None), r"prompt must be a str \(''"),
+    (dict(strength=0.5), r"unknown pipeline argument\(s\) \['strength'\]; allowed: \['height', 'width'"),
+])
+def test_bad_inversion_arguments_are_refused(adapter, references, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        inversion.invert(adapter, references[:1], **kwargs)
+
+
+def test_bad_noising_seeds_and_captions_are_refused(adapter, references, inverted):
+    with pytest.raises(ValueError, match=r"seeds must be one non-negative int per reference \(3\)"):
+        inversion.noise(adapter, references, seeds=[1, 2])
+    with pytest.raises(ValueError, match=r"captions must be a list of one str per reference \(3\)"):
+        inversion.record(inverted, captions=CAPTIONS[:1])
+
+
+def test_empty_mask_and_alpha_outside_0_1_are_clear_errors(adapter, inverted):
+    rec = inversion.record(inverted, taps=[str(probe.taps(adapter, ["img"])[0])], channels=[66], steps=[0])
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 1.5"):
+        transport.transport(rec, [TARGET] * 3, 1.5)
+    with pytest.raises(ValueError, match=r"mask is empty for unit\(s\) \[1\]"):
+        mask = torch.ones(3, 64, dtype=torch.bool)
+        mask[1] = False
+        transport.transport(rec, [TARGET] * 3, 0.5, mask=mask)
+    with pytest.raises(ValueError, match=r"latents has 2 rows; expected one per unit \(3\)"):
+        transport.record(adapter, [""] * 3, taps=[str(probe.taps(adapter, ["img"])[0])], channels=[66],
+                         num_inference_steps=STEPS, latents=inverted.noise[:2])
+    with pytest.raises(ValueError, match="every prompt must be a non-empty str"):  # "" only with latents
+        transport.record(adapter, [""], num_inference_steps=1)
+
+
+def test_no_hook_survives_an_exception_and_the_scheduler_is_restored(adapter, references):
+    traj = inversion.noise(adapter, references[:2], seeds=[1, 2], num_inference_steps=2)
+    with pytest.raises(ValueError, match="does not start at the noised references 0..1"):
+        with inversion.noising_scheduler(adapter, traj.clean, traj.noise):  # latents not where the path starts
+            transport.record(adapter, ["", ""], channels=[66], num_inference_steps=2, latents=traj.noise.flip(0))
+    assert type(adapter.pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+    assert_no_hooks(adapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-model path: a tiny random-weight FLUX pipeline (VAE, 2x2 packing, resolution shift)
+# ---------------------------------------------------------------------------------------------
+
+WORDS = ["[PAD]", "[UNK]", "[EOS]", "[BOS]", "a", "red", "circle"]
+
+
+def tiny_flux() -> FluxPipeline:
+    torch.manual_seed(0)
+    t = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    t.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    tok = lambda: PreTrainedTokenizerFast(tokenizer_object=t, pad_token="[PAD]", unk_token="[UNK]",  # noqa: E731
+                                          eos_token="[EOS]", bos_token="[BOS]", model_max_length=8)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=8, pad_token_id=0,
+                                        bos_token_id=3, eos_token_id=2))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 decoder_start_token_id=0))
+    # two VAE blocks: vae_scale_factor 2, so a 16x16 image is an 8x8 latent, packed into 4x4 tokens
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, shift_factor=0.1, scaling_factor=0.5)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae, text_encoder=clip,
+                        tokenizer=tok(), text_encoder_2=t5, tokenizer_2=tok(),
+                        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                           pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)))
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+FLUX_CALL = dict(height=16, width=16, max_sequence_length=8)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flux")
+    tiny_flux().save_pretrained(path)
+    pipe, adapter = mabook.load(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return adapter
+
+
+def test_flux_reference_goes_through_the_vae_and_2x2_packing(flux):
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 16, 16, 3)).astype(np.float32)
+    latents = inversion.encode(flux, images)
+    vae = flux.pipe.vae
+    with torch.no_grad():
+        z = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode().numpy()
+    z = (z - 0.1) * 0.5
+    B, C, h, w = z.shape
+    packed = z.reshape(B, C, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(B, h // 2 * w // 2, C * 4)
+    assert (h, w) == (8, 8) and latents.shape == (2, 16, 16)
+    np.testing.assert_allclose(latents.numpy(), packed, atol=1e-6)
+    with pytest.raises(ValueError, match="is 8x8 .*allowed: 16x16"):
+        inversion.check_references(flux, np.zeros((8, 8, 3), np.float32), height=16, width=16)
+    with pytest.raises(ValueError, match="multiples of 4 pixels"):
+        inversion.image_size(flux, 18, 16)
+
+
+def test_flux_schedule_and_velocity_are_the_pipelines(flux):
+    pipe = flux.pipe
+    timesteps, sigmas = inversion.schedule(flux, 3, 16, 16)
+    z = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    stepped = pipe("a red circle", num_inference_steps=3, latents=z, output_type="latent", **FLUX_CALL).images
+    assert torch.equal(sigmas, pipe.scheduler.sigmas) and sigmas[1] != 2 / 3  # the resolution shift is applied
+    v = inversion._velocity(flux, "a red circle", 1, inversion.default_guidance_scale(flux), 16, 16, 8)
+    x = z
+    for i in range(3):  # the pipeline's Euler loop, rebuilt from the inversion's velocity
+        x = x + (sigmas[i + 1] - sigmas[i]) * v(x, timesteps[i])
+    torch.testing.assert_close(stepped, x, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_inversion_reconstructs_its_latents_and_noising_its_image(flux):
+    images = np.random.default_rng(1).random((1, 16, 16, 3)).astype(np.float32)
+    traj = inversion.invert(flux, images, prompt="a red circle", num_inference_steps=4, fixed_point_iterations=50,
+                            relaxation=1.0, tolerance=1e-7, **FLUX_CALL)
+    assert np.nanmax(traj.residuals) < 1e-6
+    back = flux.pipe("a red circle", num_inference_steps=4, latents=traj.noise, output_type="latent", **FLUX_CALL).images
+    torch.testing.assert_close(back, traj.clean, rtol=1e-4, atol=1e-4)
+    noised = inversion.noise(flux, images, seeds=0, num_inference_steps=4, **FLUX_CALL)
+    rec = inversion.record(noised, taps=[str(probe.taps(flux, ["img"])[0])], channels=[0, 3])
+    with torch.no_grad():
+        decoded = flux.pipe.vae.decode(flux.pipe._unpack_latents(noised.clean, 16, 16, 2) / 0.5 + 0.1).sample
+    expected = flux.pipe.image_processor.postprocess(decoded, output_type="np")
+    np.testing.assert_allclose(rec.images, expected, atol=1e-5)
+    out = transport.transport(rec, ["a red circle"], 1.0, **FLUX_CALL)
+    assert out.images.shape == (1, 16, 16, 3)
+    assert_no_hooks(flux)
+
+
+def test_unsupported_families_are_named(flux):
+    from mabook.models import FAMILIES, Adapter
+
+    pixart = Adapter(FAMILIES["pixart"], flux.transformer, flux.pipe)
+    with pytest.raises(ValueError, match=r"inversion supports the flow-matching families \['organism', 'flux', 'sd3'\]"):
+        inversion.invert(pixart, np.zeros((16, 16, 3), np.float32))
+
+
+def test_noising_path_is_one_the_model_would_not_follow(adapter, references, inverted):
+    noised = inversion.noise(adapter, references, seeds=[1, 2, 3], num_inference_steps=STEPS)
+    off = inversion.path_residuals(noised)
+    assert off.shape == (STEPS, 3) and (off > 0).all()
+    assert inversion.path_residuals(inverted) is inverted.residuals
+    assert np.median(off) > 3 * np.nanmedian(inverted.residuals)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3: unpacked latents, the transformer takes the scheduler's timestep as is
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sd3_encode_schedule_and_velocity_are_the_pipelines(tmp_path):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    t = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    t.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    tok = lambda: PreTrainedTokenizerFast(tokenizer_object=t, pad_token="[PAD]", unk_token="[UNK]",  # noqa: E731
+                                          eos_token="[EOS]", bos_token="[BOS]", model_max_length=8)
+    clip = lambda: CLIPTextModelWithProjection(CLIPTextConfig(  # noqa: E731
+        vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, pad_token_id=0, bos_token_id=3, eos_token_id=2, projection_dim=16))
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        latent_channels=4, norm_num_groups=4, layers_per_block=1, shift_factor=0.2, scaling_factor=1.5)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip(), tokenizer=tok(),
+        text_encoder_2=clip(), tokenizer_2=tok(),
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, decoder_start_token_id=0)), tokenizer_3=tok(),
+        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                          num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                          pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16))
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    adapter = mabook.adapter_for(pipe)
+    call = dict(height=8, width=8, max_sequence_length=8)
+    images = np.random.default_rng(2).random((1, 8, 8, 3)).astype(np.float32)
+    latents = inversion.encode(adapter, images)
+    with torch.no_grad():
+        z = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode()
+    torch.testing.assert_close(latents, (z - 0.2) * 1.5)  # unpacked: (1, 4, 8, 8)
+    timesteps, sigmas = inversion.schedule(adapter, 3, 8, 8)
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = pipe("a red circle", num_inference_steps=3, latents=x0, output_type="latent", **call).images
+    assert torch.equal(sigmas, pipe.scheduler.sigmas)
+    v = inversion._velocity(adapter, "a red circle", 1, inversion.default_guidance_scale(adapter), 8, 8, 8)
+    x = x0
+    for i in range(3):  # classifier-free guidance batch included, as the pipeline makes it
+        x = x + (sigmas[i + 1] - sigmas[i]) * v(x, timesteps[i])
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
