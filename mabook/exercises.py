@@ -542,6 +542,153 @@ def check_token_iou(caption: str, grid: Sequence[int], mask, answer) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Chapter 4: text-conditioned transport
+# ---------------------------------------------------------------------------------------------
+
+
+def _array(value: Any) -> np.ndarray | None:
+    """The answer as a float64 array (numpy, torch or nested lists), or None if it is not numeric."""
+    if value is None or isinstance(value, (str, bytes, dict, bool)):
+        return None
+    try:
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().numpy()
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return arr if arr.ndim else None
+
+
+def _matches(a: np.ndarray, b: np.ndarray, atol: float = 1e-5) -> bool:
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-4, atol=atol))
+
+
+@exercise("4.1", "notebooks/04_text_transport.ipynb", "The pixel blend by hand")
+def check_pixel_blend(source_images, target_images, alpha: float, answer) -> bool:
+    """The pixel-blend baseline: lerp(target, source, alpha) = (1 - alpha) * target + alpha * source,
+    pixel by pixel, for every pair (an array shaped like the images)."""
+    src, tgt = (np.asarray(x, dtype=np.float64) for x in (source_images, target_images))
+    expected = (1 - alpha) * tgt + alpha * src
+    hint = (f"lerp(target, source, alpha): (1 - alpha) * target_images + alpha * source_images, with alpha = {alpha:g}; "
+            "numpy broadcasts over pairs, pixels and colour channels.")
+    if answer is None:
+        return _not_answered("4.1", hint)
+    x = _array(answer)
+    if x is None:
+        return _wrong("4.1", "the answer should be an array of images.", hint)
+    if x.shape != expected.shape:
+        return _wrong("4.1", f"the answer has shape {x.shape}; the images are {expected.shape}.",
+                      "blend every pair: the whole arrays, not one image or a mean.")
+    if _matches(x, expected):
+        return _right("4.1", f"At alpha = {alpha:g} every pixel is {1 - alpha:g} of the target and {alpha:g} of the source: "
+                             "a ghost of both images, whatever they show.")
+    if _matches(x, alpha * tgt + (1 - alpha) * src):
+        return _wrong("4.1", "source and target are swapped.", "alpha = 0 is the target, alpha = 1 the source.")
+    if _matches(x, tgt + alpha * src) or _matches(x, src + alpha * tgt):
+        return _wrong("4.1", "the weights do not add up to 1.", hint)
+    return _wrong("4.1", "these are not the blended images.", hint)
+
+
+@exercise("4.2", "notebooks/04_text_transport.ipynb", "Which attribute did it take?")
+def check_took_attribute(rows: Sequence[dict], method: str, alpha: float, attribute: str, answer) -> bool:
+    """The share of outputs of `method` at `alpha` that show the source's value of `attribute`, over
+    the pairs where that attribute differs (rows' ``took_<attribute>``, NaN elsewhere); a pair's
+    rows (random seeds) are averaged first."""
+    column = f"took_{attribute}"
+    acc: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.get("method") == method and r.get("alpha") == alpha:
+            acc.setdefault((r["kind"], r["pair"]), []).append(float(r.get(column, np.nan)))
+    per_pair = [float(np.nanmean(v)) for v in acc.values() if not np.all(np.isnan(v))]
+    if not per_pair:
+        print(f"ℹ️ Exercise 4.2: no {method!r} rows at alpha = {alpha:g} where {attribute} differs.")
+        return False
+    expected = float(np.mean(per_pair))
+    hint = (f"keep the rows with method == {method!r} and alpha == {alpha:g}; {column!r} is 1 or 0 where {attribute} "
+            "differs and NaN where it does not: average it over the rows where it is not NaN (np.nanmean).")
+    if answer is None:
+        return _not_answered("4.2", hint)
+    x = _number(answer)
+    if x is None:
+        return _wrong("4.2", "the answer should be one number (a share between 0 and 1).", hint)
+    if _close(x, expected, abs_=1e-9):
+        return _right("4.2", f"{method} at alpha = {alpha:g} took the source's {attribute} in {expected:.0%} of the "
+                             f"{len(per_pair)} pairs where it differs.")
+    all_rows = [v for vs in acc.values() for v in vs]
+    if _close(x, float(np.mean(np.nan_to_num(all_rows, nan=0.0))), abs_=1e-9):
+        return _wrong("4.2", "that counts the pairs where the attribute does not differ as 'not taken'.",
+                      f"leave out the NaN rows: only pairs where {attribute} differs can take it.")
+    if _close(x, 100 * expected):
+        return _wrong("4.2", "that looks like a percentage.", "give a share between 0 and 1.")
+    if not 0 <= x <= 1:
+        return _wrong("4.2", "a share lies between 0 and 1.", hint)
+    return _wrong("4.2", f"{x:.4g} is not that share.", hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 5: image-conditioned transport
+# ---------------------------------------------------------------------------------------------
+
+
+def _numpy(x) -> np.ndarray:
+    return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+
+
+@exercise("5.1", "notebooks/05_image_transport.ipynb", "Noise a reference by hand")
+def check_noised_latents(traj, step: int, answer) -> bool:
+    """The noising trajectory at `step`: (1 - sigma_step) * clean + sigma_step * eps, with the
+    trajectory's clean latents (``traj.clean``), its eps (``traj.noise``) and schedule (``traj.sigmas``)."""
+    clean, eps, sigmas = _numpy(traj.clean), _numpy(traj.noise), _numpy(traj.sigmas)
+    sigma = float(sigmas[step])
+    expected = (1 - sigma) * clean + sigma * eps
+    hint = (f"sigma = traj.sigmas[{step}] (step 0 is pure noise, sigma = 1); x = (1 - sigma) * traj.clean + "
+            "sigma * traj.noise, for every reference at once.")
+    if answer is None:
+        return _not_answered("5.1", hint)
+    x = _array(answer)
+    if x is None:
+        return _wrong("5.1", "the answer should be a tensor or array of latents.", hint)
+    if x.shape != expected.shape:
+        return _wrong("5.1", f"the answer has shape {x.shape}; the latents are {expected.shape}.",
+                      "noise every reference: traj.clean and traj.noise, whole.")
+    if _matches(x, expected):
+        return _right("5.1", f"At step {step} (sigma = {sigma:.3f}) the latents are {1 - sigma:.0%} reference and "
+                             f"{sigma:.0%} noise.")
+    if _matches(x, sigma * clean + (1 - sigma) * eps):
+        return _wrong("5.1", "clean latents and noise are swapped.", "sigma weighs the noise: sigma = 1 is pure noise.")
+    for off in (step - 1, step + 1):
+        if 0 <= off < len(sigmas) and _matches(x, (1 - sigmas[off]) * clean + sigmas[off] * eps):
+            return _wrong("5.1", f"that is step {off}'s noise level.", f"use traj.sigmas[{step}].")
+    return _wrong("5.1", "these are not the noised latents.", hint)
+
+
+@exercise("5.2", "notebooks/05_image_transport.ipynb", "The reconstruction error by hand")
+def check_reconstruction_error(images, references, answer) -> bool:
+    """Mean |image - reference| over pixels, colour channels and references (images in [0, 1])."""
+    imgs, refs = _numpy(images), _numpy(references)
+    d = imgs - refs
+    expected = float(np.abs(d).mean())
+    hint = "np.abs(images - references).mean(): the absolute difference, averaged over everything."
+    if answer is None:
+        return _not_answered("5.2", hint)
+    x = _number(answer)
+    if x is None:
+        return _wrong("5.2", "the answer should be one number (a mean over all references).", hint)
+    if _close(x, expected, abs_=1e-9):
+        return _right("5.2", f"Mean |error| {expected:.4f} over {len(imgs)} references, "
+                             f"{expected * 255:.1f} of 255 grey levels per pixel and channel.")
+    if _close(x, float(d.mean()), abs_=1e-12):
+        return _wrong("5.2", "that is the signed mean: errors of opposite sign cancel.", "take the absolute value first.")
+    if _close(x, float((d ** 2).mean()), abs_=1e-12):
+        return _wrong("5.2", "that is the mean squared error.", "the absolute difference, not its square.")
+    if _close(x, float(np.abs(d).max())):
+        return _wrong("5.2", "that is the largest error.", "average, not maximum.")
+    if _close(x, 255 * expected):
+        return _wrong("5.2", "that is in grey levels (0-255).", "the images are in [0, 1]: do not scale.")
+    return _wrong("5.2", f"{x:.4g} is not the mean |error|.", hint)
+
+
+# ---------------------------------------------------------------------------------------------
 # Chapter 6: attention sinks
 # ---------------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from mabook.probe import Statistics, Tap
 ROOT = Path(__file__).resolve().parents[1]
 # Chapters written while the exercises were added in other branches of work: they get theirs by
 # the same pattern (remove a name here when its exercises are in).
-PENDING = {"04_text_transport.ipynb", "05_image_transport.ipynb"}
+PENDING: set[str] = set()
 CAPTION = "a large red circle at the top left on a black background"
 
 
@@ -201,6 +201,58 @@ def _case_3_2(_):
     return (CAPTION, (8, 8), mask), iou, [1.0, 0.0, float(((~mask) & truth).sum())]
 
 
+def _blend_images():
+    g = np.random.default_rng(2)
+    return g.random((3, 8, 8, 3)), g.random((3, 8, 8, 3))  # sources, targets
+
+
+def _case_4_1(_):
+    src, tgt = _blend_images()
+    right = 0.75 * tgt + 0.25 * src
+    return (src, tgt, 0.25), right, [0.25 * tgt + 0.75 * src, tgt + 0.25 * src, right[0], right.mean(), "blend",
+                                     torch.from_numpy(right[:, ::-1].copy())]
+
+
+def _took_rows():
+    rows = []
+    # (kind, pair, method, alpha, took_color): pair 2 does not differ in colour (NaN)
+    for kind, pair, took in (("one_attribute", 0, 1.0), ("one_attribute", 1, 0.0), ("one_attribute", 2, np.nan),
+                             ("two_attributes", 0, 1.0)):
+        rows.append({"kind": kind, "pair": pair, "method": "top-16", "alpha": 1.0, "took_color": took})
+        rows.append({"kind": kind, "pair": pair, "method": "top-16", "alpha": 0.5, "took_color": 0.0 if took == took else took})
+        for seed, t in ((0, 1.0), (1, 0.0)):
+            rows.append({"kind": kind, "pair": pair, "method": "random-16", "alpha": 1.0, "took_color": t if took == took else took})
+    return rows
+
+
+def _case_4_2(_):
+    # top-16 at alpha 1: 1, 0, 1 where colour differs -> 2/3; counting the NaN pair as 0 gives 1/2
+    return (_took_rows(), "top-16", 1.0, "color"), 2 / 3, [0.5, 200 / 3, 1 / 3, "most", 1.5]
+
+
+def _case_5_1(_):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(3)
+    traj = SimpleNamespace(clean=torch.randn(2, 16, 4, generator=g), noise=torch.randn(2, 16, 4, generator=g),
+                           sigmas=torch.tensor([1.0, 0.8, 0.55, 0.3, 0.0]))
+    s = traj.sigmas
+
+    def at(i):
+        return (1 - s[i]) * traj.clean + s[i] * traj.noise
+
+    return (traj, 2), at(2), [s[2] * traj.clean + (1 - s[2]) * traj.noise, at(1), at(3), at(2)[0], traj.clean, "noise"]
+
+
+def _case_5_2(_):
+    g = np.random.default_rng(4)
+    refs = g.random((3, 8, 8, 3))
+    images = np.clip(refs + g.normal(scale=0.05, size=refs.shape), 0, 1)
+    d = images - refs
+    return (images, refs), np.abs(d).mean(), [d.mean(), (d ** 2).mean(), np.abs(d).max(), 255 * np.abs(d).mean(),
+                                               np.abs(d).mean(axis=(1, 2, 3)), "small"]
+
+
 def _case_6_1(_):
     cap = _FakeAttention()
     right = cap.mass("l", 0).argmax(-1).tolist()
@@ -239,6 +291,8 @@ CASES = {
     "2.1": _case_2_1, "2.2": _case_2_2, "2.3": _case_2_3,
     "2b.1": _case_2b_1, "2b.2": _case_2b_2,
     "3.1": _case_3_1, "3.2": _case_3_2,
+    "4.1": _case_4_1, "4.2": _case_4_2,
+    "5.1": _case_5_1, "5.2": _case_5_2,
     "6.1": _case_6_1, "6.2": _case_6_2, "6.3": _case_6_3,
 }
 
