@@ -202,16 +202,19 @@ def _unpack_stats(tensors: dict, meta: dict, prefix: str = "stats/"):
 
 def process_state(device: str = "auto"):
     """accelerate's `PartialState` (a gloo group of CPU processes when `device` is "cpu" or there
-    is no GPU); warns when `accelerate launch --cpu` started one process for several."""
+    is no GPU); warns when accelerate's simple launcher started one process (`--cpu`, or no
+    `--multi_gpu` without GPUs)."""
     import torch
     from accelerate import PartialState
 
     launch = os.environ
-    if (launch.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in launch
+    # accelerate's simple launcher (`--cpu` without mpirun, or no `--multi_gpu` on a machine without
+    # GPUs) sets MASTER_ADDR but starts ONE process whatever --num_processes says: say so, don't hang
+    if (launch.get("ACCELERATE_USE_CPU", "").lower() in ("true", "false") and "MASTER_ADDR" in launch
             and not any(v in launch for v in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))):
-        print("mabook sweep: warning: `accelerate launch --cpu` started one process (without mpirun its launcher "
-              "starts only one); for several CPU processes use `accelerate launch --multi_gpu --num_processes N "
-              "-m mabook sweep ... --device cpu`. Running everything here.", file=sys.stderr)
+        print("mabook sweep: warning: accelerate launch started one process (its simple launcher starts only one, "
+              "whatever --num_processes says); for several CPU processes use `accelerate launch --multi_gpu "
+              "--num_processes N -m mabook sweep ... --device cpu`. Running everything here.", file=sys.stderr)
     cpu = str(device).startswith("cpu") or (device == "auto" and not torch.cuda.is_available())
     return PartialState(cpu=cpu)
 
