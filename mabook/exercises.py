@@ -630,15 +630,11 @@ def check_took_attribute(rows: Sequence[dict], method: str, alpha: float, attrib
 # ---------------------------------------------------------------------------------------------
 
 
-def _numpy(x) -> np.ndarray:
-    return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
-
-
 @exercise("5.1", "notebooks/05_image_transport.ipynb", "Noise a reference by hand")
 def check_noised_latents(traj, step: int, answer) -> bool:
     """The noising trajectory at `step`: (1 - sigma_step) * clean + sigma_step * eps, with the
     trajectory's clean latents (``traj.clean``), its eps (``traj.noise``) and schedule (``traj.sigmas``)."""
-    clean, eps, sigmas = _numpy(traj.clean), _numpy(traj.noise), _numpy(traj.sigmas)
+    clean, eps, sigmas = _array(traj.clean), _array(traj.noise), _array(traj.sigmas)
     sigma = float(sigmas[step])
     expected = (1 - sigma) * clean + sigma * eps
     hint = (f"sigma = traj.sigmas[{step}] (step 0 is pure noise, sigma = 1); x = (1 - sigma) * traj.clean + "
@@ -665,7 +661,7 @@ def check_noised_latents(traj, step: int, answer) -> bool:
 @exercise("5.2", "notebooks/05_image_transport.ipynb", "The reconstruction error by hand")
 def check_reconstruction_error(images, references, answer) -> bool:
     """Mean |image - reference| over pixels, colour channels and references (images in [0, 1])."""
-    imgs, refs = _numpy(images), _numpy(references)
+    imgs, refs = _array(images), _array(references)
     d = imgs - refs
     expected = float(np.abs(d).mean())
     hint = "np.abs(images - references).mean(): the absolute difference, averaged over everything."
