@@ -127,6 +127,8 @@ class LayerReport:
     max_abs: float  # largest |x| seen at this tap (any channel, token, sample, step pooled)
     median_abs: float  # median over channels of the per-channel median |x| (per sample, averaged: see probe.Statistics)
     sun_massive: bool  # max_abs > 100 and max_abs / median_abs >= 1000
+    norm_share: float = float("nan")  # the top channel's share of the LayerNorm variance (probe's "norm_share")
+    norm_share_top_k: float = float("nan")  # the same summed over the top-k channels
 
     @property
     def sun_ratio(self) -> float:
@@ -153,6 +155,7 @@ def massive_channels(
         median_abs = float(np.median(stats.get("median_abs", tap, step).cpu().numpy()))
         top = top_k(values, k)
         median = float(np.median(values))
+        share = stats.get("norm_share", tap, step).cpu().numpy()
         reports.append(
             LayerReport(
                 tap=str(tap),
@@ -164,6 +167,8 @@ def massive_channels(
                 max_abs=max_abs,
                 median_abs=median_abs,
                 sun_massive=bool(max_abs > SUN_MIN_MAGNITUDE and max_abs >= SUN_MIN_RATIO * median_abs),
+                norm_share=float(share[top[0]]),
+                norm_share_top_k=float(share[top].sum()),
             )
         )
     if not reports:

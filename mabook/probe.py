@@ -57,7 +57,7 @@ from mabook.models import Adapter
 STREAMS = ("img", "txt")
 CONDITIONING = "temb"  # the opt-in stream of the AdaLN conditioning: one token per sample
 CFG_MODES = ("cond", "uncond", "both")
-STATISTICS = ("abs_mean", "mean", "std", "max_abs", "median_abs")
+STATISTICS = ("abs_mean", "mean", "std", "max_abs", "median_abs", "norm_share")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +349,8 @@ hooks = Hooks  # the generic verb: `with probe.hooks(adapter, fn): pipe(...)`
 # ---------------------------------------------------------------------------------------------
 
 MEDIAN_TOKENS = 256  # median_abs is exact over at most this many tokens per sample (see channel_moments)
-_ROWS = ("abs_mean_sum", "mean", "m2", "median_abs_sum", "max_abs")  # the accumulator's rows
-FORMAT = 2  # version of the saved layout (1: E[x^2] - E[x]^2 moments, first-sample medians)
+_ROWS = ("abs_mean_sum", "mean", "m2", "median_abs_sum", "max_abs", "norm_var_sum")  # the accumulator's rows
+FORMAT = 3  # version of the saved layout (1: E[x^2] - E[x]^2 moments, first-sample medians; 2: no norm_var_sum)
 
 
 @functools.lru_cache(maxsize=16)
@@ -368,11 +368,13 @@ def median_tokens(num_tokens: int) -> torch.Tensor | None:
 def channel_moments(hidden_states: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Per-channel moments of one call: a few fused ops, no loop over channels.
 
-    hidden_states: (batch_size, sequence_length, channels). Returns (rows (5, channels) float64,
+    hidden_states: (batch_size, sequence_length, channels). Returns (rows (6, channels) float64,
     tokens) with rows as in `_ROWS`: sum over samples of |mean over tokens|; the mean over all
     tokens and samples; m2, the sum of squared deviations from that mean (centred, so a channel at
     1e4 with std 1 keeps its std: E[x^2] - E[x]^2 would cancel to 0 in float32); the sum over
-    samples of each sample's median |x| over `median_tokens` (torch's lower median); max |x|.
+    samples of each sample's median |x| over `median_tokens` (torch's lower median); max |x|; and
+    norm_var_sum, the sum over tokens of (x_c - mean of the token over channels)^2: each channel's
+    part of the variance a LayerNorm divides by (see `Statistics`, "norm_share").
     """
     x = hidden_states.detach().float()  # statistics never join an autograd graph
     B, N, C = x.shape
@@ -386,8 +388,9 @@ def channel_moments(hidden_states: torch.Tensor) -> tuple[torch.Tensor, int]:
     idx = median_tokens(N)
     sub = x if idx is None else x[:, idx.to(x.device)]
     median = sub.abs().median(1).values.sum(0, dtype=torch.float64)  # (C,)
+    norm_var = (x - x.mean(2, keepdim=True)).square().sum((0, 1), dtype=torch.float64)  # (C,)
     rows = torch.stack((token_mean.abs().sum(0, dtype=torch.float64), mu.double() + e, m2.clamp_min(0), median,
-                        x.abs().amax((0, 1)).double()))
+                        x.abs().amax((0, 1)).double(), norm_var))
     return rows, B * N
 
 
@@ -401,6 +404,7 @@ def _combine(a: torch.Tensor, na: int, b: torch.Tensor, nb: int) -> torch.Tensor
     out[1] = a[1] + delta * (nb / n)
     out[2] = a[2] + b[2] + delta.square() * (na * nb / n)
     torch.maximum(a[4], b[4], out=out[4])
+    out[5] += b[5]
     return out
 
 
@@ -415,7 +419,11 @@ class Statistics:
       median_abs  median |x| over tokens per sample (exact for <= MEDIAN_TOKENS tokens, else over a
                   fixed subset of that many), averaged over samples: the same number however the
                   samples are batched
-    Each (step, tap) holds one (5, channels) float64 tensor and three counts (samples, tokens,
+      norm_share  the channel's share of the variance a LayerNorm over channels divides by:
+                  sum over tokens of (x_c - token mean)^2 / the same summed over all channels.
+                  Comparable across widths (uniform is 1/channels); a massive activation in the
+                  LLM sense holds > 0.9 on its tokens, where it acts as a constant after the norm
+    Each (step, tap) holds one (6, channels) float64 tensor and three counts (samples, tokens,
     calls): memory does not grow with tokens or batch. Merging is exact (Chan's update).
     """
 
@@ -490,6 +498,8 @@ class Statistics:
             return (acc[2] / tokens).sqrt()
         if name == "median_abs":
             return acc[3] / samples
+        if name == "norm_share":
+            return acc[5] / acc[5].sum()
         return acc[4].clone()  # max_abs
 
     def array(self, name: str, stream: str = "img", step: int | None = None) -> np.ndarray:
@@ -527,7 +537,7 @@ class Statistics:
     # -- files -------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """safetensors: one (5, C) tensor per "step/tap" key; counts and timesteps in the metadata.
+        """safetensors: one (6, C) tensor per "step/tap" key; counts and timesteps in the metadata.
         Written atomically (`mabook.files.atomic_path`): an interrupted save leaves the previous file or none."""
         from safetensors.torch import save_file
 

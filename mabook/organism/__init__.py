@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.models.embeddings import Timesteps
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
@@ -50,6 +51,9 @@ class OrganismConfig:
     text_layers: int = 2
     text_heads: int = 4
     max_text_length: int = 32  # captions are <= 23 tokens: the rest is padding, as in FLUX's T5
+    # Counterfactual organisms (chapter "Where do massive activations come from?"); the defaults are FLUX's.
+    timestep_conditioning: bool = True  # False: the AdaLN always sees t = CONSTANT_TIMESTEP (noise level only in the input)
+    norm_affine: bool = False  # True: every LayerNorm gets a learnable scale and bias (explicit constants to use)
 
     @property
     def in_channels(self) -> int:
@@ -101,7 +105,39 @@ def build_text_encoder(config: OrganismConfig = OrganismConfig()) -> CLIPTextMod
     )
 
 
+CONSTANT_TIMESTEP = 500.0  # t = 0.5 in FLUX's 0-1000 timestep units: what a timestep-free organism always sees
+
+
+class ConstantTimesteps(Timesteps):
+    """FLUX's sinusoidal timestep projection, fed one constant instead of the timestep: the AdaLN
+    modulation then depends on the prompt only (the organism must read the noise level from its input)."""
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.full_like(timesteps, CONSTANT_TIMESTEP))
+
+
+def _affine_norms(module: torch.nn.Module) -> None:
+    """Replace every LayerNorm without parameters by one with a learnable scale (ones) and bias (zeros):
+    the same function at initialisation, but constants the model can learn instead of making them."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.LayerNorm) and not child.elementwise_affine:
+            setattr(module, name, torch.nn.LayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=True))
+        else:
+            _affine_norms(child)
+
+
 def build_transformer(config: OrganismConfig = OrganismConfig()) -> FluxTransformer2DModel:
+    transformer = _flux_transformer(config)
+    if not config.timestep_conditioning:
+        old = transformer.time_text_embed.time_proj
+        transformer.time_text_embed.time_proj = ConstantTimesteps(old.num_channels, old.flip_sin_to_cos,
+                                                                  old.downscale_freq_shift, old.scale)
+    if config.norm_affine:
+        _affine_norms(transformer)
+    return transformer
+
+
+def _flux_transformer(config: OrganismConfig) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(
         patch_size=1,  # patching is done by the pipeline (pixels -> tokens), as FLUX packs latents
         in_channels=config.in_channels,

@@ -141,7 +141,8 @@ def measure_emergence(pipe, batch: ProbeBatch, k: int = 4) -> list[dict]:
         pipe.transformer.train(was_training)
         pipe.text_encoder.train(was_training)
     return [
-        {"tap": r.tap, "top": r.top[0], "top_k": r.top, "ratio": r.ratio_to_median, "max_abs": r.max_abs}
+        {"tap": r.tap, "top": r.top[0], "top_k": r.top, "ratio": r.ratio_to_median, "max_abs": r.max_abs,
+         "norm_share": r.norm_share, "norm_share_top_k": r.norm_share_top_k}
         for r in discovery.massive_channels(run.stats, k)
     ]
 
@@ -200,7 +201,8 @@ def save_state(directory: Path, step: int, cfg: TrainConfig, pipe, ema, opt, gen
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "state.safetensors.tmp"
     save_file(_state_tensors(pipe, ema, opt, gen), str(tmp))
-    meta = {"step": step, "train_config": asdict(cfg), "numpy_rng": rng.bit_generator.state, **logs}
+    meta = {"step": step, "train_config": asdict(cfg), "organism_config": asdict(pipe.organism_config),
+            "numpy_rng": rng.bit_generator.state, **logs}
     meta_tmp = directory / "state.json.tmp"
     meta_tmp.write_text(json.dumps(meta))
     os.replace(tmp, directory / "state.safetensors")
@@ -218,6 +220,9 @@ def load_state(directory: Path, cfg: TrainConfig, pipe, ema, opt, gen, rng) -> t
     if saved != mine:
         diff = {k: (saved.get(k), mine[k]) for k in mine if saved.get(k) != mine[k]}
         raise ValueError(f"the state in {directory} was written with another config (saved, now): {diff}")
+    organism = json.loads(json.dumps(asdict(pipe.organism_config)))
+    if meta.get("organism_config", organism) != organism:
+        raise ValueError(f"the state in {directory} was written for another organism: {meta['organism_config']}, now {organism}")
     tensors = load_file(str(directory / "state.safetensors"))
     for name, model in (("model", pipe), ("ema", ema)):
         for part in ("transformer", "text_encoder"):
@@ -302,6 +307,7 @@ def train(cfg: TrainConfig, out: Path = CHECKPOINT, organism_config: OrganismCon
             if verbose:
                 top = max(row["ema"], key=lambda r: r["ratio"])
                 print(json.dumps({"step": done, "ema_top": top["top"], "ema_ratio": round(top["ratio"], 1),
+                                  "ema_share": round(float(np.median([r["norm_share"] for r in row["ema"]])), 3),
                                   "ema_max_abs": round(max(r["max_abs"] for r in row["ema"]), 2)}), flush=True)
         if done in cfg.save_at and done < cfg.steps:
             save(ema, snapshot_path(out, done), {"train_config": asdict(cfg), "step": done, "emergence": emergence})
@@ -326,6 +332,12 @@ def main(argv=None):
         if f.name == "save_at":
             continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=getattr(d, f.name))
+    p.add_argument("--no-timestep", action="store_true",
+                   help="counterfactual organism: the AdaLN modulation sees one constant timestep")
+    p.add_argument("--norm-affine", action="store_true",
+                   help="counterfactual organism: LayerNorms with a learnable scale and bias")
+    p.add_argument("--num-layers", type=int, default=OrganismConfig.num_layers, help="double-stream blocks")
+    p.add_argument("--num-single-layers", type=int, default=OrganismConfig.num_single_layers, help="single-stream blocks")
     p.add_argument("--out", type=Path, default=CHECKPOINT)
     p.add_argument("--state", type=Path, default=None, help="resumable-state directory (continued from if present)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (state kept)")
@@ -342,7 +354,9 @@ def main(argv=None):
         print(f"wrote {a.out}")
         return
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name != "save_at"})
-    train(cfg, a.out, state_dir=a.state, stop_after=a.stop_after)
+    organism_config = OrganismConfig(timestep_conditioning=not a.no_timestep, norm_affine=a.norm_affine,
+                                     num_layers=a.num_layers, num_single_layers=a.num_single_layers)
+    train(cfg, a.out, organism_config, state_dir=a.state, stop_after=a.stop_after)
     print(f"saved {a.out}" if a.stop_after is None or a.stop_after >= cfg.steps else f"state saved in {a.state}")
 
 
