@@ -4,11 +4,11 @@
    complete result or none -- never half a JSON -- whether it is killed just before a file's
    rename (a test-only hook, deterministic) or at an arbitrary moment after its first file appears.
 2. Reproducibility on CPU: the same seed gives bit-identical images and tables across two runs; across
-   batch sizes, bit-identical wherever every transformer call has at least 4 rows (see
-   `test_batch_size_invariance` for where the math does not allow it).
+   batch sizes, thread counts and machines, agreement within `mabook.reproduce`'s stated tolerance
+   (floats rtol 1e-5; uint8 images within one level on <= 0.1 % of values; rankings identical).
 3. Every committed summary JSON records the checkpoint hash, the mabook version and the command, and
    one of them (chapter 2's big run: the prompt/timestep decomposition and the baseline row) is
-   re-derived from scratch and compared exactly.
+   re-derived from scratch and compared within that tolerance.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from mabook import cli, disruption, files, organism, world
+from mabook import cli, disruption, files, organism, reproduce, world
 from mabook.probe import Statistics
 
 torch.set_num_threads(1)
@@ -154,32 +154,67 @@ def test_same_seed_gives_bit_identical_images_and_tables(adapter, prompts, batch
 
 
 def test_batch_size_invariance(adapter, prompts, batch4):
-    """Each unit has its own seeded generator, so the noise never depends on the batch. The math:
-
-    - batch sizes 2, 4, 8 (transformer calls of >= 4 rows with guidance): images, per-unit token
-      means, the judge's table and the rank statistics (|mean|, max |x|, median |x|) are bit-identical;
-    - the pooled mean and std of `Statistics` differ in the last bits (measured ~3e-8): they are
-      streaming moments combined per transformer call (Chan et al.), and another grouping of the same
-      samples sums in another order;
-    - batch size 1 (2 rows with guidance) differs from the others by ~3e-6 in pixel values (measured;
-      the uint8 images agree): PyTorch's CPU GEMM takes another kernel, with another summation
-      order, for a matrix of 1-2 rows -- first in `time_text_embed.text_embedder.linear_1`, the
-      (rows x 128) projection of the pooled text embedding.
+    """Each unit has its own seeded generator, so the noise never depends on the batch; the sums
+    inside the transformer do: another batch size takes another GEMM blocking and summation order.
+    Measured on one machine: batch sizes 2, 4, 8 bit-identical; batch size 1 (2 rows with guidance,
+    first in `time_text_embed.text_embedder.linear_1`) ~3e-6 off in pixel values; on another machine
+    one uint8 value of batch 1 vs batch 4 differed (~4e-7 before rounding). So across batch sizes
+    mabook promises `mabook.reproduce`'s tolerance, not bits: float tables within RTOL, uint8
+    images within one level on <= 0.1 % of values, rankings and judge verdicts identical.
 
     `discovery.collect_statistics` seeds one generator per batch (seed + batch index), as chapter 1
     has always done: its noise, hence its numbers, depend on the batch size by design.
     """
-    batch2 = disruption.baseline(adapter, prompts, [0, 1], STEPS, batch_size=2)
-    assert np.array_equal(batch2.images, batch4.images)
-    assert np.array_equal(batch2.token_means, batch4.token_means)
-    assert batch2.metrics == batch4.metrics
-    for name in ("abs_mean", "max_abs", "median_abs"):
-        assert np.array_equal(batch2.stats.per_step(name), batch4.stats.per_step(name)), name
-    for name in ("mean", "std"):
-        np.testing.assert_allclose(batch2.stats.per_step(name), batch4.stats.per_step(name), rtol=1e-6, atol=1e-6)
+    for batch in (disruption.baseline(adapter, prompts, [0, 1], STEPS, batch_size=2),):
+        agree, how = reproduce.images_agree(batch.images, batch4.images)
+        assert agree, how
+        np.testing.assert_allclose(batch.token_means, batch4.token_means, rtol=reproduce.RTOL, atol=reproduce.ATOL)
+        reproduce.assert_agrees(batch.metrics, batch4.metrics, "the judge's table at batch size 2")
+        for name in ("abs_mean", "max_abs", "median_abs", "mean", "std", "norm_share"):
+            np.testing.assert_allclose(batch.stats.per_step(name), batch4.stats.per_step(name),
+                                       rtol=reproduce.RTOL, atol=reproduce.ATOL, err_msg=name)
+        for layer in range(batch4.stats.per_step("abs_mean").shape[1]):  # channel rankings identical
+            a, b = batch.stats.per_step("abs_mean")[:, layer], batch4.stats.per_step("abs_mean")[:, layer]
+            assert (np.argsort(-a, axis=-1)[:, :8] == np.argsort(-b, axis=-1)[:, :8]).all()
     single = disruption._generate(adapter, batch4.units[:2], STEPS, 1, {})
-    assert np.abs(single - batch4.images[:2]).max() < 1e-5
-    assert np.array_equal((single * 255).round(), (batch4.images[:2] * 255).round())
+    np.testing.assert_allclose(single, batch4.images[:2], atol=1e-4)
+    agree, how = reproduce.images_agree(single, batch4.images[:2])
+    assert agree, how
+
+
+_OTHER_KERNELS = """
+import json, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+import mabook
+from mabook import disruption, world
+pipe, adapter = mabook.load("organism")
+pipe.set_progress_bar_config(disable=True)
+base = disruption.baseline(adapter, world.heldout_captions(4, 1, seed=3), [0, 1], {steps}, batch_size=4)
+np.save(sys.argv[1], base.images)
+json.dump({{"metrics": base.metrics, "std": base.stats.per_step("std").tolist(),
+           "capability": torch.backends.cpu.get_cpu_capability()}}, open(sys.argv[2], "w"))
+"""
+
+
+def test_another_cpu_kernel_set_agrees_within_the_stated_tolerance(tmp_path, batch4):
+    """Another machine, on this one: ATen's CPU kernels without AVX (`ATEN_CPU_CAPABILITY=default`)
+    reduce in another order, as another CPU would. Measured here: the float images are NOT
+    bit-identical (max |diff| ~4e-6, one uint8 value differs: the failure issue 19 saw on another
+    machine), yet everything agrees within `mabook.reproduce`'s promise."""
+    script = tmp_path / "run.py"
+    script.write_text(_OTHER_KERNELS.format(steps=STEPS))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "images.npy"), str(tmp_path / "rest.json")],
+                   env=env, check=True, timeout=600)
+    images, rest = np.load(tmp_path / "images.npy"), json.loads((tmp_path / "rest.json").read_text())
+    assert rest["capability"] == "DEFAULT"
+    print(f"\nDEFAULT vs {torch.backends.cpu.get_cpu_capability()} kernels: bit-identical images "
+          f"{np.array_equal(images, batch4.images)}, max |diff| {np.abs(images - batch4.images).max():.3g}")
+    agree, how = reproduce.images_agree(images, batch4.images)
+    assert agree, how
+    reproduce.assert_agrees(rest["metrics"], batch4.metrics, "the judge's table on other kernels")
+    np.testing.assert_allclose(rest["std"], batch4.stats.per_step("std"), rtol=reproduce.RTOL, atol=reproduce.ATOL)
 
 
 # -- 3. committed summaries: provenance, and one re-derived ------------------------------------------------------------
@@ -193,21 +228,30 @@ def test_committed_summary_records_checkpoint_version_and_command(path):
     assert summary.get("command"), "no command"
 
 
-def test_rederive_chapter2_big_run_decomposition_and_baseline_exactly(adapter):
+def _committed(name: str) -> dict:
+    """A committed big-run summary; one made on another checkpoint is a failure naming the file."""
+    full = json.loads((RESULTS / name).read_text())
+    current = organism.sha256(organism.CHECKPOINT)
+    if full["checkpoint_sha256"] != current:
+        pytest.fail(f"mabook/results/{name} was made on checkpoint {full['checkpoint_sha256'][:12]}, the committed "
+                    f"organism is {current[:12]}: regenerate it with `{full['command']}`")
+    return full
+
+
+def test_rederive_chapter2_big_run_decomposition_and_baseline(adapter):
     """disruption_full.json (FULL=1, 64 units x 20 steps) again from scratch: the baselines of its
     32 prompts x 2 seeds, the prompt-vs-timestep split of the top-4 and random-4 channels, and the
-    baseline row of its summary table -- all exact. ~30 s on one CPU thread."""
-    full = json.loads((RESULTS / "disruption_full.json").read_text())
-    if full["checkpoint_sha256"] != organism.sha256(organism.CHECKPOINT):
-        pytest.skip("the committed big run was made on another checkpoint")
+    baseline row of its summary table -- within `mabook.reproduce`'s tolerance (bit-identical on
+    the machine that made it). ~30 s on one CPU thread."""
+    full = _committed("disruption_full.json")
     prompts = world.heldout_captions(full["units"] // 2, n_objects=1, seed=0)  # the chapter's N_PROMPTS x SEEDS (0, 1)
     base = disruption.baseline(adapter, prompts, (0, 1), full["num_inference_steps"])
     assert len(base.units) == full["units"]
     top = disruption.channel_set(base.stats, 4, "top")  # the chapter's K_FOCUS
     rand = disruption.channel_set(base.stats, 4, "random", seed=0)
-    assert disruption.decomposition(base, top) == full["decomposition_top"]
-    assert disruption.decomposition(base, rand) == full["decomposition_random"]
+    reproduce.assert_agrees(disruption.decomposition(base, top), full["decomposition_top"], "decomposition_top")
+    reproduce.assert_agrees(disruption.decomposition(base, rand), full["decomposition_random"], "decomposition_random")
     rows = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"} for m in base.metrics]
     (mine,) = disruption.summary(rows)
     (committed,) = [r for r in full["summary"] if r["kind"] == "baseline"]
-    assert json.loads(json.dumps(mine)) == committed
+    reproduce.assert_agrees(json.loads(json.dumps(mine)), committed, "the baseline row of disruption_full.json")
