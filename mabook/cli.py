@@ -286,7 +286,7 @@ def cluster(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from mabook import spatial, world
+    from mabook import judge, spatial
 
     prompts = read_prompts(args.prompts)
     _check_seeds(args.seeds)
@@ -315,12 +315,7 @@ def cluster(args: argparse.Namespace) -> int:
     name, spec = next(iter(sets.items()))
     channels = spec["channels"][tap]
     # 3. masks: matched to the objects for world captions, else the smallest cluster is the foreground
-    try:
-        for p in prompts:
-            world.parse_caption(p)
-        judged = True
-    except ValueError:
-        judged = False
+    judged = judge.applies(adapter, prompts)
     fg = spatial.foreground_maps(cap, tap, step, channels, args.k, args.seed, "rendered" if judged else None)
     x = cap.features(tap, step, channels)
     labels = np.stack([spatial.label_map(spatial.kmeans(x[u], args.k, args.seed), cap.grid) for u in range(len(cap.units))])
@@ -415,7 +410,7 @@ def transport(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from mabook import disruption, probe
+    from mabook import disruption, judge, probe
     from mabook import transport as transport_mod
 
     if args.reference is not None:
@@ -465,7 +460,7 @@ def transport(args: argparse.Namespace) -> int:
         mask_tap = spatial.image_tap(adapter, args.mask_tap)
         mask_step = args.num_inference_steps // 2 if args.mask_step is None else args.mask_step
         mask_channels = {mask_tap: disruption.channel_set(run.stats, args.mask_channels, "top")[mask_tap]}
-        truth = "rendered" if disruption._judged([(args.source, 0), (args.target, 0)]) else None
+        truth = "rendered" if judge.applies(adapter, [args.source, args.target]) else None
         masks = {}
         for side, prompt in (("source", args.source), ("target", args.target)):
             side_rec = transport_mod.record(adapter, [prompt], args.seeds, taps=[mask_tap], steps=[mask_step],
@@ -492,7 +487,7 @@ def transport(args: argparse.Namespace) -> int:
                 baselines[f"text embedding blend alpha={a:g}"] = transport_mod.embedding_blend(
                     adapter, [args.source] * len(rec.units), targets, a, [s for _, s in rec.units],
                     args.num_inference_steps, args.batch_size)
-        base = SimpleNamespace(images=target_images, units=rec.units, clip=None)  # what disruption._metrics reads
+        base = SimpleNamespace(adapter=adapter, images=target_images, units=rec.units, clip=None)  # what disruption._metrics reads
         for name, images in baselines.items():
             method, a = name.rsplit(" alpha=", 1)
             rows += [{**r, "method": method, "alpha": float(a), "source_prompt": args.source}

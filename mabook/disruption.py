@@ -301,16 +301,6 @@ def _clip_t(images: np.ndarray, prompts: Sequence[str], clip) -> np.ndarray:
     return (100 * torch.nn.functional.cosine_similarity(img, txt)).clamp_min(0).numpy()
 
 
-def _judged(units) -> bool:
-    """Whether every prompt is a shapes-world caption (then the judge scores the images)."""
-    try:
-        for p, _ in units:
-            world.parse_caption(p)
-        return True
-    except ValueError:
-        return False
-
-
 def _metrics(base: Baseline, images: np.ndarray) -> list[dict]:
     """Per unit: distances to the unit's baseline, and the judge's reading where it applies."""
     from mabook import judge
@@ -324,7 +314,7 @@ def _metrics(base: Baseline, images: np.ndarray) -> list[dict]:
     ssim = _ssim(images, base.images)
     clip_t = _clip_t(images, [p for p, _ in base.units], base.clip) if base.clip else None
     rows = []
-    judged = _judged(base.units)
+    judged = judge.applies(base.adapter, [p for p, _ in base.units])
     for i, (prompt, seed) in enumerate(base.units):
         row = {"prompt": prompt, "seed": seed, "pixel_mse": float(mse[i]), "pixel_mae": float(mae[i]), "ssim": float(ssim[i])}
         if clip_t is not None:

@@ -137,6 +137,20 @@ def detect(image) -> tuple[str, np.ndarray, list[DetectedObject], float]:
     return bg_name, foreground, objects, cleanliness
 
 
+def applies(adapter, prompts) -> bool:
+    """Whether the judge can score what `adapter`'s model draws for these prompts: only the organism
+    draws the shapes world (32x32 renderings of a caption), and only for world captions. A real
+    model asked for "a red circle" makes a 1024x1024 photo the judge cannot read: never judged."""
+    if getattr(getattr(adapter, "family", None), "name", None) != "organism":
+        return False
+    try:
+        for p in prompts:
+            world.parse_caption(p)
+    except ValueError:
+        return False
+    return True
+
+
 def judge(image, caption: str) -> Judgement:
     """Score one image (H, W, 3) (uint8, or float in [0, 1]) against its caption."""
     scene = world.parse_caption(caption)

@@ -190,7 +190,7 @@ class Adapter:
             raise ValueError("grid() needs a pipeline (only a transformer was loaded); pass image tokens to the probe instead")
         vae_scale = int(getattr(self.pipe, "vae_scale_factor", 8))
         if self.family.name == "flux":
-            default = 128 * vae_scale  # FluxPipeline.default_sample_size
+            default = int(getattr(self.pipe, "default_sample_size", 128)) * vae_scale  # FluxPipeline's: 128
             per_token = vae_scale * 2  # FLUX packs 2x2 latent pixels into one token; its patch_size is 1
         else:
             default = int(self.transformer.config.sample_size) * vae_scale

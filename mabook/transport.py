@@ -379,9 +379,9 @@ def _table(rec: Record, units, target_images, images, alpha, stream, mask, k, co
     """disruption's metrics against the unedited target, plus source/target attribute agreement."""
     from mabook import judge
 
-    base = SimpleNamespace(images=target_images, units=units, clip=None)  # what _metrics reads
+    base = SimpleNamespace(adapter=rec.adapter, images=target_images, units=units, clip=None)  # what _metrics reads
     rows = disruption._metrics(base, images)
-    judged = disruption._judged(units) and disruption._judged(rec.units)
+    judged = judge.applies(rec.adapter, [p for p, _ in units] + [p for p, _ in rec.units])
     for i, row in enumerate(rows):
         row.update(source_prompt=rec.units[i][0], alpha=alpha, stream=stream, k=k, conditioning=conditioning,
                    masked_tokens=int(rec.tokens if mask is None else mask[i].sum()))

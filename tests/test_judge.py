@@ -52,3 +52,17 @@ def test_judge_accepts_float_images_and_rejects_bad_shapes():
         judge.judge(np.zeros((16, 16, 3)), s.caption)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         judge.judge(np.full((32, 32, 3), 3.0), s.caption)
+
+
+def test_the_judge_applies_to_the_organisms_world_captions_only():
+    from types import SimpleNamespace
+
+    from mabook import judge as judge_mod
+
+    organism = SimpleNamespace(family=SimpleNamespace(name="organism"))
+    flux = SimpleNamespace(family=SimpleNamespace(name="flux"))
+    captions = world.heldout_captions(3, n_objects=1, seed=0)
+    assert judge_mod.applies(organism, captions)
+    assert not judge_mod.applies(flux, captions)  # a real model's image is not a 32x32 world rendering
+    assert not judge_mod.applies(organism, captions + ["a photo of a cat"])
+    assert not judge_mod.applies(None, captions)
