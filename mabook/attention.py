@@ -6,7 +6,12 @@ exception or a KeyboardInterrupt in the middle of a generation):
 
 * run and collect -- ``with attention.capture(adapter, layers=..., steps=...) as cap: pipe(prompt)``
   then ``cap.mass(layer, step)``, ``sinks(cap, k)``, ``movement(cap, k)``;
-* run with an intervention -- ``with attention.intervene(adapter, KeyIntervention("sink", k=1)): pipe(prompt)``.
+* run with an intervention -- ``with attention.intervene(adapter, KeyIntervention("sink", k=1)): pipe(prompt)``;
+  nest a capture inside it to see what the suppression removed: ``cap.mass(layer, step)`` before
+  the edit, ``cap.mass_after(layer, step)`` after it, ``suppression(cap)`` per head. A score-path
+  and a value-path intervention nest into one combined edit.
+
+Both refuse, on a clean exit, asked-for steps and explicitly asked-for layers that never ran.
 
 Glossary (probe's "step" and "call" apply; see `mabook.probe.Hooks`).
   layer  one softmax self- or joint-attention module, named by its module path, e.g.
@@ -28,7 +33,8 @@ and steps asked, chunked over queries and summed on the fly, so memory holds one
 and one (heads, keys) accumulator per (layer, step). Intervening replaces the processor's
 attention by an explicit softmax over the same q, k, v (the projections are copied from diffusers'
 FluxAttnProcessor, JointAttnProcessor2_0 and AttnProcessor2_0), so eta=1 equals the stock output
-up to float rounding.
+up to float rounding. The score path's dose is the paper's by default: a chosen key keeps exactly
+eta * p and the other keys absorb the difference in proportion (`KeyIntervention.dose`).
 
 What this is not: a general attention-editing library. SANA's self-attention is linear (no
 softmax, hence no probability mass to sink into): it is refused with an error. Attention masks
@@ -38,6 +44,7 @@ and cross-attention are refused too.
 from __future__ import annotations
 
 import inspect
+import math
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -51,11 +58,13 @@ from mabook.models import Adapter
 
 SELECTIONS = ("sink", "random", "bottom")  # which keys an intervention hits
 PATHS = ("score", "value_zero", "value_mean")  # how it hits them
+DOSES = ("redistribute", "renormalise")  # how the score path applies eta (see KeyIntervention)
 CFG_MODES = probe.CFG_MODES
 SOFTMAX_FAMILIES = ("organism", "flux", "sd3", "pixart")
 # Scores held at once while computing probabilities: chunk of queries x keys x heads x batch. 2**24
-# float32 elements is 64 MiB (the softmax holds two such buffers): at FLUX-1024^2 shapes (4608 keys,
-# 24 heads, CFG batch 2) ~150 queries a chunk, against 3.9 GiB for every probability at once.
+# float32 elements is 64 MiB (the softmax holds two or three such buffers): at FLUX-1024^2 shapes
+# (4608 keys, 24 heads, CFG batch 2) ~150 queries a chunk, against 3.9 GiB for every probability at
+# once. Read when a context or function is called (pass chunk_elements, or patch this constant).
 CHUNK_ELEMENTS = 2**24
 
 
@@ -256,52 +265,126 @@ def _finish(kind: str, attn, out, hidden_states, encoder_hidden_states):
 # ---------------------------------------------------------------------------------------------
 
 
+def _chunk_elements(chunk_elements: int | None) -> int:
+    """The chunk size to use: `chunk_elements`, or the module's CHUNK_ELEMENTS read now (patchable)."""
+    chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    if not isinstance(chunk_elements, (int, np.integer)) or isinstance(chunk_elements, bool) or chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be an int >= 1 (or None: CHUNK_ELEMENTS), got {chunk_elements!r}")
+    return int(chunk_elements)
+
+
 def _chunk(q: torch.Tensor, num_keys: int, chunk_elements: int) -> int:
+    """Queries per chunk: as many as fit in `chunk_elements` scores (at least one)."""
     B, H = q.shape[:2]
     return max(1, chunk_elements // max(1, B * H * num_keys))
 
 
-def _probs(q_chunk: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim)) in float32 (SDPA's default scale, as every copied processor uses)."""
+def _scores(q_chunk: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """q k^T / sqrt(head_dim) in float32 (SDPA's default scale, as every copied processor uses):
+    (batch_size, heads, queries of the chunk, keys)."""
     scale = q_chunk.shape[-1] ** -0.5
-    return torch.softmax((q_chunk.float() @ key.float().transpose(-1, -2)) * scale, dim=-1)
+    return (q_chunk.float() @ key.float().transpose(-1, -2)) * scale
 
 
-def image_query_mass(query: torch.Tensor, key: torch.Tensor, image: slice, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def _scaled(scores: torch.Tensor, chosen: torch.Tensor, eta: float, dose: str) -> torch.Tensor:
+    """Post-intervention probabilities (batch_size, heads, queries, keys) float32 from `scores` of
+    the same shape (overwritten), with the chosen keys (batch_size, heads, k) scaled by eta.
+
+    "redistribute" (the paper's rule): each chosen key keeps exactly eta * p; the other keys absorb
+    the removed (1 - eta) * P_chosen in proportion to their probabilities, i.e. all are multiplied by
+    one factor 1 + (1 - eta) * P_chosen / P_others, P_others taken from their own logsumexp (not
+    1 - P_chosen: exact in float32 also when the chosen keys hold nearly the whole row).
+    "renormalise": the chosen keys' probability is multiplied by eta and the row renormalised (a
+    log(eta) logit bias): a chosen key keeps eta * p / (1 - P_chosen + eta * P_chosen).
+    eta = 0 is the paper's -1e4 logit bias under both rules (-inf here: exactly 0, and never NaN,
+    since at least one key is not chosen)."""
+    if eta == 1:
+        return torch.softmax(scores, -1)
+    index = chosen[:, :, None, :].expand(*scores.shape[:3], chosen.shape[-1])
+    if eta == 0 or dose == "renormalise":
+        bias = math.log(eta) if eta > 0 else float("-inf")
+        return torch.softmax(scores.scatter_(3, index, scores.gather(3, index) + bias), -1)
+    total = torch.logsumexp(scores, -1, keepdim=True)
+    kept = torch.exp(scores.gather(3, index) - total)  # the chosen keys' unedited probabilities
+    scores.scatter_(3, index, float("-inf"))
+    others = torch.exp(torch.logsumexp(scores, -1, keepdim=True) - total)  # P_others, from their own sum
+    p = torch.softmax(scores, -1)  # the other keys' share among themselves; 0 at the chosen keys
+    p *= others + (1 - eta) * kept.sum(-1, keepdim=True)
+    return p.scatter_(3, index, eta * kept)
+
+
+def image_query_mass(query: torch.Tensor, key: torch.Tensor, image: slice, chunk_elements: int | None = None) -> torch.Tensor:
     """Incoming mass per key averaged over the image queries: (batch_size, heads, keys) float32.
 
-    query, key: (batch_size, heads, tokens, head_dim); image: the image queries' positions."""
+    query, key: (batch_size, heads, tokens, head_dim); image: the image queries' positions.
+    chunk_elements: scores held at once (None: CHUNK_ELEMENTS)."""
+    chunk_elements = _chunk_elements(chunk_elements)
     B, H, S, _ = key.shape
     total = torch.zeros(B, H, S, dtype=torch.float32, device=key.device)
     step = _chunk(query, S, chunk_elements)
     for start in range(image.start, image.stop, step):
-        total += _probs(query[:, :, start:min(image.stop, start + step)], key).sum(2)
+        total += torch.softmax(_scores(query[:, :, start:min(image.stop, start + step)], key), -1).sum(2)
     return total / (image.stop - image.start)
 
 
-def _attend(query, key, value, chosen: torch.Tensor, path: str, eta: float, chunk_elements: int) -> torch.Tensor:
-    """Attention with the chosen keys (batch_size, heads, k) suppressed on one path; (B, H, queries, D)."""
+@dataclass(frozen=True)
+class _Edit:
+    """One intervention's keys at one attention call: chosen (batch_size, heads, k) on `path`."""
+
+    chosen: torch.Tensor
+    path: str
+    eta: float = 0.0
+    dose: str = "redistribute"
+
+
+def _attention(query, key, value, edits: Sequence[_Edit] = (), chunk_elements: int | None = None,
+               image: slice | None = None, keep: bool = False):
+    """Explicit softmax attention with at most one score-path and one value-path edit.
+
+    query, key, value: (batch_size, heads, tokens, head_dim). Value-path edits replace the chosen
+    keys' value rows (only those) by zero / the mean value over all keys of the head; the
+    score-path edit scales the chosen keys' probabilities (`_scaled`). Returns (out, mass, probs):
+    out (batch_size, heads, queries, head_dim) in query's dtype; mass (batch_size, heads, keys)
+    float32, the post-intervention probabilities averaged over the `image` queries (None without
+    `image`); probs (batch_size, heads, queries, keys) float32, every post-intervention probability
+    (None unless `keep`)."""
+    chunk_elements = _chunk_elements(chunk_elements)
     B, H, S, D = key.shape
-    if path != "score":
-        # value path: the chosen keys still receive their attention, but carry zero / the mean value
-        replacement = torch.zeros_like(value) if path == "value_zero" else value.mean(2, keepdim=True).expand_as(value)
-        index = chosen[..., None].expand(B, H, chosen.shape[-1], D)
+    Q = query.shape[2]
+    score = [e for e in edits if e.path == "score"]
+    values = [e for e in edits if e.path != "score"]
+    if len(score) > 1 or len(values) > 1:
+        raise ValueError(f"at most one score-path and one value-path edit per attention call, got "
+                         f"{[e.path for e in edits]}")
+    for e in values:  # the chosen keys still receive their attention, but carry zero / the mean value
+        replacement = torch.zeros_like(value) if e.path == "value_zero" else value.mean(2, keepdim=True).expand_as(value)
+        index = e.chosen[..., None].expand(B, H, e.chosen.shape[-1], D)
         value = value.scatter(2, index, replacement.gather(2, index))
-    weight = None
-    if path == "score":
-        # eta scales the chosen keys' probability before renormalising; eta=0 is the paper's -1e4
-        # logit bias (exp(-1e4) underflows to exactly 0 in float32)
-        weight = torch.ones(B, H, 1, S, dtype=torch.float32, device=key.device)
-        weight.scatter_(3, chosen[:, :, None, :], eta)
-    out = torch.empty(B, H, query.shape[2], D, dtype=torch.float32, device=query.device)
+    value = value.float()
+    out = torch.empty(B, H, Q, D, dtype=torch.float32, device=query.device)
+    mass = torch.zeros(B, H, S, dtype=torch.float32, device=key.device) if image is not None else None
+    probs = torch.empty(B, H, Q, S, dtype=torch.float32, device=key.device) if keep else None
     step = _chunk(query, S, chunk_elements)
-    for start in range(0, query.shape[2], step):
-        p = _probs(query[:, :, start:start + step], key)
-        if weight is not None:
-            p = p * weight
-            p = p / p.sum(-1, keepdim=True)
-        out[:, :, start:start + step] = p @ value.float()
-    return out.to(query.dtype)
+    for start in range(0, Q, step):
+        stop = min(Q, start + step)
+        scores = _scores(query[:, :, start:stop], key)
+        p = _scaled(scores, score[0].chosen, score[0].eta, score[0].dose) if score else torch.softmax(scores, -1)
+        out[:, :, start:stop] = p @ value
+        if mass is not None:
+            lo, hi = max(start, image.start), min(stop, image.stop)
+            if lo < hi:
+                mass += p[:, :, lo - start:hi - start].sum(2)
+        if probs is not None:
+            probs[:, :, start:stop] = p
+    if mass is not None:
+        mass /= image.stop - image.start
+    return out.to(query.dtype), mass, probs
+
+
+def _attend(query, key, value, chosen: torch.Tensor, path: str, eta: float, chunk_elements: int | None = None,
+            dose: str = "redistribute") -> torch.Tensor:
+    """Attention with the chosen keys (batch_size, heads, k) suppressed on one path; (B, H, queries, D)."""
+    return _attention(query, key, value, [_Edit(chosen, path, float(eta), dose)], chunk_elements)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,9 +399,14 @@ class KeyIntervention:
     keys: "sink" (top-k by incoming mass over image queries, recomputed at every call per sample and
       head, as the paper does), "random" (k keys drawn with `seed`, the same for every sample of a
       call, never one of that head's top-k sinks: an equal-budget control), "bottom" (lowest mass).
-    path: "score" (multiply the keys' probability by eta and renormalise each query's row; eta=0 is
-      the paper's -1e4 logit bias), "value_zero" / "value_mean" (replace the keys' value vectors by
-      zero / by the mean value over all keys of that head; eta is not used).
+    path: "score" (scale the keys' probability by eta, see `dose`; eta=0 is the paper's -1e4 logit
+      bias), "value_zero" / "value_mean" (replace the keys' value vectors by zero / by the mean value
+      over all keys of that head; eta and dose are not used).
+    dose: how the score path applies eta. "redistribute" (default, the paper's): each chosen key
+      keeps exactly eta * p and the other keys absorb the difference in proportion to their own
+      probability. "renormalise" (mabook before issue 19): multiply the chosen keys' probability by
+      eta and renormalise the row, so a chosen key keeps eta * p / (1 - P + eta * P), P the chosen
+      keys' total (more than eta * p when they hold much of the row). Both agree at eta = 0 and 1.
     layers: one attention module path, a list of them, or None for every softmax layer.
     steps: denoising steps (None: all). Every sample of a guidance batch is edited (as the paper's
       processor does): uncond and cond halves alike, each with its own sinks.
@@ -331,12 +419,15 @@ class KeyIntervention:
     layers: str | tuple[str, ...] | None = None
     steps: int | tuple[int, ...] | None = None
     seed: int = 0
+    dose: str = "redistribute"
 
     def __post_init__(self):
         if self.keys not in SELECTIONS:
             raise ValueError(f"unknown keys {self.keys!r}; allowed: {list(SELECTIONS)}")
         if self.path not in PATHS:
             raise ValueError(f"unknown path {self.path!r}; allowed: {list(PATHS)}")
+        if self.dose not in DOSES:
+            raise ValueError(f"unknown dose {self.dose!r}; allowed: {list(DOSES)}")
         if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
             raise ValueError(f"k must be an int >= 1, got {self.k!r}")
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 <= self.eta <= 1:
@@ -350,16 +441,17 @@ class KeyIntervention:
     @property
     def name(self) -> str:
         what = f"{self.keys}-{self.k}" + (f"#{self.seed}" if self.keys == "random" else "")
-        return what + (f" score eta={self.eta:g}" if self.path == "score" else f" {self.path}")
+        return what + " " + op_label(self)
 
 
 def _choose(iv: KeyIntervention, mass: torch.Tensor, layer: str, step: int) -> torch.Tensor:
     """(batch_size, heads, k) key indices from the mass (batch_size, heads, keys)."""
     B, H, S = mass.shape
-    if iv.k > S or (iv.keys == "random" and 2 * iv.k > S):
-        limit = S if iv.keys != "random" else S // 2
-        raise ValueError(f"k={iv.k} is larger than allowed at {layer}: it has {S} keys, so k <= {limit}"
-                         + (" (random keys exclude the top-k sinks)" if iv.keys == "random" else ""))
+    limit = S // 2 if iv.keys == "random" else S - 1 if iv.path == "score" else S
+    if iv.k > limit:
+        why = (" (random keys exclude the top-k sinks)" if iv.keys == "random" else
+               " (the score path gives the chosen keys' mass to the others: one must remain)" if iv.path == "score" else "")
+        raise ValueError(f"k={iv.k} is larger than allowed at {layer}: it has {S} keys, so k <= {limit}{why}")
     if iv.keys == "sink":
         return mass.topk(iv.k, dim=-1).indices
     if iv.keys == "bottom":
@@ -377,8 +469,20 @@ def _choose(iv: KeyIntervention, mass: torch.Tensor, layer: str, step: int) -> t
 # ---------------------------------------------------------------------------------------------
 
 
+def _chain(processor) -> list["_Processor"]:
+    """The mabook processors stacked on one module, outermost (the module's processor) first."""
+    out = []
+    while isinstance(processor, _Processor):
+        out.append(processor)
+        processor = processor.original
+    return out
+
+
 class _Processor:
-    """Stands in for one module's processor; calls the original unless this call intervenes."""
+    """Stands in for one module's processor. Contexts nest: each wraps the processor it found, and
+    the module's processor (the outermost) serves every context stacked under it in one pass: the
+    captures record the mass before and after every active intervention's edit, and the output is
+    the stock processor's unless an intervention is active at this call."""
 
     def __init__(self, swap: "_Swap", layer: str, kind: str, original):
         self.swap, self.layer, self.kind, self.original = swap, layer, kind, original
@@ -386,33 +490,60 @@ class _Processor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         # FluxAttention passes image_rotary_emb positionally after attention_mask; Attention passes keywords
         image_rotary_emb = args[0] if args else kwargs.get("image_rotary_emb")
-        swap = self.swap
-        if not swap.active(self.layer):
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        chain = _chain(self)
+        stock = chain[-1].original
+        active = [p for p in chain if p.swap.active(p.layer)]
+        if not active:
+            return stock(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if attention_mask is not None:
             raise ValueError(f"attention masks are not supported by mabook.attention (one reached {self.layer})")
+        captures = [p for p in active if isinstance(p.swap, Capture)]
+        edits = [p for p in active if isinstance(p.swap, Intervention)]
         with torch.no_grad():  # measurements and edits only: nothing here is meant to be differentiated
             query, key, value = _qkv(self.kind, attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        layout = swap.layout(self.kind, key.shape[2], encoder_hidden_states)
-        return swap.handle(self, attn, layout, (query, key, value),
-                           lambda: self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs),
-                           hidden_states, encoder_hidden_states)
+            layouts = [p.swap.layout(self.kind, key.shape[2], encoder_hidden_states) for p in active]
+            image = layouts[0].image_slice
+            if not edits:  # capturing only: the stock processor computes the output
+                for p, layout in zip(active, layouts):
+                    p.swap.observe(p.layer, layout, query, key, value)
+                return stock(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            chunk_elements = min(p.swap.chunk_elements for p in active)
+            before = image_query_mass(query, key, image, chunk_elements)  # every sample: sinks are per sample
+            chosen = [p.swap.choose(p.layer, before) for p in edits]
+            keep = any(p.swap.keep_probabilities for p in captures)
+            out, after, probs = _attention(query, key, value, chosen, chunk_elements, image if captures else None, keep)
+            hit = torch.zeros_like(before, dtype=torch.bool)
+            for e in chosen:
+                hit.scatter_(-1, e.chosen, True)
+            for p, layout in zip(active, layouts):
+                if isinstance(p.swap, Capture):
+                    p.swap.record(p.layer, layout, before, after, probs, hit)
+            return _finish(self.kind, attn, out, hidden_states, encoder_hidden_states)
+
+
+def _overlap(a, b) -> bool:
+    """Whether two step selections (None: all) share a step."""
+    return a is None or b is None or bool(set(a) & set(b))
 
 
 class _Swap:
-    """Swaps processors on `layers` for the length of a `with` block, and knows where the pipeline is."""
+    """Swaps processors on `layers` for the length of a `with` block, and knows where the pipeline is.
 
-    def __init__(self, adapter: Adapter, layers, steps, cfg: str, chunk_elements: int):
+    On a clean exit it refuses asked-for steps, and explicitly asked-for layers, that never ran."""
+
+    verb = "swap"
+
+    def __init__(self, adapter: Adapter, layers, steps, cfg: str, chunk_elements: int | None):
         if cfg not in CFG_MODES:
             raise ValueError(f"unknown cfg {cfg!r}; allowed: {list(CFG_MODES)}")
-        if not isinstance(chunk_elements, int) or chunk_elements < 1:
-            raise ValueError(f"chunk_elements must be an int >= 1, got {chunk_elements!r}")
-        self.adapter, self.cfg, self.chunk_elements = adapter, cfg, chunk_elements
+        self.adapter, self.cfg, self.chunk_elements = adapter, cfg, _chunk_elements(chunk_elements)
         self.layers = _resolve_layers(adapter, layers)
+        self._layers_asked = layers is not None
         self.steps = probe.check_steps(steps)
         self.pad_from: int | None = None
+        self.layers_ran: set[str] = set()  # layers whose attention ran at an asked step
         self._call: dict = {}
-        self._originals: dict[str, object] = {}
+        self._installed: dict[str, _Processor] = {}
         self._hooks: probe.Hooks | None = None
         self._handle = None
         self._token_counts: dict[str, int] = {}
@@ -423,7 +554,11 @@ class _Swap:
         return self._hooks.step
 
     def active(self, layer: str) -> bool:
-        return self.steps is None or self.step in self.steps
+        """Whether this context acts on `layer` at the current step (and note that it ran)."""
+        if self.steps is not None and self.step not in self.steps:
+            return False
+        self.layers_ran.add(layer)
+        return True
 
     def samples(self, batch_size: int) -> slice | None:
         """The samples of this call that `cfg` selects (None if it holds none)."""
@@ -494,34 +629,41 @@ class _Swap:
             positions = None  # not this call's image tokens (e.g. a transformer called without img_ids)
         return KeyLayout(text, num_keys - text, text_first, positions, self.pad_from if text else None)
 
-    def handle(self, processor, attn, layout, qkv, original, hidden_states, encoder_hidden_states):
-        raise NotImplementedError
+    def _check_nesting(self, modules) -> None:
+        """Refuse what cannot be stacked on the processors already swapped in (see Intervention)."""
 
     def __enter__(self):
         modules = self.adapter.attention_modules()
-        if any(isinstance(modules[p].processor, _Processor) for p in self.layers) and isinstance(self, Intervention):
-            raise ValueError("enter attention.intervene() outside attention.capture(), not inside it")
+        self._check_nesting(modules)
         try:
             self._hooks = probe.Hooks(self.adapter, lambda *a: None, taps=[])
             self._hooks.__enter__()
             self._handle = self.adapter.transformer.register_forward_pre_hook(self._pre_transformer, with_kwargs=True)
             for path in self.layers:
                 module = modules[path]
-                kind = _kind(module)
-                self._originals[path] = module.processor
-                module.set_processor(_Processor(self, path, kind, module.processor))
+                processor = _Processor(self, path, _kind(module), module.processor)
+                self._installed[path] = processor
+                module.set_processor(processor)
         except BaseException:
             self.restore()
             raise
         return self
 
     def restore(self) -> None:
-        """Put every original processor back and remove the hooks (idempotent)."""
+        """Take this context's processors out of every module (also from under a context entered
+        later and still open) and remove the hooks (idempotent)."""
         modules = self.adapter.attention_modules()
         try:
-            while self._originals:
-                path, original = self._originals.popitem()
-                modules[path].set_processor(original)
+            while self._installed:
+                path, mine = self._installed.popitem()
+                module = modules[path]
+                if module.processor is mine:
+                    module.set_processor(mine.original)
+                    continue
+                for p in _chain(module.processor):
+                    if p.original is mine:
+                        p.original = mine.original
+                        break
         finally:
             if self._handle is not None:
                 self._handle.remove()
@@ -529,8 +671,21 @@ class _Swap:
             if self._hooks is not None:
                 self._hooks.remove()
 
+    def check_ran(self) -> None:
+        """Raise if an asked-for step, or an explicitly asked-for layer, never ran in the context."""
+        if self.steps is not None:
+            self._hooks.check_steps_ran(self.steps, self.verb)
+        missing = [layer for layer in self.layers if layer not in self.layers_ran]
+        if self._layers_asked and missing:
+            at = "" if self.steps is None else f" at steps {sorted(self.steps)}"
+            ran = (sorted(self.layers_ran) if self.layers_ran else "none" if self._hooks.steps_seen
+                   else "none (was the pipeline called inside the context?)")
+            raise ValueError(f"{self.verb} asked for layer(s) {missing}, but the layers that ran{at} were {ran}")
+
     def __exit__(self, exc_type, exc, tb):
         self.restore()  # processors are global state: always restored, also on errors and KeyboardInterrupt
+        if exc_type is None:
+            self.check_ran()
         return False
 
 
@@ -542,36 +697,62 @@ class _Swap:
 class Capture(_Swap):
     """`with capture(adapter, ...) as cap: pipe(...)`: incoming attention mass, output untouched.
 
-    After the block: `cap.mass(layer, step)` (heads, keys), `cap.keys(layer)` (a KeyLayout),
-    `cap.samples(layer, step)`, `cap.steps_seen`, and `sinks(cap, k)`, `movement(cap, k)`,
-    `mass_by_kind(cap)`."""
+    After the block: `cap.mass(layer, step)` (heads, keys), the mass the unedited probabilities give;
+    `cap.mass_after(layer, step)`, the mass after the interventions of the contexts this capture is
+    nested in (equal to `mass` where none acted); `cap.suppressed(layer, step)`, the mass on the
+    intervened keys before and after; `cap.probabilities(layer, step)` (with keep_probabilities);
+    `cap.keys(layer)` (a KeyLayout), `cap.samples_at(layer, step)`, `cap.steps_seen`, and
+    `sinks(cap, k)`, `movement(cap, k)`, `mass_by_kind(cap)`, `suppression(cap)`."""
 
-    def __init__(self, adapter: Adapter, layers=None, steps=None, cfg: str = "cond", chunk_elements: int = CHUNK_ELEMENTS):
+    verb = "capture"
+
+    def __init__(self, adapter: Adapter, layers=None, steps=None, cfg: str = "cond", chunk_elements: int | None = None,
+                 keep_probabilities: bool = False):
         super().__init__(adapter, layers, steps, cfg, chunk_elements)
+        if not isinstance(keep_probabilities, bool):
+            raise TypeError(f"keep_probabilities must be a bool, got {keep_probabilities!r}")
+        self.keep_probabilities = keep_probabilities
         self._sum: dict[tuple[str, int], torch.Tensor] = {}  # (layer, step) -> (heads, keys) float64
+        self._after: dict[tuple[str, int], torch.Tensor] = {}  # the same, after the interventions' edits
+        self._hit: dict[tuple[str, int], torch.Tensor] = {}  # (2, heads): mass on the intervened keys before, after
+        self._probs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._count: dict[tuple[str, int], int] = {}
         self._layouts: dict[str, KeyLayout] = {}
         self.steps_seen: list[int] = []
 
-    def handle(self, processor, attn, layout, qkv, original, hidden_states, encoder_hidden_states):
-        query, key, _ = qkv
+    def observe(self, layer: str, layout: KeyLayout, query, key, value) -> None:
+        """A call no intervention edits: the mass of the selected samples (before = after)."""
         chosen = self.samples(query.shape[0])
-        if chosen is not None:
-            with torch.no_grad():
-                mass = image_query_mass(query[chosen], key[chosen], layout.image_slice, self.chunk_elements)
-                self._add(processor.layer, self.step, layout, mass)
-        return original()  # the stock processor computes the output: capturing changes nothing
+        if chosen is None:
+            return
+        if self.keep_probabilities:
+            _, mass, probs = _attention(query[chosen], key[chosen], value[chosen], (), self.chunk_elements,
+                                        layout.image_slice, keep=True)
+        else:
+            mass, probs = image_query_mass(query[chosen], key[chosen], layout.image_slice, self.chunk_elements), None
+        self._add(layer, layout, mass, mass, probs, torch.zeros_like(mass, dtype=torch.bool))
 
-    def _add(self, layer: str, step: int, layout: KeyLayout, mass: torch.Tensor) -> None:
+    def record(self, layer: str, layout: KeyLayout, before, after, probs, hit) -> None:
+        """A call that interventions edit: every sample's mass before and after, the intervened keys."""
+        chosen = self.samples(before.shape[0])
+        if chosen is None:
+            return
+        self._add(layer, layout, before[chosen], after[chosen], None if probs is None else probs[chosen], hit[chosen])
+
+    def _add(self, layer: str, layout: KeyLayout, before, after, probs, hit) -> None:
         known = self._layouts.get(layer)
         if known is not None and (known.text, known.image) != (layout.text, layout.image):
             raise ValueError(f"{layer} had {known.text} text + {known.image} image keys, now {layout.text} + "
                              f"{layout.image}: capture one resolution and text length per context")
         self._layouts[layer] = layout
-        key = (layer, step)
-        total = mass.sum(0).double().cpu()
-        self._sum[key] = self._sum[key] + total if key in self._sum else total
-        self._count[key] = self._count.get(key, 0) + mass.shape[0]
+        key, step = (layer, self.step), self.step
+        hit_mass = torch.stack([(before * hit).sum(-1), (after * hit).sum(-1)]).sum(1)  # (2, heads)
+        for store, value in ((self._sum, before.sum(0)), (self._after, after.sum(0)), (self._hit, hit_mass)):
+            value = value.double().cpu()
+            store[key] = store[key] + value if key in store else value
+        if probs is not None:
+            self._probs.setdefault(key, []).append(probs.cpu())
+        self._count[key] = self._count.get(key, 0) + before.shape[0]
         if step not in self.steps_seen:
             self.steps_seen.append(step)
 
@@ -596,9 +777,32 @@ class Capture(_Swap):
         return KeyLayout(layout.text, layout.image, layout.text_first, layout.positions, pad_from)
 
     def mass(self, layer: str, step: int) -> torch.Tensor:
-        """(heads, keys) float64: incoming mass averaged over image queries and captured samples."""
+        """(heads, keys) float64: incoming mass of the unedited probabilities, averaged over image
+        queries and captured samples (before any intervention this capture is nested in)."""
         self._check(layer, step)
         return self._sum[(layer, step)] / self._count[(layer, step)]
+
+    def mass_after(self, layer: str, step: int) -> torch.Tensor:
+        """(heads, keys) float64: incoming mass of the probabilities the output was computed with,
+        after the interventions this capture is nested in (`mass` where none acted)."""
+        self._check(layer, step)
+        return self._after[(layer, step)] / self._count[(layer, step)]
+
+    def suppressed(self, layer: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(before, after), each (heads,) float64: the mass on the keys the interventions chose
+        (per sample and head), averaged over captured samples; zero where none acted."""
+        self._check(layer, step)
+        before, after = self._hit[(layer, step)] / self._count[(layer, step)]
+        return before, after
+
+    def probabilities(self, layer: str, step: int) -> torch.Tensor:
+        """(samples, heads, queries, keys) float32: every post-intervention probability of the
+        captured samples (all queries, text and image, in the layer's order). Needs
+        keep_probabilities=True: at FLUX-1024^2 shapes that is ~2 GiB per sample, layer and step."""
+        self._check(layer, step)
+        if not self.keep_probabilities:
+            raise ValueError("probabilities were not kept: pass keep_probabilities=True to capture()")
+        return torch.cat(self._probs[(layer, step)])
 
     def samples_at(self, layer: str, step: int) -> int:
         self._check(layer, step)
@@ -606,11 +810,14 @@ class Capture(_Swap):
 
 
 def capture(adapter: Adapter, layers: str | Sequence[str] | None = None, steps=None, cfg: str = "cond",
-            chunk_elements: int = CHUNK_ELEMENTS) -> Capture:
+            chunk_elements: int | None = None, keep_probabilities: bool = False) -> Capture:
     """Context manager capturing incoming attention mass at `layers` (default all) and `steps` (default all).
 
-    cfg: which samples of a guidance batch are averaged ("cond", "uncond" or "both")."""
-    return Capture(adapter, layers, steps, cfg, chunk_elements)
+    cfg: which samples of a guidance batch are averaged ("cond", "uncond" or "both"). chunk_elements:
+    scores held at once (None: CHUNK_ELEMENTS). keep_probabilities: also keep every probability (small
+    models only). Nested inside `intervene()`, it also records the mass after the edit
+    (`Capture.mass_after`, `suppression`); `intervene()` cannot be entered inside a capture."""
+    return Capture(adapter, layers, steps, cfg, chunk_elements, keep_probabilities)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,28 +827,48 @@ def capture(adapter: Adapter, layers: str | Sequence[str] | None = None, steps=N
 
 class Intervention(_Swap):
     """`with intervene(adapter, KeyIntervention(...)): pipe(...)`. `chosen[(layer, step)]` holds the
-    last call's suppressed keys (batch_size, heads, k), for inspection."""
+    last call's suppressed keys (batch_size, heads, k), for inspection.
 
-    def __init__(self, adapter: Adapter, intervention: KeyIntervention, chunk_elements: int = CHUNK_ELEMENTS):
+    Nesting: one score-path and one value-path intervention combine (the paper's combination): at a
+    layer and step where both act, the keys of each are chosen from the unedited mass, the value
+    rows are replaced and the probabilities scaled in one attention. Two score-path (or two
+    value-path) interventions on the same layer and step are refused, and so is an intervention
+    entered inside a capture (enter the capture inside it: it then sees the mass before and after)."""
+
+    verb = "intervene"
+
+    def __init__(self, adapter: Adapter, intervention: KeyIntervention, chunk_elements: int | None = None):
         if not isinstance(intervention, KeyIntervention):
             raise TypeError(f"intervention must be a KeyIntervention, got {type(intervention).__name__}")
         super().__init__(adapter, intervention.layers, intervention.steps, "both", chunk_elements)
         self.intervention = intervention
         self.chosen: dict[tuple[str, int], torch.Tensor] = {}
 
-    def handle(self, processor, attn, layout, qkv, original, hidden_states, encoder_hidden_states):
+    def _check_nesting(self, modules) -> None:
+        mine = "score" if self.intervention.path == "score" else "value"
+        for path in self.layers:
+            for p in _chain(modules[path].processor):
+                if isinstance(p.swap, Capture):
+                    raise ValueError("enter attention.intervene() outside attention.capture(), not inside it")
+                other = p.swap.intervention
+                if ("score" if other.path == "score" else "value") == mine and _overlap(self.steps, p.swap.steps):
+                    raise ValueError(f"cannot nest two {mine}-path interventions on {path} at the same steps "
+                                     f"({other.name} and {self.intervention.name}); one score-path and one value-path "
+                                     "intervention combine")
+
+    def choose(self, layer: str, mass: torch.Tensor) -> _Edit:
+        """This intervention's keys at this call from the unedited mass (batch_size, heads, keys)."""
         iv = self.intervention
-        query, key, value = qkv
-        with torch.no_grad():
-            mass = image_query_mass(query, key, layout.image_slice, self.chunk_elements)
-            chosen = _choose(iv, mass, processor.layer, self.step)
-            self.chosen[(processor.layer, self.step)] = chosen.cpu()
-            out = _attend(query, key, value, chosen, iv.path, float(iv.eta), self.chunk_elements)
-            return _finish(processor.kind, attn, out, hidden_states, encoder_hidden_states)
+        chosen = _choose(iv, mass, layer, self.step)
+        self.chosen[(layer, self.step)] = chosen.cpu()
+        return _Edit(chosen, iv.path, float(iv.eta), iv.dose)
 
 
-def intervene(adapter: Adapter, intervention: KeyIntervention, chunk_elements: int = CHUNK_ELEMENTS) -> Intervention:
-    """Context manager suppressing keys as `intervention` says (its layers and steps)."""
+def intervene(adapter: Adapter, intervention: KeyIntervention, chunk_elements: int | None = None) -> Intervention:
+    """Context manager suppressing keys as `intervention` says (its layers and steps).
+
+    chunk_elements: scores held at once (None: CHUNK_ELEMENTS). Nest a score-path and a value-path
+    intervention to combine them; nest `capture()` inside to see the mass before and after."""
     return Intervention(adapter, intervention, chunk_elements)
 
 
@@ -679,6 +906,24 @@ def mass_by_kind(cap: Capture) -> list[dict]:
     return rows
 
 
+def suppression(cap: Capture) -> list[dict]:
+    """One row per (layer, step, head) where an intervention acted: how much it removed. "before"
+    and "after" are the incoming mass (over image queries) on the keys the interventions chose, per
+    sample and head, before and after the edit, averaged over captured samples; "kept" = after /
+    before (eta under the default dose, 1 on the value path), "removed" = before - after. Needs
+    the capture nested inside `intervene()`."""
+    rows = []
+    for layer, step in cap.captured:
+        before, after = cap.suppressed(layer, step)
+        if not before.any():
+            continue
+        for h in range(before.shape[0]):
+            b, a = float(before[h]), float(after[h])
+            rows.append({"layer": layer, "step": step, "head": h, "before": b, "after": a,
+                         "kept": a / b if b > 0 else float("nan"), "removed": b - a})
+    return rows
+
+
 def movement(cap: Capture, k: int = 1) -> list[dict]:
     """Per (layer, head) over the captured steps in order: how often the top-1 key stays put between
     consecutive steps, the mean Jaccard overlap of consecutive top-k sets, the share of steps whose
@@ -710,8 +955,11 @@ CONTROLS = ("random", "bottom")  # the equal-budget controls of a sink intervent
 
 
 def op_label(iv: KeyIntervention) -> str:
-    """The table's "op" of an intervention: "score eta=0", "value_zero", "value_mean"."""
-    return f"score eta={iv.eta:g}" if iv.path == "score" else iv.path
+    """The table's "op" of an intervention: "score eta=0", "value_zero", "value_mean"; the score
+    path under the old dose reads "score eta=0.1 renormalise"."""
+    if iv.path != "score":
+        return iv.path
+    return f"score eta={iv.eta:g}" + ("" if iv.dose == "redistribute" else f" {iv.dose}")
 
 
 def window_label(iv: KeyIntervention) -> str:

@@ -1,13 +1,30 @@
 """mabook.attention: capture is a no-op, mass matches an independent softmax, interventions act, processors come back.
 
-The independent computation re-derives q and k from the attention module's own weights by hand
-(RMS norm, FLUX's rotary embedding) and takes the softmax in float64 numpy.
+The independent computation re-derives q, k and v from the attention module's own weights and
+inputs by hand in float64 (linear layers, RMS norm, FLUX's rotary embedding), takes the softmax in
+numpy, applies the documented edit (the paper's dose: a chosen key keeps eta * p, the others are
+rescaled by one common factor; value rows replaced at the chosen keys only) and compares it with the
+probabilities and the attention output the module really used, for the organism, FLUX, SD3 (and
+SD3.5's QK-norm and MMDiT-X dual attention) and PixArt.
 """
+
+import contextlib
+import dataclasses
+import functools
 
 import numpy as np
 import pytest
 import torch
-from test_models import built
+from test_models import (
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    built,
+    tiny_clip,
+    tiny_t5,
+    tiny_tokenizer,
+    tiny_vae,
+)
 
 import mabook
 from mabook import attention, world
@@ -58,8 +75,12 @@ def test_capture_gives_bit_identical_images_and_restores_processors(organism, ba
 
 
 def rms(x, norm):
+    """RMS norm over the last axis in float64 (None: no norm; a norm without weight: no scale)."""
+    if norm is None:
+        return x.double()
     x64 = x.double()
-    return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+    x64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return x64 * norm.weight.double() if getattr(norm, "weight", None) is not None else x64
 
 
 def rope(x, cos, sin):
@@ -109,20 +130,40 @@ def test_captured_mass_equals_independent_softmax(organism, layer):
     assert cap.captured == [(layer, 1)] and cap.samples_at(layer, 1) == 1
 
 
+def inputs_of(module):
+    """(list, handle): every call's inputs of an attention module, by name (PixArt passes hidden_states positionally)."""
+    seen = []
+
+    def hook(m, args, kwargs):
+        seen.append({"hidden_states": args[0], **kwargs} if args else dict(kwargs))
+
+    return seen, module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def test_keys_are_labelled_text_pad_and_image_with_grid_positions(organism):
     pipe, adapter = organism
-    with attention.capture(adapter, layers="transformer_blocks.0.attn", steps=0) as cap:
-        generate(pipe)
-    layout = cap.keys("transformer_blocks.0.attn")
+    layer = "transformer_blocks.0.attn"
+    module = adapter.attention_modules()[layer]
+    seen, handle = inputs_of(module)
+    try:
+        with attention.capture(adapter, layers=layer, steps=0) as cap:
+            generate(pipe)
+    finally:
+        handle.remove()
+    layout = cap.keys(layer)
     tokens = len(pipe.tokenizer(PROMPT[0])["input_ids"])
     assert layout.pad_from == tokens
     kinds = layout.kinds()
     assert list(kinds[:tokens]) == ["text"] * tokens and set(kinds[tokens:32]) == {"pad"} and set(kinds[32:]) == {"image"}
     assert layout.label(32) == {"kind": "image", "index": 0, "row": 0, "col": 0}
     assert layout.label(32 + 8 * 3 + 5) == {"kind": "image", "index": 29, "row": 3, "col": 5}
+    # mass by kind: an independent float64 softmax summed over the key ranges the tokenizer gives
     rows = attention.mass_by_kind(cap)
-    assert len(rows) == adapter.transformer.config.num_attention_heads
-    assert all(abs(r["text"] + r["pad"] + r["image"] - 1) < 1e-5 for r in rows)
+    with torch.no_grad():
+        expected = independent_mass(module, seen[0], 32)
+    assert [(r["layer"], r["step"], r["head"]) for r in rows] == [(layer, 0, h) for h in range(expected.shape[0])]
+    by_kind = np.stack([expected[:, :tokens].sum(1), expected[:, tokens:32].sum(1), expected[:, 32:].sum(1)], 1)
+    np.testing.assert_allclose([[r["text"], r["pad"], r["image"]] for r in rows], by_kind, atol=2e-6)
 
 
 def test_sinks_are_the_top_keys_and_movement_covers_every_head(organism):
@@ -138,7 +179,19 @@ def test_sinks_are_the_top_keys_and_movement_covers_every_head(organism):
         assert r["key"] == int(mass.topk(2).indices[r["rank"]]) and r["mass"] == pytest.approx(float(mass[r["key"]]))
     moves = attention.movement(cap, k=2)
     assert [m["head"] for m in moves] == list(range(heads))
-    assert all(0 <= m["top1_stays"] <= 1 and 0 <= m["topk_jaccard"] <= 1 for m in moves)
+    # movement written out in numpy from the captured masses (steps in order)
+    mass = np.stack([cap.mass(layer, s).numpy() for s in range(STEPS)])  # (steps, heads, keys)
+    order = np.argsort(-mass, axis=-1, kind="stable")
+    kinds = cap.keys(layer).kinds()
+    for h, m in enumerate(moves):
+        first = order[:, h, 0]
+        sets = [set(order[s, h, :2].tolist()) for s in range(STEPS)]
+        assert m["steps"] == STEPS and m["layer"] == layer
+        assert m["top1_stays"] == pytest.approx(np.mean(first[1:] == first[:-1]))
+        assert m["topk_jaccard"] == pytest.approx(np.mean([len(a & b) / len(a | b) for a, b in zip(sets, sets[1:])]))
+        assert m["top1_is_key0"] == pytest.approx(np.mean(first == 0))
+        values, counts = np.unique(kinds[first], return_counts=True)
+        assert counts[list(values).index(m["top1_kind"])] == counts.max()
 
 
 # -- (c) interventions -------------------------------------------------------------------------------
@@ -271,6 +324,15 @@ def test_bad_input_raises_clear_errors(organism):
     with pytest.raises(ValueError, match=r"k=97 is larger than allowed .* 96 keys"):
         with attention.intervene(adapter, KeyIntervention("sink", k=97, layers="transformer_blocks.0.attn")):
             generate(pipe, steps=1)
+    with pytest.raises(ValueError, match=r"k=96 is larger than allowed .* 96 keys, so k <= 95 \(the score path"):
+        with attention.intervene(adapter, KeyIntervention("sink", k=96, layers="transformer_blocks.0.attn")):
+            generate(pipe, steps=1)
+    with attention.intervene(adapter, KeyIntervention("sink", k=96, path="value_zero", layers="transformer_blocks.0.attn")):
+        generate(pipe, steps=1)  # the value path may hit every key
+    with pytest.raises(ValueError, match=r"^unknown dose 'paper'; allowed: \['redistribute', 'renormalise'\]$"):
+        KeyIntervention(dose="paper")
+    with pytest.raises(ValueError, match=r"chunk_elements must be an int >= 1 \(or None: CHUNK_ELEMENTS\), got 0"):
+        attention.intervene(adapter, KeyIntervention(), chunk_elements=0)
     with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\], got 1.5"):
         KeyIntervention(eta=1.5)
     with pytest.raises(ValueError, match=r"eta .* got -0.1"):
@@ -289,6 +351,8 @@ def test_bad_input_raises_clear_errors(organism):
         with attention.capture(adapter, layers="transformer_blocks.0.attn", steps=0) as cap:
             generate(pipe, steps=1)
         cap.mass("transformer_blocks.1.attn", 0)
+    with pytest.raises(ValueError, match=r"^probabilities were not kept: pass keep_probabilities=True to capture\(\)$"):
+        cap.probabilities("transformer_blocks.0.attn", 0)
     assert all(type(p).__name__ == "FluxAttnProcessor" for p in adapter.transformer.attn_processors.values())
 
 
@@ -405,6 +469,425 @@ def test_sink_shift_identity_edit_keeps_every_sink(organism, small_base):
     assert all(r["old_sink_mass"] == pytest.approx(r["sink_mass"]) for r in ident)
     wiped = [r for r in rows if r["edit"] == "zero-all"]
     assert np.mean([r["top1_same"] for r in wiped]) < 1
-    assert all(0 <= r["top1_same"] <= 1 and r["old_sink_mass"] <= r["edited_sink_mass"] + 1e-12 for r in rows)
+    # independent: regenerate the last unit with and without the edit, and read the rows off the masses in numpy
+    prompt, seed = small_base.units[-1]
+    layer = "single_transformer_blocks.3.attn"
+
+    def masses(edit_list):
+        edited = mabook.probe.edit(adapter, edit_list) if edit_list else contextlib.nullcontext()
+        with attention.capture(adapter, layers=layer) as cap, edited:
+            pipe([prompt], num_inference_steps=STEPS, generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np")
+        return np.stack([cap.mass(layer, s).numpy() for s in range(STEPS)])  # (steps, heads, keys)
+
+    plain = masses(None)
+    wiped_mass = masses(edits["zero-all"])
+    top_plain, top_wiped = plain.argmax(-1), wiped_mass.argmax(-1)  # (steps, heads)
+    (row,) = [r for r in wiped if r["layer"] == layer and (r["prompt"], r["seed"]) == (prompt, seed)]
+    assert row["top1_same"] == pytest.approx(np.mean(top_plain == top_wiped), abs=1e-12)
+    assert row["sink_mass"] == pytest.approx(plain.max(-1).mean(), rel=1e-6)
+    assert row["old_sink_mass"] == pytest.approx(np.take_along_axis(wiped_mass, top_plain[..., None], -1).mean(), rel=1e-6)
+    assert row["edited_sink_mass"] == pytest.approx(wiped_mass.max(-1).mean(), rel=1e-6)
     with pytest.raises(ValueError, match="non-empty"):
         attention.sink_shift(small_base, {})
+
+
+# -- (g) post-intervention probabilities and outputs against an independent float64 computation ------------------
+
+
+def tiny_sd35():
+    """SD3.5-style: QK RMS norm and MMDiT-X dual attention (block 0 adds an image-only self-attention, attn2)."""
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0, scaling_factor=1.0),
+        text_encoder=tiny_clip(True), tokenizer=tiny_tokenizer(), text_encoder_2=tiny_clip(True),
+        tokenizer_2=tiny_tokenizer(), text_encoder_3=tiny_t5(), tokenizer_3=tiny_tokenizer(),
+        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                          caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+                                          pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,)),
+    )
+    with torch.no_grad():  # the norms' weights start at 1: make them matter
+        for name, param in pipe.transformer.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+                param.uniform_(0.5, 1.5)
+    return pipe, dict(height=8, width=8, max_sequence_length=8)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(family):
+    """(pipe, call, adapter) of a tiny random-weight pipeline, built once per test run."""
+    if family == "sd3.5":
+        torch.manual_seed(0)
+        pipe, call = tiny_sd35()
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+    else:
+        pipe, call = built(family)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call, mabook.adapter_for(pipe)
+
+
+FAMILIES = ["organism", "flux", "sd3", "sd3.5", "pixart"]
+
+
+def family_run(request, family):
+    """(adapter, run): run() generates one fixed image (with guidance where the family batches it)."""
+    if family == "organism":
+        pipe, adapter = request.getfixturevalue("organism")
+        return adapter, lambda: generate(pipe)
+    pipe, call, adapter = tiny(family)
+    return adapter, lambda: pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                                 output_type="pt", **call).images
+
+
+def lin(layer, x):
+    """A linear layer in float64."""
+    out = x.double() @ layer.weight.double().T
+    return out if layer.bias is None else out + layer.bias.double()
+
+
+def independent_qkv(attn, inputs):
+    """q, k, v (batch_size, heads, keys, head_dim) float64 from the module's weights and inputs, keys in
+    the layer's order: FLUX [text; image] with RoPE, SD3 [image; text], self-attention image only."""
+    hidden_states, encoder_hidden_states = inputs["hidden_states"], inputs.get("encoder_hidden_states")
+    B, H = hidden_states.shape[0], attn.heads
+
+    def heads(t):
+        return t.view(B, t.shape[1], H, -1)  # (B, S, H, D)
+
+    q, k, v = (heads(lin(p, hidden_states)) for p in (attn.to_q, attn.to_k, attn.to_v))
+    q, k = rms(q, attn.norm_q), rms(k, attn.norm_k)
+    flux = type(attn).__name__ == "FluxAttention"
+    if encoder_hidden_states is not None:
+        eq, ek, ev = (heads(lin(p, encoder_hidden_states)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        eq, ek = rms(eq, attn.norm_added_q), rms(ek, attn.norm_added_k)
+        pairs = ((eq, q), (ek, k), (ev, v)) if flux else ((q, eq), (k, ek), (v, ev))
+        q, k, v = (torch.cat(pair, 1) for pair in pairs)
+    if flux and inputs.get("image_rotary_emb") is not None:
+        cos, sin = inputs["image_rotary_emb"]
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+    return tuple(t.permute(0, 2, 1, 3).double().numpy() for t in (q, k, v))
+
+
+def softmax(scores):
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def one_hot(chosen, keys):
+    """(B, H, 1, keys) bool: True at the chosen keys (B, H, k)."""
+    mask = np.zeros(chosen.shape[:2] + (keys,), bool)
+    np.put_along_axis(mask, chosen, True, -1)
+    return mask[:, :, None, :]
+
+
+def expected_probabilities(p, mask, eta, dose):
+    """The documented score-path edit of probabilities p (B, H, queries, keys), in float64."""
+    chosen, others = (p * mask).sum(-1, keepdims=True), (p * ~mask).sum(-1, keepdims=True)
+    if dose == "redistribute":  # the chosen keys keep eta * p; the others share the rest in proportion
+        return np.where(mask, eta * p, p * (1 + (1 - eta) * chosen / others))
+    return np.where(mask, eta * p, p) / (others + eta * chosen)  # "renormalise": scale and renormalise the row
+
+
+def check_selection(iv, chosen, mass):
+    """The chosen keys (B, H, k) are the top-k / bottom-k of the independent mass (B, H, keys), or avoid the top-k."""
+    for b, h in np.ndindex(chosen.shape[:2]):
+        m, c = mass[b, h], chosen[b, h]
+        rest = np.delete(m, c)
+        if iv.keys == "sink":
+            assert m[c].min() >= rest.max() - 1e-6
+        elif iv.keys == "bottom":
+            assert m[c].max() <= rest.min() + 1e-6
+        else:
+            ranked = np.sort(m)[::-1]
+            if ranked[iv.k - 1] - ranked[iv.k] > 1e-6:  # a clear top-k: random keys avoid it
+                assert not set(c.tolist()) & set(np.argsort(-m)[:iv.k].tolist())
+
+
+LAYERS = [("organism", "transformer_blocks.1.attn"), ("organism", "single_transformer_blocks.2.attn"),
+          ("flux", "transformer_blocks.0.attn"), ("flux", "single_transformer_blocks.1.attn"),
+          ("sd3", "transformer_blocks.0.attn"), ("sd3", "transformer_blocks.1.attn"),  # block 1: context_pre_only
+          ("sd3.5", "transformer_blocks.0.attn"), ("sd3.5", "transformer_blocks.0.attn2"),  # QK-norm; dual attention
+          ("pixart", "transformer_blocks.1.attn1")]
+OPS = {
+    "score eta=0": [KeyIntervention("sink", 2, eta=0.0)],
+    "score eta=0.01": [KeyIntervention("sink", 2, eta=0.01)],
+    "score eta=0.01 renormalise": [KeyIntervention("sink", 2, eta=0.01, dose="renormalise")],
+    "score eta=0.5 random": [KeyIntervention("random", 2, eta=0.5)],
+    "value_zero": [KeyIntervention("sink", 2, path="value_zero")],
+    "value_mean bottom": [KeyIntervention("bottom", 2, path="value_mean")],
+    "score+value": [KeyIntervention("sink", 1, eta=0.1), KeyIntervention("sink", 2, path="value_zero")],
+}
+STEP = 1  # the interventions act at the second step only
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("family,layer", LAYERS)
+def test_post_intervention_probabilities_and_output_match_an_independent_computation(request, family, layer, op):
+    adapter, run = family_run(request, family)
+    module = adapter.attention_modules()[layer]
+    ivs = [dataclasses.replace(iv, layers=layer, steps=STEP) for iv in OPS[op]]
+    seen, handle = inputs_of(module)
+    outputs = []
+    to_out = getattr(module, "to_out", None)
+    if to_out is not None:  # the image queries' attention output, before the output projection
+        out_handle = to_out[0].register_forward_pre_hook(lambda m, args: outputs.append(args[0]))
+    else:  # FLUX single blocks return every query's attention output
+        out_handle = module.register_forward_hook(lambda m, args, output: outputs.append(output))
+    try:
+        with contextlib.ExitStack() as stack:
+            contexts = [stack.enter_context(attention.intervene(adapter, iv)) for iv in ivs]
+            cap = stack.enter_context(attention.capture(adapter, layers=layer, steps=STEP, cfg="both",
+                                                        keep_probabilities=True))
+            run()
+    finally:
+        handle.remove()
+        out_handle.remove()
+    assert len(seen) == len(outputs) == (STEPS if family == "organism" else 2)  # one call per step
+    with torch.no_grad():
+        q, k, v = independent_qkv(module, seen[STEP])
+    B, H, S, D = k.shape
+    p = softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(D))  # (B, H, queries, keys)
+    image = cap.keys(layer).image_slice
+    mass = p[:, :, image].mean(2)
+    expected_p, expected_v, hit = p, v.copy(), np.zeros((B, H, 1, S), bool)
+    for iv, context in zip(ivs, contexts):
+        chosen = context.chosen[(layer, STEP)].numpy()
+        check_selection(iv, chosen, mass)  # chosen from the unedited probabilities, per sample and head
+        mask = one_hot(chosen, S)
+        hit |= mask
+        if iv.path == "score":
+            expected_p = expected_probabilities(p, mask, iv.eta, iv.dose)
+            score_mask, score_iv = mask, iv
+        else:  # only the chosen keys' value rows change
+            replacement = np.zeros_like(v) if iv.path == "value_zero" else np.broadcast_to(v.mean(2, keepdims=True), v.shape)
+            expected_v = np.where(mask[:, :, 0, :, None], replacement, expected_v)
+    # the probabilities the module used
+    got = cap.probabilities(layer, STEP).double().numpy()
+    assert got.shape == p.shape
+    np.testing.assert_allclose(got, expected_p, atol=2e-6)
+    np.testing.assert_allclose(got.sum(-1), 1, atol=1e-5)  # every row sums to 1
+    if any(iv.path == "score" for iv in ivs):
+        kept = got[np.broadcast_to(score_mask, got.shape)]
+        if score_iv.eta == 0:
+            assert (kept == 0).all()  # masked keys get no mass at all
+        elif score_iv.dose == "redistribute":
+            np.testing.assert_allclose(kept, score_iv.eta * p[np.broadcast_to(score_mask, p.shape)], rtol=1e-4, atol=1e-9)
+        # the other keys are rescaled by one common factor per row
+        ratio = np.where(~score_mask & (p > 1e-3), got / p, np.nan)
+        spread = (np.nanmax(ratio, -1) - np.nanmin(ratio, -1)) / np.nanmean(ratio, -1)
+        assert np.nanmax(spread) < 1e-3
+    else:
+        np.testing.assert_allclose(got, p, atol=2e-6)  # the value path leaves the probabilities alone
+    # the attention output the module computed: edited probabilities times edited values
+    out = outputs[STEP]
+    out = out.view(B, out.shape[1], H, D).permute(0, 2, 1, 3).double().numpy()
+    rows = image if to_out is not None else slice(0, S)
+    expected_out = (expected_p @ expected_v)[:, :, rows]
+    np.testing.assert_allclose(out, expected_out, rtol=1e-4, atol=2e-5)
+    if any(iv.path != "score" for iv in ivs):  # the value edit shows in the output
+        moved = np.abs(expected_out - (expected_p @ v)[:, :, rows]).max()
+        assert moved > 1e-4 and np.abs(out - (expected_p @ v)[:, :, rows]).max() > moved / 2
+    # the mass before and after, and on the intervened keys
+    np.testing.assert_allclose(cap.mass(layer, STEP).numpy(), mass.mean(0), atol=2e-6)
+    after = expected_p[:, :, image].mean(2)
+    np.testing.assert_allclose(cap.mass_after(layer, STEP).numpy(), after.mean(0), atol=2e-6)
+    before_hit, after_hit = cap.suppressed(layer, STEP)
+    np.testing.assert_allclose(before_hit.numpy(), (mass * hit[:, :, 0]).sum(-1).mean(0), atol=2e-6)
+    np.testing.assert_allclose(after_hit.numpy(), (after * hit[:, :, 0]).sum(-1).mean(0), atol=2e-6)
+
+
+# -- (h) dose: the paper's rule, and eta = 0 never gives NaN --------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_at_eta_one_percent_every_sink_keeps_one_percent_of_its_mass(request, family):
+    adapter, run = family_run(request, family)
+    cells = len(attention.layers(adapter)) * (STEPS if family == "organism" else 2)  # (layer, step) pairs
+    kept = {}
+    for dose in attention.DOSES:
+        with attention.intervene(adapter, KeyIntervention("sink", k=1, eta=0.01, dose=dose)), \
+                attention.capture(adapter, cfg="both") as cap:
+            run()
+        rows = attention.suppression(cap)
+        assert len(rows) == cells * adapter.transformer.config.num_attention_heads  # every layer, step and head
+        kept[dose] = np.array([r["kept"] for r in rows])
+        assert all(r["removed"] == pytest.approx(r["before"] - r["after"]) for r in rows)
+    np.testing.assert_allclose(kept["redistribute"], 0.01, rtol=1e-4)
+    assert kept["renormalise"].min() > 0.01 * 1.001  # the old rule, kept by name, leaves the sink more
+
+
+@pytest.mark.parametrize("dose", attention.DOSES)
+@pytest.mark.parametrize("gap", [30.0, 200.0])
+def test_a_query_with_all_its_mass_on_the_suppressed_key_gives_no_nan(dose, gap):
+    """Logit gap 200: exp(-200) underflows, every other key's float32 probability is exactly 0;
+    gap 30: 1 - p_sink is 0 in float32 but the other keys' own sum is not."""
+    torch.manual_seed(0)
+    B, H, S, D = 1, 2, 6, 4
+    q = torch.zeros(B, H, S, D)
+    q[..., 0] = 1.0
+    k = 0.1 * torch.randn(B, H, S, D)
+    k[:, :, 0, 0] = gap * D**0.5  # key 0's logit is `gap` above the others' (|logit| < 0.5)
+    v = torch.randn(B, H, S, D)
+    chosen = torch.zeros(B, H, 1, dtype=torch.long)
+    p = softmax((q.double() @ k.double().transpose(-1, -2)).numpy() / D**0.5)
+    assert p[..., 0].min() > 1 - 1e-12
+    for eta in (0.0, 0.01, 0.5):
+        out = attention._attend(q, k, v, chosen, "score", eta, dose=dose)
+        edit = attention._Edit(chosen, "score", eta, dose)
+        _, mass, probs = attention._attention(q, k, v, [edit], image=slice(0, S), keep=True)
+        assert torch.isfinite(out).all() and torch.isfinite(probs).all() and torch.isfinite(mass).all()
+        expected = expected_probabilities(p, one_hot(chosen.numpy(), S), eta, dose)
+        np.testing.assert_allclose(probs.double().numpy(), expected, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(out.double().numpy(), expected @ v.double().numpy(), rtol=1e-5, atol=1e-6)
+        if eta == 0:
+            assert (probs[..., 0] == 0).all()
+
+
+# -- (i) the chunked path: 1, 2 and many chunks agree ----------------------------------------------------------------
+
+
+def test_one_two_and_many_chunks_give_the_same_mass_and_outputs(organism, monkeypatch):
+    pipe, adapter = organism
+    layer = "transformer_blocks.1.attn"
+    keys = 96
+    heads = adapter.transformer.config.num_attention_heads
+    sizes = []
+    scores = attention._scores
+    monkeypatch.setattr(attention, "_scores", lambda q, k: sizes.append(q.shape[2]) or scores(q, k))
+    iv = KeyIntervention("sink", k=2, eta=0.01, layers=layer)
+
+    def once(chunk_elements):
+        sizes.clear()
+        with attention.capture(adapter, layers=layer, chunk_elements=chunk_elements) as plain:
+            generate(pipe)
+        capture_sizes = list(sizes)
+        with attention.intervene(adapter, iv, chunk_elements=chunk_elements) as ctx, \
+                attention.capture(adapter, layers=layer, cfg="both", chunk_elements=chunk_elements) as cap:
+            images = generate(pipe)
+        return capture_sizes, images, plain, cap, ctx
+
+    one = once(None)  # CHUNK_ELEMENTS = 2**24: one chunk
+    two = once(heads * keys * 32)  # 32 of the 64 image queries of the conditional sample per chunk
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 1)  # read at call time: one query per chunk
+    many = once(None)
+    assert one[0] == [64] * STEPS and two[0] == [32, 32] * STEPS and many[0] == [1] * 64 * STEPS
+    # the same up to float rounding: chunk sums add in another order, and a one-query chunk runs BLAS's
+    # matrix-vector kernel (here 2 chunks give bit-identical images, many differ by ~3e-6)
+    for other in (two, many):
+        torch.testing.assert_close(other[1], one[1], rtol=0, atol=1e-5)
+        for step in range(STEPS):
+            for a, b in ((other[2], one[2]), (other[3], one[3])):
+                torch.testing.assert_close(a.mass(layer, step), b.mass(layer, step), rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(a.mass_after(layer, step), b.mass_after(layer, step), rtol=1e-5, atol=1e-7)
+            assert torch.equal(other[4].chosen[(layer, step)], one[4].chosen[(layer, step)])
+
+
+# -- (j) processors come back after an error, in every family ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("family", ["flux", "sd3", "sd3.5", "pixart"])
+def test_processors_restored_after_an_error_in_every_family(family, error):
+    adapter, run = family_run(None, family)
+    before = {p: m.processor for p, m in adapter.attention_modules().items()}
+    base = run()
+    score, value = KeyIntervention("sink", k=1, eta=0.1), KeyIntervention("sink", k=1, path="value_mean")
+    stacks = [[lambda: attention.capture(adapter)], [lambda: attention.intervene(adapter, score)],
+              [lambda: attention.intervene(adapter, score), lambda: attention.capture(adapter, keep_probabilities=True)],
+              [lambda: attention.intervene(adapter, value), lambda: attention.intervene(adapter, score),
+               lambda: attention.capture(adapter)]]
+    calls = []
+
+    def fail_at_second_step(module, args, output):
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise error("stop")
+
+    handle = adapter.blocks[-1].module.register_forward_hook(fail_at_second_step)
+    try:
+        for i, stack_of in enumerate(stacks):
+            with pytest.raises(error):
+                with contextlib.ExitStack() as stack:
+                    for make in stack_of:
+                        stack.enter_context(make())
+                    run()
+            assert len(calls) == 2 * (i + 1)  # the error came at the second step, mid-generation
+            assert all(m.processor is before[p] for p, m in adapter.attention_modules().items())
+            assert not any(m._forward_pre_hooks for m in adapter.transformer.modules())
+    finally:
+        handle.remove()
+    assert torch.equal(run(), base)
+
+
+# -- (k) score-path and value-path interventions nest into one edit ---------------------------------------------------
+
+
+def test_score_and_value_interventions_nest_in_either_order_and_same_path_nesting_is_refused(organism, base):
+    pipe, adapter = organism
+    layer = "single_transformer_blocks.1.attn"
+    score = KeyIntervention("sink", k=1, eta=0.1, layers=layer)
+    value = KeyIntervention("sink", k=1, path="value_zero", layers=layer)
+    with attention.intervene(adapter, score) as a, attention.intervene(adapter, value) as b:
+        both = generate(pipe)
+    with attention.intervene(adapter, value), attention.intervene(adapter, score):
+        assert torch.equal(generate(pipe), both)
+    for step in range(STEPS):  # both chose their keys from the unedited probabilities
+        assert torch.equal(a.chosen[(layer, step)], b.chosen[(layer, step)])
+    for alone in (score, value):
+        with attention.intervene(adapter, alone):
+            assert (generate(pipe) - both).abs().max() > 1e-5
+    with pytest.raises(ValueError, match=r"^cannot nest two score-path interventions on single_transformer_blocks.1.attn "
+                                         r"at the same steps .*one score-path and one value-path intervention combine$"):
+        with attention.intervene(adapter, score), attention.intervene(adapter, KeyIntervention("random", k=1, layers=layer)):
+            pass
+    with pytest.raises(ValueError, match=r"cannot nest two value-path interventions"):
+        with attention.intervene(adapter, value), attention.intervene(adapter, dataclasses.replace(value, path="value_mean")):
+            pass
+    # the same path at different steps nests
+    with attention.intervene(adapter, dataclasses.replace(score, steps=0)) as first, \
+            attention.intervene(adapter, dataclasses.replace(score, steps=[1, 2])) as rest:
+        generate(pipe)
+    assert set(first.chosen) == {(layer, 0)} and set(rest.chosen) == {(layer, 1), (layer, 2)}
+    with pytest.raises(ValueError, match=r"outside attention.capture\(\)"):
+        with attention.capture(adapter), attention.intervene(adapter, score):
+            pass
+    assert all(type(p).__name__ == "FluxAttnProcessor" for p in adapter.transformer.attn_processors.values())
+    assert torch.equal(generate(pipe), base)
+
+
+# -- (l) steps and layers that never ran are refused ---------------------------------------------------------------------
+
+
+def test_steps_that_never_ran_are_refused(organism):
+    pipe, adapter = organism
+    with pytest.raises(ValueError, match=r"^intervene asked for step\(s\) \[5, 7\], but the steps that ran were 0\.\.2$"):
+        with attention.intervene(adapter, KeyIntervention(steps=[1, 5, 7])):
+            generate(pipe)
+    with pytest.raises(ValueError, match=r"^capture asked for step\(s\) \[3\], but the steps that ran were 0\.\.2$"):
+        with attention.capture(adapter, layers="transformer_blocks.0.attn", steps=[0, 3]):
+            generate(pipe)
+    with pytest.raises(ValueError, match=r"^capture asked for layer\(s\) \['transformer_blocks.0.attn'\], but the layers "
+                                         r"that ran were none \(was the pipeline called inside the context\?\)$"):
+        with attention.capture(adapter, layers="transformer_blocks.0.attn"):
+            pass
+    assert all(type(p).__name__ == "FluxAttnProcessor" for p in adapter.transformer.attn_processors.values())
+
+
+def test_layers_that_never_ran_are_refused(monkeypatch):
+    adapter, run = family_run(None, "pixart")
+    skipped = "transformer_blocks.1.attn1"
+    module = adapter.attention_modules()[skipped]
+    monkeypatch.setattr(module, "forward", lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states))
+    with pytest.raises(ValueError, match=r"^capture asked for layer\(s\) \['transformer_blocks.1.attn1'\], "
+                                         r"but the layers that ran were \['transformer_blocks.0.attn1'\]$"):
+        with attention.capture(adapter, layers=["transformer_blocks.0.attn1", skipped]):
+            run()
+    with pytest.raises(ValueError, match=r"^intervene asked for layer\(s\) \['transformer_blocks.1.attn1'\], "
+                                         r"but the layers that ran at steps \[1\] were none$"):
+        with attention.intervene(adapter, KeyIntervention(layers=skipped, steps=1)):
+            run()
+    with attention.capture(adapter) as cap:  # every layer (none named): the ones that ran are captured
+        run()
+    assert {layer for layer, _ in cap.captured} == {"transformer_blocks.0.attn1"}
+    assert all(type(m.processor).__name__ == "AttnProcessor2_0" for m in adapter.attention_modules().values())
