@@ -332,6 +332,8 @@ def main(argv=None):
         if f.name == "save_at":
             continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=getattr(d, f.name))
+    p.add_argument("--variant", default=None,
+                   help="a counterfactual organism of mabook.organism.variants (sets its fields and steps=6000)")
     p.add_argument("--no-timestep", action="store_true",
                    help="counterfactual organism: the AdaLN modulation sees one constant timestep")
     p.add_argument("--norm-affine", action="store_true",
@@ -356,6 +358,14 @@ def main(argv=None):
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name != "save_at"})
     organism_config = OrganismConfig(timestep_conditioning=not a.no_timestep, norm_affine=a.norm_affine,
                                      num_layers=a.num_layers, num_single_layers=a.num_single_layers)
+    if a.variant is not None:
+        from dataclasses import replace
+
+        from mabook.organism import variants
+
+        v = variants.check(a.variant)
+        cfg = replace(cfg, **{"steps": variants.CONTROL_STEPS, **v.train})
+        organism_config = replace(organism_config, **v.organism)
     train(cfg, a.out, organism_config, state_dir=a.state, stop_after=a.stop_after)
     print(f"saved {a.out}" if a.stop_after is None or a.stop_after >= cfg.steps else f"state saved in {a.state}")
 

@@ -1,0 +1,60 @@
+"""mabook.organism.variants: each counterfactual organism changes what it says, builds, and its factor works."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+
+import pytest
+import torch
+
+from mabook import organism
+from mabook.organism import train, variants
+
+
+def test_every_variant_names_real_fields_and_builds():
+    organism_fields = {f.name for f in fields(organism.OrganismConfig)}
+    train_fields = {f.name for f in fields(train.TrainConfig)}
+    for v in variants.VARIANTS.values():
+        assert set(v.organism) <= organism_fields and set(v.train) <= train_fields, v.name
+        assert v.predictions, f"{v.name} has no prediction written down"
+    assert variants.VARIANTS["control"].organism == {} and variants.VARIANTS["control"].train == {}
+    with pytest.raises(ValueError, match="unknown variant 'shallow'; allowed:"):
+        variants.check("shallow")
+
+
+def test_no_timestep_organism_ignores_the_timestep_and_norm_affine_starts_as_the_plain_norm():
+    torch.manual_seed(0)
+    plain = organism.build_transformer(organism.OrganismConfig())
+    torch.manual_seed(0)
+    constant = organism.build_transformer(organism.OrganismConfig(timestep_conditioning=False))
+    torch.manual_seed(0)
+    affine = organism.build_transformer(organism.OrganismConfig(norm_affine=True))
+    cfg = organism.OrganismConfig()
+    x = torch.randn(2, cfg.grid ** 2, cfg.in_channels)
+    text, pooled = torch.randn(2, cfg.max_text_length, 128), torch.randn(2, 128)
+    ids = dict(img_ids=organism.image_ids(cfg.grid), txt_ids=torch.zeros(cfg.max_text_length, 3), return_dict=False)
+
+    def run(model, t):
+        with torch.no_grad():
+            return model(x, text, pooled, torch.full((2,), t), **ids)[0]
+
+    # the constant-timestep organism gives one output whatever t is, and the plain one's at t = 0.5
+    assert torch.equal(run(constant, 0.1), run(constant, 0.9))
+    assert torch.allclose(run(constant, 0.1), run(plain, organism.CONSTANT_TIMESTEP / 1000), atol=1e-6)
+    assert not torch.allclose(run(plain, 0.1), run(plain, 0.9))
+    # affine norms: new parameters (a scale and a bias per norm), and at initialisation the same function
+    extra = {k for k in affine.state_dict()} - {k for k in plain.state_dict()}
+    assert extra and all(k.endswith((".weight", ".bias")) and "norm" in k for k in extra)
+    affine.load_state_dict({**affine.state_dict(), **plain.state_dict()})
+    assert torch.allclose(run(affine, 0.3), run(plain, 0.3), atol=1e-6)
+
+
+def test_a_variant_checkpoint_saves_and_loads_with_its_config(tmp_path):
+    torch.manual_seed(0)
+    cfg = organism.OrganismConfig(timestep_conditioning=False, norm_affine=True)
+    pipe = organism.build_pipeline(cfg)
+    path = tmp_path / "v.safetensors"
+    organism.save(pipe, path)
+    loaded = organism.load(path)
+    assert asdict(loaded.organism_config) == asdict(cfg)
+    assert type(loaded.transformer.time_text_embed.time_proj).__name__ == "ConstantTimesteps"
