@@ -181,6 +181,24 @@ def image_ids(grid: int, device=None) -> torch.Tensor:
     return ids.reshape(grid * grid, 3).to(device)
 
 
+def velocity(pipe, xt: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
+    """One transformer call outside the sampler: the predicted velocity for tokens `xt`
+    (batch_size, grid*grid, in_channels) of `captions` at timesteps `t` (batch_size,) in [0, 1]
+    (no guidance). Training calls it; so do experiments that feed the AdaLN another timestep than
+    the input's noise level (`mabook.origins`)."""
+    cfg = pipe.organism_config
+    prompt_embeds, pooled = pipe.encode_prompt(captions)
+    return pipe.transformer(
+        hidden_states=xt,
+        encoder_hidden_states=prompt_embeds,
+        pooled_projections=pooled,
+        timestep=t,
+        img_ids=image_ids(cfg.grid, xt.device),
+        txt_ids=torch.zeros(cfg.max_text_length, 3, device=xt.device),
+        return_dict=False,
+    )[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pipeline
 # ---------------------------------------------------------------------------------------------

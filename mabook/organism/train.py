@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mabook import world
-from mabook.organism import CHECKPOINT, OrganismConfig, build_pipeline, image_ids, patchify, save
+from mabook.organism import CHECKPOINT, OrganismConfig, build_pipeline, patchify, save, velocity
 
 
 def log_spaced(first: int = 250, last: int = 64000) -> tuple[int, ...]:
@@ -81,21 +81,7 @@ def flow_matching_loss(pipe, images: torch.Tensor, captions: list[str], generato
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.sigmoid(torch.randn(B, generator=generator))  # logit-normal(0, 1)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    return torch.nn.functional.mse_loss(_denoise(pipe, xt, captions, t), noise - x0)
-
-
-def _denoise(pipe, xt: torch.Tensor, captions: list[str], t: torch.Tensor) -> torch.Tensor:
-    cfg = pipe.organism_config
-    prompt_embeds, pooled = pipe.encode_prompt(captions)
-    return pipe.transformer(
-        hidden_states=xt,
-        encoder_hidden_states=prompt_embeds,
-        pooled_projections=pooled,
-        timestep=t,
-        img_ids=image_ids(cfg.grid),
-        txt_ids=torch.zeros(cfg.max_text_length, 3),
-        return_dict=False,
-    )[0]
+    return torch.nn.functional.mse_loss(velocity(pipe, xt, captions, t), noise - x0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +122,7 @@ def measure_emergence(pipe, batch: ProbeBatch, k: int = 4) -> list[dict]:
         with probe.collect(adapter, cfg="both", guidance_batch=False) as run:
             for t in PROBE_TIMESTEPS:
                 xt = (1 - t) * batch.x0 + t * batch.noise
-                _denoise(pipe, xt, batch.captions, torch.full((len(batch.captions),), t))
+                velocity(pipe, xt, batch.captions, torch.full((len(batch.captions),), t))
     finally:
         pipe.transformer.train(was_training)
         pipe.text_encoder.train(was_training)
