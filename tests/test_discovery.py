@@ -12,18 +12,40 @@ C = 32
 MASSIVE = 7  # the planted channel
 
 
-def planted_statistics(num_layers=3, num_steps=4, scale=500.0, seed=0) -> Statistics:
-    """Statistics of hidden states (2, 16, C) ~ N(0, 1) with channel MASSIVE offset by `scale`
-    and channel MASSIVE+1 by scale/10 (a runner-up)."""
+def planted_statistics(num_layers=3, num_steps=4, scale=500.0, seed=0, raw=False, tokens=16, C=C):
+    """Statistics of hidden states (2, tokens, C) ~ N(0, 1) with channel MASSIVE offset by `scale`
+    and channel MASSIVE+1 by scale/10 (a runner-up). raw=True also returns the hidden states,
+    {layer: (steps, 2, tokens, C) float64 numpy}, for independent computations."""
     g = torch.Generator().manual_seed(seed)
     stats = Statistics()
+    data = {layer: [] for layer in range(num_layers)}
     for step in range(num_steps):
         for layer in range(num_layers):
-            x = torch.randn(2, 16, C, generator=g)
+            x = torch.randn(2, tokens, C, generator=g)
             x[..., MASSIVE] += scale
             x[..., MASSIVE + 1] += scale / 10
             stats.update(Tap(f"transformer_blocks.{layer}", "img"), step, x)
+            data[layer].append(x.numpy().astype(np.float64))
+    if raw:
+        return stats, {layer: np.stack(xs) for layer, xs in data.items()}
     return stats
+
+
+def numpy_sun(x: np.ndarray) -> tuple[float, float]:
+    """Sun et al.'s two numbers from raw hidden states (..., samples, tokens, C), in numpy: the
+    largest |x| anywhere, and the median over channels of each channel's median |x| over tokens
+    (torch's lower median for an even count) averaged over the samples."""
+    a = np.abs(x.reshape(-1, *x.shape[-2:]))  # (samples, tokens, C)
+    lower_median = np.sort(a, axis=1)[:, (a.shape[1] - 1) // 2]  # (samples, C)
+    return float(a.max()), float(np.median(lower_median.mean(0)))
+
+
+def numpy_norm_share(x: np.ndarray) -> np.ndarray:
+    """(C,) each channel's share of the variance a LayerNorm over channels divides by, pooled over
+    every token: numerator from the deviations from each token's mean, denominator from np.var."""
+    x = x.reshape(-1, x.shape[-1])  # (tokens, C)
+    deviation = x - x.mean(1, keepdims=True)
+    return (deviation ** 2).sum(0) / (x.shape[1] * x.var(1)).sum()
 
 
 def test_top_k_finds_planted_channel_first():
@@ -44,12 +66,25 @@ def test_controls_are_equal_size_disjoint_and_seeded():
     assert r1.tolist() == r2.tolist() and not set(r1) & set(top) and len(set(r1)) == 4
 
 
-def test_ratio_and_sun_criterion():
-    massive = discovery.massive_channels(planted_statistics(scale=2000.0), k=1)[0]
-    assert massive.ratio_to_median > 1000 and massive.sun_massive
-    mild = discovery.massive_channels(planted_statistics(scale=20.0), k=1)[0]
-    assert 10 < mild.ratio_to_median and not mild.sun_massive  # 20 < 100: not massive in Sun's sense
-    assert mild.sun_ratio == pytest.approx(mild.max_abs / mild.median_abs)
+@pytest.mark.parametrize("scale, sun", [(2000.0, True), (3e3, True), (20.0, False)])
+def test_ratio_and_sun_criterion_match_numpy_on_the_raw_hidden_states(scale, sun):
+    """max |x|, the median |x| and their ratio recomputed in numpy from the hidden states themselves
+    (pooled over steps, as step=None asks); the paper's ratio from the numpy |mean over tokens|."""
+    stats, data = planted_statistics(scale=scale, raw=True)
+    reports = discovery.massive_channels(stats, k=1)
+    for layer, r in enumerate(reports):
+        x = data[layer]  # (steps, 2, tokens, C)
+        max_abs, median_abs = numpy_sun(x)
+        assert r.max_abs == pytest.approx(max_abs, rel=1e-6)
+        assert r.median_abs == pytest.approx(median_abs, rel=1e-6)
+        assert r.sun_ratio == pytest.approx(max_abs / median_abs, rel=1e-6)
+        assert r.sun_massive is sun and (max_abs > 100 and max_abs / median_abs >= 1000) is sun
+        abs_mean = np.abs(x.mean(2)).mean((0, 1))  # |mean over tokens| per sample, averaged
+        assert r.ratio_to_median == pytest.approx(abs_mean[MASSIVE] / np.median(abs_mean), rel=1e-6)
+    if sun:
+        assert reports[0].ratio_to_median > 1000
+    else:
+        assert 10 < reports[0].ratio_to_median and reports[0].max_abs < 100  # 20 < 100: not massive in Sun's sense
 
 
 @pytest.mark.parametrize("k", [0, -1, C + 1])
@@ -111,7 +146,30 @@ def test_bootstrap_ci_brackets_the_mean():
 
 def test_table_rows_have_every_field():
     rows = discovery.table(discovery.massive_channels(planted_statistics(), k=2, step=1))
-    assert {"tap", "top", "ratio_to_median", "sun_massive", "sun_ratio", "bottom", "random"} <= set(rows[0])
+    assert {"tap", "top", "ratio_to_median", "sun_massive", "sun_ratio", "bottom", "random", "norm_share",
+            "norm_share_top_k"} <= set(rows[0])
+
+
+def test_norm_share_matches_numpy_at_every_layer_and_step():
+    stats, data = planted_statistics(raw=True)
+    for step in (None, 0, 3):
+        for layer, r in enumerate(discovery.massive_channels(stats, k=2, step=step)):
+            share = numpy_norm_share(data[layer] if step is None else data[layer][step])
+            assert r.norm_share == pytest.approx(share[MASSIVE], rel=1e-6)
+            assert r.norm_share_top_k == pytest.approx(share[[MASSIVE, MASSIVE + 1]].sum(), rel=1e-6)
+
+
+def test_norm_share_of_one_massive_channel_on_a_real_model_width():
+    """One channel at 3e3 among 3072 (a real DiT's width and magnitude) holds > 0.9 of the LayerNorm
+    variance; the same channel at 3 holds about 3^2 / 3072 of it (no longer massive)."""
+    width = 3072
+    for scale, low, high in ((3e3, 0.9, 1.0), (3.0, 1e-3, 1e-2)):
+        stats, data = planted_statistics(num_layers=1, num_steps=2, scale=scale, raw=True, C=width)
+        r = discovery.massive_channels(stats, k=2)[0]
+        share = numpy_norm_share(data[0])
+        assert r.top[0] == MASSIVE and low < r.norm_share < high
+        assert r.norm_share == pytest.approx(share[MASSIVE], rel=1e-5)
+        assert r.norm_share_top_k == pytest.approx(share[r.top].sum(), rel=1e-5)
 
 
 def test_unknown_stream_is_a_clear_error():
@@ -158,7 +216,7 @@ def test_collect_statistics_seeds_each_batch_and_passes_cfg():
             pipe(batch, num_inference_steps=2, generator=torch.Generator().manual_seed(5 + b), output_type="pt")
         runs.append(run.stats)
     expected = Statistics.merge(runs)
-    for name in ("abs_mean", "std", "max_abs", "median_abs"):
+    for name in ("abs_mean", "std", "max_abs", "median_abs", "norm_share"):
         np.testing.assert_allclose(stats.array(name), expected.array(name), rtol=1e-6, atol=1e-7)
     both = discovery.collect_statistics(adapter, prompts, num_inference_steps=2, seed=5, batch_size=2, cfg="both")
     tap = both.layers()[0]

@@ -84,12 +84,22 @@ def numpy_statistics(chunks):
         "std": flat.std(0),
         "max_abs": np.abs(flat).max(0),
         "median_abs": np.mean([lower_median(s) for s in x], axis=0),
+        "norm_share": numpy_norm_share(flat),
     }
+
+
+def numpy_norm_share(tokens):
+    """(C,) each channel's share of the variance a LayerNorm over channels divides by, over all
+    `tokens` (n, C): the sum over tokens of (x_c - the token's mean over channels)^2, divided by
+    the sum over tokens of C * the token's variance (np.var, what the LayerNorm divides by)."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    deviation = tokens - tokens.mean(1, keepdims=True)
+    return (deviation ** 2).sum(0) / (tokens.shape[1] * tokens.var(1)).sum()
 
 
 def assert_statistics_close(stats, tap, step, reference, rtol=1e-6, atol=1e-9):
     for name, expected in reference.items():
-        np.testing.assert_allclose(stats.get(name, tap, step).numpy(), expected, rtol=rtol, atol=atol, err_msg=name)
+        np.testing.assert_allclose(stats.get(name, tap, step).cpu().numpy(), expected, rtol=rtol, atol=atol, err_msg=name)
 
 
 def test_statistics_match_numpy_on_captured_hidden_states(adapter):
@@ -183,6 +193,49 @@ def test_median_abs_over_long_sequences_reads_a_fixed_token_subset():
     np.testing.assert_allclose(split.get("median_abs", tap).numpy(), expected, rtol=1e-6)
 
 
+def test_norm_share_of_a_massive_channel_at_a_real_model_width():
+    """One channel at 3e3 among 3072 (a real DiT's width and magnitude): it holds > 0.9 of the
+    LayerNorm variance, as numpy says; the shares sum to 1; and two batches merged, one batch, and
+    the same tokens in one call all give the same shares."""
+    width, g = 3072, torch.Generator().manual_seed(4)
+    x = torch.randn(5, 32, width, generator=g)
+    x[..., 11] += 3e3
+    x[..., 12] -= 1e3 * torch.rand(5, 32, generator=g)  # a second large channel, varying over tokens
+    tap = Tap("transformer_blocks.0", "img")
+    one, two, first, second = probe.Statistics(), probe.Statistics(), probe.Statistics(), probe.Statistics()
+    one.update(tap, 0, x)
+    two.update(tap, 0, x[:2])
+    two.update(tap, 0, x[2:])
+    first.update(tap, 0, x[:3])
+    second.update(tap, 0, x[3:])
+    merged = probe.Statistics.merge([first, second])
+    expected = numpy_norm_share(x.reshape(-1, width).numpy())
+    share = one.get("norm_share", tap, 0).numpy()
+    assert share[11] > 0.9 and expected[11] > 0.9 and share.sum() == pytest.approx(1.0, rel=1e-12)
+    np.testing.assert_allclose(share, expected, rtol=1e-5, atol=1e-12)
+    for other in (two, merged):
+        np.testing.assert_allclose(other.get("norm_share", tap, 0).numpy(), share, rtol=1e-10, atol=1e-15)
+    # uniform channels: each holds about 1 / width
+    flat = probe.Statistics()
+    flat.update(tap, 0, torch.randn(4, 64, width, generator=g))  # 256 tokens: each share within +-50 % of 1 / width
+    assert flat.get("norm_share", tap, 0).numpy() == pytest.approx(np.full(width, 1 / width), rel=0.5)
+
+
+def test_norm_share_pools_steps_and_runs_like_numpy():
+    """Pooled over steps (step=None) and over merged runs: the share of the pooled tokens, not a mean of shares."""
+    tap = Tap("transformer_blocks.0", "img")
+    small = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(1))
+    big = massive_hidden_states(3, tokens=8, seed=2)
+    a, b = probe.Statistics(), probe.Statistics()
+    a.update(tap, 0, small)
+    b.update(tap, 1, big)
+    merged = probe.Statistics.merge([a, b])
+    expected = numpy_norm_share(torch.cat([small, big]).reshape(-1, 8).numpy())
+    np.testing.assert_allclose(merged.get("norm_share", tap).numpy(), expected, rtol=1e-6)
+    mean_of_shares = (numpy_norm_share(small.reshape(-1, 8).numpy()) + numpy_norm_share(big.reshape(-1, 8).numpy())) / 2
+    assert np.abs(mean_of_shares - expected).max() > 0.1  # the two definitions differ: the test can tell them apart
+
+
 def test_merge_refuses_runs_with_different_schedules(adapter):
     runs = []
     for steps in (3, 5):
@@ -262,8 +315,15 @@ def test_statistics_of_another_format_are_refused(tmp_path):
 
     save_file({"0/transformer_blocks.0.img": torch.zeros(5, 4, dtype=torch.float64)}, str(tmp_path / "old.safetensors"),
               metadata={"mabook_statistics": '{"taps": [["transformer_blocks.0", "img"]]}'})
-    with pytest.raises(ValueError, match="format 1, this mabook reads format 2"):
+    with pytest.raises(ValueError, match="format 1, this mabook reads format 3: collect them again"):
         probe.Statistics.load(tmp_path / "old.safetensors")
+    # format 2: five rows, no norm_var_sum (a file written before norm_share)
+    meta = ('{"format": 2, "taps": [["transformer_blocks.0", "img"]], "counts": {"0/transformer_blocks.0.img": 1}, '
+            '"tokens": {"0/transformer_blocks.0.img": 4}, "calls": {"0/transformer_blocks.0.img": 1}, "timesteps": {}}')
+    save_file({"0/transformer_blocks.0.img": torch.zeros(5, 4, dtype=torch.float64)}, str(tmp_path / "v2.safetensors"),
+              metadata={"mabook_statistics": meta})
+    with pytest.raises(ValueError, match="holds statistics in format 2, this mabook reads format 3"):
+        probe.Statistics.load(tmp_path / "v2.safetensors")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a mabook statistics file"):
         probe.Statistics.load(tmp_path / "other.safetensors")
@@ -594,15 +654,52 @@ def test_single_tap_name_is_accepted(adapter):
     assert [str(t) for t in run.stats.taps] == ["transformer_blocks.3.img"]
 
 
+def cuda_against_cpu(device="cuda", tap="single_transformer_blocks.2.img"):
+    """Statistics of one pipeline run on the CPU (float32), then on `device` in float32 and in
+    bfloat16, from the same weights and the same (CPU-drawn) noise. Returns
+    {dtype: (stats on the CPU, the device run, the device's hidden states captured at (tap, 1))}."""
+    torch.manual_seed(0)
+    pipe = organism.build_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        with probe.collect(mabook.adapter_for(pipe), capture=[(tap, 1)]) as r:
+            pipe(PROMPTS, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+        return r
+
+    cpu = run().stats
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):  # float32 first: bfloat16 is cast from the same float32 weights
+        pipe.to(device, dtype)
+        r = run()
+        out[dtype] = (cpu, r.stats, r.captured[(tap, 1)])
+    return out
+
+
+# Stated tolerances of a device run against the CPU run, as a fraction of each tap's largest value of
+# the statistic: float32 (no TF32 in matmuls, torch's default) agrees to rounding; bfloat16 keeps 8
+# mantissa bits through 8 blocks and 2 steps (measured on the CPU: <= 2.2e-2).
+DEVICE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+
+
+def check_device_statistics(runs, device="cuda", tap="single_transformer_blocks.2.img"):
+    for dtype, (cpu, stats, x) in runs.items():
+        acc = next(iter(stats._acc.values()))
+        assert acc.device.type == device and acc.dtype == torch.float64  # accumulated in float64 on the device
+        assert x.device.type == device and x.dtype == dtype
+        for name in probe.STATISTICS:
+            ref, got = cpu.array(name), stats.array(name)  # (layers, channels)
+            assert got.shape == ref.shape == (len(stats.layers()), 128)
+            scale = np.abs(ref).max(1, keepdims=True)
+            worst = float((np.abs(got - ref) / scale).max())
+            assert worst <= DEVICE_TOLERANCE[dtype], f"{name} in {dtype} on {device}: {worst:.2e} of the tap's maximum"
+        # and exactly what numpy computes from the hidden states the device produced
+        assert_statistics_close(stats, tap, 1, numpy_statistics([x.float().cpu().numpy()]), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
-def test_probe_on_cuda_bf16_accumulates_float64_on_device():
-    pipe = organism.build_pipeline().to("cuda", torch.bfloat16)
-    adapter = mabook.adapter_for(pipe)
-    with probe.collect(adapter) as run:
-        pipe(PROMPTS, num_inference_steps=2, generator=torch.Generator("cuda").manual_seed(0), output_type="pt")
-    acc = next(iter(run.stats._acc.values()))
-    assert acc.device.type == "cuda" and acc.dtype == torch.float64
-    assert run.stats.array("abs_mean").shape == (len(adapter.blocks), adapter.width)
+def test_probe_on_cuda_matches_the_cpu_run_within_the_stated_tolerance():
+    check_device_statistics(cuda_against_cpu("cuda"), "cuda")
 
 
 def test_merged_runs_equal_one_run_over_all_prompts(adapter):
@@ -616,8 +713,8 @@ def test_merged_runs_equal_one_run_over_all_prompts(adapter):
         generate(adapter, latents=latents)  # same prompts and noise in one batch
     merged = probe.Statistics.merge(runs)
     assert merged.taps == together.stats.taps and merged.steps == together.stats.steps
-    for name in ("abs_mean", "mean", "std", "max_abs"):
-        np.testing.assert_allclose(merged.array(name), together.stats.array(name), rtol=1e-4, atol=1e-5)
+    for name in ("abs_mean", "mean", "std", "max_abs", "norm_share"):
+        np.testing.assert_allclose(merged.array(name), together.stats.array(name), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 # -- the conditioning tap (opt-in) ----------------------------------------------------------------

@@ -154,9 +154,8 @@ def test_truth_has_background_and_one_segment_per_object():
 
 
 @pytest.fixture(scope="module")
-def organism_capture():
-    pipe, adapter = mabook.load("organism")
-    pipe.set_progress_bar_config(disable=True)
+def organism_capture(trained_organism):
+    pipe, adapter = trained_organism
     prompts = world.heldout_captions(2, 1, seed=0) + world.heldout_captions(1, 2, seed=0)
     return adapter, spatial.capture(adapter, prompts, num_inference_steps=3, steps=[1, 2], batch_size=2)
 
@@ -237,6 +236,9 @@ def test_bad_input_gives_clear_errors(organism_capture):
         spatial.threshold(np.arange(4.0), "mean")
     with pytest.raises(ValueError, match="unknown probe target 'texture'"):
         spatial.probes(cap, spatial.channel_sets(cap.stats, 1, ["top"]), targets=["texture"])
+
+
+def test_embed_bad_input_gives_a_clear_error():  # its own test: spatial.embed imports umap first (numba, ~20 s)
     with pytest.raises(ValueError, match="n_neighbors=50 is out of range"):
         spatial.embed(np.zeros((20, 3)), n_neighbors=50)
 

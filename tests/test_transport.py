@@ -2,10 +2,15 @@
 
 The endpoints are checked bitwise: alpha = 0 is the target; alpha = 1 with every channel at every
 step and the AdaLN conditioning is the source's image; without the conditioning every block output
-is the source's but the image is not. Scores and summaries are checked against numpy and against
-the world's own renders, not against the code's own formulas.
+is the source's but the image is not. Inside a generation, plain torch hooks (no mabook code) read
+what each tap hands on to the next module: inside a mask the source's values and outside the
+block's own, lerp(target, source, alpha) at an intermediate alpha (also with a channel at 3e3),
+exactly the chosen channels of a subset. A record's memory is the storage its tensors hold, counted
+here. Scores and summaries are checked against numpy and against the world's own renders, not
+against the code's own formulas.
 """
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -45,6 +50,64 @@ def assert_no_hooks(adapter):
 
 def render(caption) -> np.ndarray:
     return world.render(world.parse_caption(caption)).image.astype(np.float32) / 255
+
+
+# -- raw observation (no mabook code): what a block returned, and what the next module received ------
+
+
+@contextlib.contextmanager
+def observe(adapter, block_paths):
+    """Plain torch hooks at FLUX blocks: per transformer call (one per step here: the organism
+    batches [uncond; cond] in one call), `before[path]` is the image output as the block returned it
+    (this hook is registered before any mabook editor, so it runs first) and `after[path]` the image
+    input of the next module (the next block's `hidden_states`, or `norm_out`'s first argument):
+    the block output once every edit was applied. Enter it before calling mabook."""
+    t = adapter.transformer
+    order = [f"transformer_blocks.{i}" for i in range(len(t.transformer_blocks))]
+    order += [f"single_transformer_blocks.{i}" for i in range(len(t.single_transformer_blocks))] + ["norm_out"]
+    seen = {"before": {p: [] for p in block_paths}, "after": {p: [] for p in block_paths}}
+    handles = []
+
+    def before(path):
+        def hook(module, args, output):
+            seen["before"][path].append(output[1].detach().clone())  # FLUX blocks return (text, image)
+
+        return hook
+
+    def after(path):
+        def hook(module, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            seen["after"][path].append(x.detach().clone())
+
+        return hook
+
+    try:
+        for path in block_paths:
+            handles.append(t.get_submodule(path).register_forward_hook(before(path)))
+            following = t.get_submodule(order[order.index(path) + 1])
+            handles.append(following.register_forward_pre_hook(after(path), with_kwargs=True))
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+OBSERVED = ["transformer_blocks.0", "transformer_blocks.3", "single_transformer_blocks.3"]  # first, middle, last
+
+
+@pytest.fixture(scope="module")
+def plain(adapter):
+    """Image outputs of the OBSERVED blocks per step, from plain pipeline calls (each unit its own
+    generator seeded 0, as transport draws its noise): the sources [SOURCE, TARGET] and the targets
+    [TARGET, SOURCE], each (4, 64, C) = [uncond; cond]; and the target images."""
+    out = {}
+    for name, prompts in (("source", [SOURCE, TARGET]), ("target", [TARGET, SOURCE])):
+        with observe(adapter, OBSERVED) as seen:
+            images = adapter.pipe(prompts, num_inference_steps=STEPS, output_type="np",
+                                  generator=[torch.Generator().manual_seed(0) for _ in prompts]).images
+        assert all(len(v) == STEPS for v in seen["before"].values())
+        out[name], out[name + "_images"] = seen["before"], np.asarray(images, dtype=np.float32)
+    return out
 
 
 # -- exactness ----------------------------------------------------------------------------------
@@ -119,19 +182,35 @@ def test_a_subset_of_an_all_channel_record_equals_a_record_of_the_subset(adapter
         transport.transport(small, [TARGET, SOURCE], channels=[66, 7])
 
 
-def test_record_memory_grows_with_k_not_width(adapter):
+def held_bytes(rec) -> int:
+    """Bytes of the storages the record's tensors keep alive (each storage once): a small view of a
+    full-width hidden state would count at its full size."""
+    storages = {}
+    for by_role in rec.values.values():
+        for v in by_role.values():
+            storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_record_memory_grows_with_k_not_width(adapter, full):
     taps = image_taps(adapter)
     one = transport.record(adapter, [SOURCE], [0], taps=taps, channels=[5], num_inference_steps=STEPS)
     eight = transport.record(adapter, [SOURCE], [0], taps=taps, channels=list(range(8)), num_inference_steps=STEPS)
-    assert eight.nbytes == 8 * one.nbytes
-    assert one.nbytes == transport.bytes_recorded(len(taps), 64, STEPS, 1, bytes_per_value=4)
+    # counted here: 8 image taps x 3 steps x 2 guidance halves x 64 tokens x k channels x 4 bytes (float32)
+    expected = lambda k, tokens=64: len(taps) * STEPS * 2 * tokens * k * 4
+    assert len(taps) == 8 and held_bytes(one) == one.nbytes == expected(1)
+    assert held_bytes(eight) == eight.nbytes == expected(8)
+    # every channel (full: two units, both streams, the conditioning): the image taps alone hold width / k times more
+    image_values = dataclasses.replace(full, values={k: v for k, v in full.values.items() if k[0] in taps})
+    assert held_bytes(image_values) == 2 * expected(adapter.width)
     mask = torch.zeros(1, 64, dtype=torch.bool)
     mask[0, :16] = True
     quarter = transport.record(adapter, [SOURCE], [0], taps=taps, channels=[5], token_mask=mask,
                                num_inference_steps=STEPS)
-    assert quarter.nbytes * 4 == one.nbytes
+    assert held_bytes(quarter) == quarter.nbytes == expected(1, tokens=16)
     kept, everything = quarter.dense(taps[0], 1, "cond", 0, 1), one.dense(taps[0], 1, "cond", 0, 1)
     np.testing.assert_array_equal(kept[0, :16], everything[0, :16])
+    assert not kept[0, 16:].any()
 
 
 def test_unit_seeds_pair_each_prompt_with_its_own_noise(adapter):
@@ -144,12 +223,72 @@ def test_unit_seeds_pair_each_prompt_with_its_own_noise(adapter):
         transport.record(adapter, [SOURCE, TARGET], unit_seeds=[1], num_inference_steps=1)
 
 
-def test_masked_transport_leaves_other_tokens_alone_at_its_tap(adapter, full):
+def test_masked_transport_leaves_other_tokens_alone_at_its_tap(adapter, full, plain):
+    """alpha = 1 inside a per-unit mask at step 0: at every observed image tap the tokens inside hold
+    the source's values (every channel), the tokens outside what the block itself computed; steps
+    outside the window are not touched. Checked bitwise on raw hook captures."""
     mask = torch.zeros(2, 64, dtype=torch.bool)
-    mask[:, :8] = True  # the top row of tokens
-    out = transport.transport(full, [TARGET, SOURCE], alpha=0.5, mask=mask, steps=[0], conditioning=False)
-    assert out.images.shape == full.images.shape and out.table[0]["masked_tokens"] == 8
+    mask[0, :8] = True  # unit 0: the top row of tokens
+    mask[1, 40:56] = True  # unit 1: two rows lower down (a mask mixed up between units would show)
+    with observe(adapter, OBSERVED) as seen:
+        out = transport.transport(full, [TARGET, SOURCE], alpha=1.0, mask=mask, steps=[0], conditioning=False,
+                                  target_images=plain["target_images"])
+    inside = mask.repeat(2, 1)  # (4, 64): the per-image mask on both guidance halves
+    for path in OBSERVED:
+        before, after, source = seen["before"][path], seen["after"][path], plain["source"][path]
+        assert torch.equal(after[0][inside], source[0][inside]), path
+        assert torch.equal(after[0][~inside], before[0][~inside]), path
+        assert not torch.equal(after[0][inside], before[0][inside]), path
+        for step in range(1, STEPS):
+            assert torch.equal(after[step], before[step]), (path, step)
+    # the first tap at step 0 saw nothing edited yet: its own output is the unedited target's
+    assert torch.equal(seen["before"][OBSERVED[0]][0], plain["target"][OBSERVED[0]][0])
+    assert [r["masked_tokens"] for r in out.table] == [8, 16] and out.images.shape == full.images.shape
     assert {"took_source_color", "kept_target_position", "differs_size", "ssim"} <= set(out.table[0])
+    assert_no_hooks(adapter)
+
+
+def test_intermediate_alpha_is_the_lerp_of_target_and_source_at_the_tap(adapter, full, plain):
+    """alpha = 0.3 (not symmetric: source and target swapped would show) with every image channel at every
+    step: what the next module receives is (1 - alpha) * what the block computed + alpha * the source's,
+    in float64 numpy, to float32 rounding -- also with a real-model massive channel: the source's
+    channel 66 moved to ~3e3 at one tap (as planted in the record and in the expectation alike)."""
+    alpha, tap, massive = 0.3, OBSERVED[1] + ".img", 66
+    planted = {k: ({r: v.clone() for r, v in by.items()} if k[0] == tap else by) for k, by in full.values.items()}
+    for by_role in (planted[(tap, step)] for step in range(STEPS)):
+        for v in by_role.values():
+            v[:, massive] += 3e3
+    rec = dataclasses.replace(full, values=planted)
+    with observe(adapter, OBSERVED) as seen:
+        transport.transport(rec, [TARGET, SOURCE], alpha=alpha, conditioning=False, target_images=plain["target_images"])
+    for path in OBSERVED:
+        for step in range(STEPS):
+            before = seen["before"][path][step].double().numpy()
+            source = plain["source"][path][step].double().numpy()
+            if path + ".img" == tap:
+                source[..., massive] += 3e3
+            expected = before + alpha * (source - before)
+            scale = np.maximum(np.abs(before), np.abs(source))
+            got = seen["after"][path][step].double().numpy()
+            assert np.all(np.abs(got - expected) <= 4 * np.finfo(np.float32).eps * scale + 1e-7), (path, step)
+            assert np.abs(got - before).max() > 1e-2  # it moved
+    assert np.abs(seen["after"][tap[:-4]][0][..., massive].numpy()).max() > 0.3 * 3e3 - 20
+    assert_no_hooks(adapter)
+
+
+def test_a_channel_subset_at_alpha_one_replaces_exactly_those_channels(adapter, full, plain):
+    chans = [66, 5, 9]
+    others = [c for c in range(adapter.width) if c not in chans]
+    with observe(adapter, OBSERVED) as seen:
+        out = transport.transport(full, [TARGET, SOURCE], alpha=1.0, channels=chans, target_images=plain["target_images"])
+    assert out.table[0]["k"] == 3 and not out.table[0]["conditioning"]
+    for path in OBSERVED:
+        for step in range(STEPS):
+            before, after, source = seen["before"][path][step], seen["after"][path][step], plain["source"][path][step]
+            assert torch.equal(after[..., chans], source[..., chans]), (path, step)
+            assert torch.equal(after[..., others], before[..., others]), (path, step)
+            assert not torch.equal(before[..., chans], source[..., chans])
+    assert_no_hooks(adapter)
 
 
 def test_kmeans_mask_feeds_a_masked_transport(full):
@@ -322,9 +461,10 @@ def test_bad_comparisons_are_refused(adapter):
 
 
 def test_no_hook_survives_an_exception(adapter, full):
-    broken = dataclasses.replace(full, values={k: {r: v[:-1] for r, v in by.items()} for k, by in full.values.items()})
-    with pytest.raises(Exception):
-        transport.transport(broken, [TARGET, SOURCE], alpha=0.5, target_images=full.images)
+    broken = dataclasses.replace(full, values={k: {r: v[..., :-1] for r, v in by.items()} for k, by in full.values.items()})
+    with pytest.raises(ValueError, match=r"source values at transformer_blocks\.0\.img step 0 have shape \(4, 64, 127\), "
+                                         r"the target \(4, 64, 128\): different token grids or batches"):
+        transport.transport(broken, [TARGET, SOURCE], alpha=0.5, conditioning=False, target_images=full.images)
     assert_no_hooks(adapter)
     with pytest.raises(ValueError, match="token_mask is empty"):
         transport.record(adapter, [SOURCE], [0], token_mask=torch.zeros(1, 64, dtype=torch.bool), num_inference_steps=STEPS)
