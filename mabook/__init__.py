@@ -5,9 +5,11 @@
 """
 
 import importlib
+import pkgutil
 
 __all__ = ["load", "adapter_for"]
-_SUBMODULES = ("bench", "cli", "discovery", "exercises", "figures", "judge", "models", "organism", "probe", "stats", "world")
+# every public submodule, read from the package itself (a hand-kept list goes stale)
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def __getattr__(name):

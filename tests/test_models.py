@@ -301,3 +301,12 @@ def test_img2img_below_the_last_timestep_starts_at_step_zero():
                 generator=torch.Generator().manual_seed(0), output_type="pt", **call)
     assert [s for s, _ in seen] == [0, 1, 2, 3, 0, 1]
     assert seen[4][1] < seen[3][1]  # the case that matters: it starts below where the last generation ended
+
+
+def test_every_submodule_is_a_lazy_attribute_of_the_package():
+    import pkgutil
+
+    names = [m.name for m in pkgutil.iter_modules(mabook.__path__) if not m.name.startswith("_")]
+    assert {"attention", "origins", "reproduce", "sweep", "transport"} <= set(names)
+    for name in names:
+        assert getattr(mabook, name).__name__ == f"mabook.{name}"
