@@ -236,7 +236,7 @@ def train(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from mabook.organism import train as trainer
+    from mabook import train as trainer
 
     if args.steps < 1 or any(t < 1 for t in args.threads):
         raise ValueError(f"--steps and --threads must be >= 1, got {args.steps} and {args.threads}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mabook import organism
-from mabook.organism import train as trainer
+from mabook import train as trainer
 
 PROMPTS = ["a large red circle at the top left on a black background",
            "a small blue square at the left and a large yellow triangle at the right on a gray background"]
@@ -110,7 +110,7 @@ def test_checkpoint_roundtrip_and_corruption_is_rejected(tmp_path):
 
 
 def test_missing_checkpoint_says_how_to_train(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mabook.organism.train"):
+    with pytest.raises(FileNotFoundError, match="mabook.train"):
         organism.load(tmp_path / "nope.safetensors")
 
 
@@ -123,7 +123,7 @@ def test_committed_evaluation_was_made_with_this_checkpoint_and_meets_the_bar(co
 
 
 def test_trained_organism_draws_heldout_captions(committed):
-    from mabook.organism.evaluate import evaluate
+    from mabook.evaluate import evaluate
 
     result = evaluate(committed, n_single=24, n_double=8, seed=123)
     one = result["1_object"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mabook import organism
-from mabook.organism import train, variants
+from mabook import train
+from mabook.organism import variants
 
 
 def test_every_variant_names_real_fields_and_builds():

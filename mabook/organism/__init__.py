@@ -10,7 +10,7 @@ directly, so a 32x32 image is an 8x8 grid of 48-channel tokens.
 What this is not: a general text-to-image model. It knows 26 words (`mabook.world.vocabulary`).
 
 Entry points: `load()` returns an `OrganismPipeline` from the committed, hash-checked checkpoint;
-`python -m mabook.organism.train` reproduces it; `python -m mabook.organism.evaluate` scores it.
+`python -m mabook.train` reproduces it; `python -m mabook.evaluate` scores it.
 """
 
 from __future__ import annotations
@@ -432,7 +432,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     if not path.is_file() or not card_file.is_file():
         raise FileNotFoundError(
             f"organism checkpoint not found: {path} (and its card {card_file.name}); "
-            "train one with `python -m mabook.organism.train`"
+            "train one with `python -m mabook.train`"
         )
     try:
         card = json.loads(card_file.read_text())

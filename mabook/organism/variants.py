@@ -8,7 +8,7 @@ from?" reads its table from here and its numbers from `mabook/results/origins.js
 
 Train one (resumable; one thread, as the committed organism):
 
-    python -m mabook.organism.train --variant no-timestep --state runs/no-timestep/state \\
+    python -m mabook.train --variant no-timestep --state runs/no-timestep/state \\
         --out runs/no-timestep/organism-no-timestep.safetensors
 
 What this is not: a hyper-parameter search. A variant changes one factor a reading names.

@@ -1,4 +1,4 @@
-"""Train the organism from scratch: `python -m mabook.organism.train [--steps N] [--out PATH]`.
+"""Train the organism from scratch: `python -m mabook.train [--steps N] [--out PATH]`.
 
 Recipe (rectified flow, as FLUX.1 / SD3):
   x_t = (1 - t) * x_0 + t * noise,  target velocity v = noise - x_0,  loss = MSE(v_pred, v)
@@ -27,14 +27,16 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from mabook import world
-from mabook.organism import CHECKPOINT, OrganismConfig, build_pipeline, patchify, save, velocity
+from mabook import discovery, files, probe, world
+from mabook.models import adapter_for
+from mabook.organism import CHECKPOINT, OrganismConfig, build_pipeline, load, patchify, save, snapshots, variants, velocity
 
 
 def log_spaced(first: int = 250, last: int = 64000) -> tuple[int, ...]:
@@ -111,9 +113,6 @@ class ProbeBatch:
 def measure_emergence(pipe, batch: ProbeBatch, k: int = 4) -> list[dict]:
     """Per image-stream layer: top channel by |mean over image tokens|, ratio to the median channel,
     max |x|, and the top-k channels; pooled over the probe batch and PROBE_TIMESTEPS."""
-    from mabook import discovery, probe
-    from mabook.models import adapter_for
-
     adapter = adapter_for(pipe)
     was_training = pipe.transformer.training
     pipe.transformer.eval()
@@ -135,12 +134,10 @@ def measure_emergence(pipe, batch: ProbeBatch, k: int = 4) -> list[dict]:
 
 def emergence_row(step: int, raw: list[dict], ema: list[dict], previous: dict | None) -> dict:
     """One emergence-log entry; jaccard = overlap of each layer's top-k with the previous entry's."""
-    from mabook.discovery import jaccard
-
     row = {"step": step, "raw": raw, "ema": ema}
     for which in ("raw", "ema"):
         for i, layer in enumerate(row[which]):
-            layer["jaccard_prev"] = jaccard(layer["top_k"], previous[which][i]["top_k"]) if previous else None
+            layer["jaccard_prev"] = discovery.jaccard(layer["top_k"], previous[which][i]["top_k"]) if previous else None
     return row
 
 
@@ -148,8 +145,6 @@ def measure_run(checkpoint: Path, k: int = 4) -> dict:
     """The emergence log measured after the fact on a checkpoint and its snapshots (saved EMA
     weights), e.g. for a run trained before the log existed: {"checkpoint_sha256", "train_config",
     "emergence": [{"step", "ema": per-layer rows}]}, comparable with a training-time log's "ema"."""
-    from mabook.organism import load, snapshots
-
     rows, card = [], None
     for step, path in snapshots(checkpoint).items():
         pipe = load(path)
@@ -181,8 +176,6 @@ def _state_tensors(pipe, ema, opt, gen) -> dict[str, torch.Tensor]:
 
 def save_state(directory: Path, step: int, cfg: TrainConfig, pipe, ema, opt, gen, rng, logs: dict) -> None:
     """Write the full training state atomically (a killed run leaves the previous state intact)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "state.safetensors.tmp"
@@ -197,8 +190,6 @@ def save_state(directory: Path, step: int, cfg: TrainConfig, pipe, ema, opt, gen
 
 def load_state(directory: Path, cfg: TrainConfig, pipe, ema, opt, gen, rng) -> tuple[int, dict]:
     """Restore a state written by `save_state`; returns (step, logs). Refuses another config."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta = json.loads((directory / "state.json").read_text())
     saved = meta["train_config"]
@@ -335,9 +326,7 @@ def main(argv=None):
     if a.measure is not None:
         if a.out == CHECKPOINT:
             raise SystemExit("--measure needs --out FILE.json (the checkpoint itself is never overwritten)")
-        from mabook import files
-
-        command = files.command_line(argv, "python -m mabook.organism.train")
+        command = files.command_line(argv, "python -m mabook.train")
         files.write_json(a.out, files.with_provenance(measure_run(a.measure), command))  # atomic; version + command
         print(f"wrote {a.out}")
         return
@@ -345,10 +334,6 @@ def main(argv=None):
     organism_config = OrganismConfig(timestep_conditioning=not a.no_timestep, norm_affine=a.norm_affine,
                                      num_layers=a.num_layers, num_single_layers=a.num_single_layers)
     if a.variant is not None:
-        from dataclasses import replace
-
-        from mabook.organism import variants
-
         v = variants.check(a.variant)
         cfg = replace(cfg, **{"steps": variants.CONTROL_STEPS, **v.train})
         organism_config = replace(organism_config, **v.organism)

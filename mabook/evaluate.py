@@ -1,4 +1,4 @@
-"""Score the organism on held-out captions: `python -m mabook.organism.evaluate [--n-single 256]`.
+"""Score the organism on held-out captions: `python -m mabook.evaluate [--n-single 256]`.
 
 Generates one image per caption for seeded sets of held-out captions (never seen in training,
 see `mabook.world.is_heldout`), judges each with `mabook.judge`, and prints JSON: per-attribute
