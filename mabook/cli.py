@@ -70,6 +70,7 @@ from pathlib import Path
 from mabook import files
 
 DTYPES = ("float32", "float16", "bfloat16")
+DOSES = ("redistribute", "renormalise")  # mabook.attention.DOSES, repeated: building the parser imports no torch
 EXIT_BAD_INPUT = 2  # a bad value (one line on stderr), as argparse's exit code for a bad command line
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, the shell's convention
 
@@ -365,7 +366,7 @@ def sinks(args: argparse.Namespace) -> int:
     pipe, adapter = _load(args)
     # 0. fail before generating, not after: every intervention is built (and checked) up front
     layers = None if args.layer == ["all"] else args.layer
-    conds = [attention.KeyIntervention(keys, k, args.path, args.eta, layers, seed=seed)
+    conds = [attention.KeyIntervention(keys, k, args.path, args.eta, layers, seed=seed, dose=args.dose)
              for k in args.k for keys in ("sink", "bottom", "random")
              for seed in (range(args.n_random) if keys == "random" else [0])]
     attention.intervene(adapter, conds[0])  # validates the layers and the family (nothing swapped yet)
@@ -663,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=3, help="sinks listed per (layer, step, head) in sinks.csv")
     s.add_argument("--path", choices=("score", "value_zero", "value_mean"), default="score")
     s.add_argument("--eta", type=float, default=0.0, help="score path: the chosen keys' probability factor, in [0, 1]")
+    s.add_argument("--dose", choices=DOSES, default=DOSES[0],
+                   help="score path, how eta applies: redistribute (the paper's: a chosen key keeps eta * p, the others "
+                        "absorb the rest in proportion) or renormalise (multiply by eta, renormalise the row)")
     s.add_argument("--layer", nargs="+", default=["all"], help="attention module paths, or 'all' (default)")
     s.add_argument("--n-random", type=int, default=3, help="seeded random key sets per k")
     s.set_defaults(func=sinks)

@@ -751,16 +751,25 @@ def check_sink_random_ratio(table: Sequence[dict], k: int, window: str, answer, 
 
 @exercise("6.3", "notebooks/06_attention_sinks.ipynb", "The eta dial by hand")
 def check_eta_scaling(fn) -> bool:
-    """`fn(probs, keys, eta)`: probability rows (..., keys) with the listed keys' probability multiplied
-    by eta and every row renormalised to sum to 1 (eta = 0 is the −10⁴ logit bias, eta = 1 changes nothing)."""
-    hint = "w = np.ones(probs.shape[-1]); w[keys] = eta; q = probs * w; return q / q.sum(-1, keepdims=True)."
+    """`fn(probs, keys, eta)`: probability rows (..., keys) under the score path's default dose (the
+    paper's, `attention.KeyIntervention` dose "redistribute"): each listed key keeps exactly eta * p,
+    every other key is multiplied by one factor so that the row still sums to 1, i.e. the others
+    absorb the removed (1 - eta) * P_listed in proportion to their probabilities (eta = 0 is the
+    −10⁴ logit bias, eta = 1 changes nothing). The old rule -- multiply by eta, then renormalise the
+    row -- is refused with its own hint."""
+    hint = ("q = probs.copy(); others = np.ones(probs.shape[-1], bool); others[keys] = False; "
+            "removed = (1 - eta) * probs[..., keys].sum(-1, keepdims=True); "
+            "q[..., others] *= 1 + removed / probs[..., others].sum(-1, keepdims=True); q[..., keys] *= eta; return q.")
     if fn is None or not callable(fn):
         return _not_answered("6.3", "define scale_keys(probs, keys, eta) and pass it. " + hint)
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 3, 9)) * 2
+    logits[..., 1] += 2  # key 1 is a sink: the listed keys hold much of each row, where the two rules differ most
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     keys = [1, 4]
-    for eta in (0.0, 0.25, 1.0):
+    others = np.ones(probs.shape[-1], bool)
+    others[keys] = False
+    for eta in (0.0, 0.25, 0.5, 1.0):
         try:
             out = fn(probs.copy(), list(keys), eta)
         except Exception as e:  # the learner's code: report, do not raise
@@ -770,9 +779,10 @@ def check_eta_scaling(fn) -> bool:
         out = np.asarray(out, dtype=np.float64)
         if out.shape != probs.shape:
             return _wrong("6.3", f"it returned shape {out.shape} for probabilities of shape {probs.shape}.", hint)
-        w = np.ones(probs.shape[-1])
-        w[keys] = eta
-        expected = probs * w / (probs * w).sum(-1, keepdims=True)
+        expected = probs.copy()
+        removed = (1 - eta) * probs[..., keys].sum(-1, keepdims=True)
+        expected[..., others] *= 1 + removed / probs[..., others].sum(-1, keepdims=True)
+        expected[..., keys] *= eta
         if eta == 0:  # the paper's form: a -1e4 bias on the keys' logits, then softmax
             biased = logits.copy()
             biased[..., keys] -= 1e4
@@ -780,8 +790,17 @@ def check_eta_scaling(fn) -> bool:
             expected /= expected.sum(-1, keepdims=True)
         if not np.allclose(out, expected, atol=1e-8):
             if not np.allclose(out.sum(-1), 1, atol=1e-6):
-                return _wrong("6.3", f"at eta = {eta:g} the rows do not sum to 1.", "renormalise every row after scaling.")
+                return _wrong("6.3", f"at eta = {eta:g} the rows do not sum to 1.",
+                              "the other keys absorb what the listed keys lose. " + hint)
             if np.allclose(out, probs, atol=1e-8):
-                return _wrong("6.3", f"at eta = {eta:g} nothing changed.", "multiply the listed keys' probabilities by eta.")
+                return _wrong("6.3", f"at eta = {eta:g} nothing changed.", "the listed keys keep eta times their probability.")
+            w = np.ones(probs.shape[-1])
+            w[keys] = eta
+            if np.allclose(out, probs * w / (probs * w).sum(-1, keepdims=True), atol=1e-8):
+                return _wrong("6.3", f"at eta = {eta:g} this is the old rule: multiply by eta, then renormalise the row, "
+                              "which leaves a listed key eta * p / (1 - P + eta * P), more than eta * p.",
+                              "keep the listed keys at exactly eta * p and multiply only the others, by one factor: "
+                              "1 + (1 - eta) * P / (the others' own sum), P the listed keys' total.")
             return _wrong("6.3", f"at eta = {eta:g} the probabilities are not right.", hint)
-    return _right("6.3", "eta = 0 equals the paper's -1e4 logit bias, eta = 1 changes nothing, and rows stay normalised.")
+    return _right("6.3", "the listed keys keep eta * p, the others absorb the rest in proportion, eta = 0 equals the "
+                  "paper's -1e4 logit bias and eta = 1 changes nothing.")

@@ -390,7 +390,7 @@ def _condition_spec(condition) -> dict:
 def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequence[int] = (0,),
         num_inference_steps: int = 20, batch_size: int = 16, seed: int = 0, cfg: str = "cond", k: Sequence[int] = (4,),
         kinds: Sequence[str] = ("top", "bottom_abs_mean", "bottom_rms", "random"), n_random: int = 5, op: str = "zero",
-        value: float | None = None, windows: bool = False, path: str = "score", eta: float = 0.0,
+        value: float | None = None, windows: bool = False, path: str = "score", eta: float = 0.0, dose: str = "redistribute",
         layers: Sequence[str] | None = None, clip_model: str | None = None, checkpoint: str | None = None,
         stop_after: int | None = None, state=None, **pipe_kwargs) -> SweepResult | None:
     """Run `experiment` ("discover", "disrupt" or "sinks") as shards in `shards` (a directory) over
@@ -400,7 +400,7 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
     `batch_size`, batch b generated with generator seed `seed` + b (`discovery.collect_statistics`);
     disrupt and sinks generate every (prompt, seed) unit (`disruption.baseline`), disrupt under
     `disruption.conditions(base, k, kinds, n_random, op, value)` (plus `window_conditions` at max(k)
-    with `windows`), sinks under `attention.KeyIntervention(keys, k, path, eta, layers, seed)` for
+    with `windows`), sinks under `attention.KeyIntervention(keys, k, path, eta, layers, seed, dose)` for
     keys sink, bottom and `n_random` random draws per k. `k` is one int for discover (the top-k
     table), a list otherwise. `checkpoint` names the weights in the shard specs (default
     `checkpoint_id(adapter)`). `state`: an accelerate `PartialState` (default: this launch's).
@@ -439,7 +439,7 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
         if not isinstance(n_random, int) or n_random < 1:
             raise ValueError(f"n_random must be an int >= 1, got {n_random!r}")
         layers = None if layers in (None, ["all"], ("all",), "all") else layers
-        interventions = [attention.KeyIntervention(keys, kk, path, eta, layers, seed=s)
+        interventions = [attention.KeyIntervention(keys, kk, path, eta, layers, seed=s, dose=dose)
                          for kk in ks for keys in ("sink", "bottom", "random")
                          for s in (range(n_random) if keys == "random" else [0])]
         attention.intervene(adapter, interventions[0])  # validates the layers and the family (nothing swapped yet)
@@ -552,6 +552,8 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `mabook sweep` arguments: the generating verbs' (defaults per experiment), and the shards'."""
+    from mabook.cli import DOSES
+
     parser.add_argument("experiment", help=f"one of {', '.join(EXPERIMENTS)}")
     parser.add_argument("--out", required=True, help="output directory (the verb's files: stats / tables / summary)")
     parser.add_argument("--shards", default=None, help="shard directory (default OUT/shards; several machines: a shared one)")
@@ -576,6 +578,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", action="store_true", help="disrupt: also zero the largest k in each layer x step window")
     parser.add_argument("--path", choices=("score", "value_zero", "value_mean"), default="score", help="sinks")
     parser.add_argument("--eta", type=float, default=0.0, help="sinks, score path: the keys' probability factor")
+    parser.add_argument("--dose", choices=DOSES, default=DOSES[0],
+                        help="sinks, score path: how eta applies (redistribute: the paper's; renormalise: the old rule)")
     parser.add_argument("--layer", nargs="+", default=["all"], help="sinks: attention module paths, or 'all'")
 
 
@@ -610,7 +614,7 @@ def command(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
                      k=args.k[0] if args.experiment == "discover" else args.k, kinds=args.kinds,
                      n_random=args.n_random, op=args.op, value=args.value, windows=args.windows, path=args.path,
-                     eta=args.eta, layers=args.layer, stop_after=args.stop_after, state=state)
+                     eta=args.eta, dose=args.dose, layers=args.layer, stop_after=args.stop_after, state=state)
     except Stopped as e:
         print(f"mabook sweep: process {state.process_index}: {e}", file=sys.stderr)
         return EXIT_STOPPED

@@ -394,6 +394,7 @@ CLI_ROWS = [
     cli_row("sinks-k-zero", ["sinks", "--k", "0", *GEN], "k must be an int >= 1"),
     cli_row("sinks-unknown-layer", ["sinks", "--layer", "transformer_blocks.0.ff", *GEN], "has no attention"),
     cli_row("sinks-unknown-path", ["sinks", "--path", "logits"], "invalid choice: 'logits'"),
+    cli_row("sinks-unknown-dose", ["sinks", "--dose", "halve"], "invalid choice: 'halve'"),
     cli_row("sinks-zero-top", ["sinks", "--top", "0"], "--top must be >= 1"),
     cli_row("sinks-zero-random", ["sinks", "--n-random", "0"], "--n-random must be >= 1"),
     cli_row("transport-alpha-above-one", ["transport", "--source", CAPTION, "--target", OTHER, "--alpha", "1.5"],
@@ -408,6 +409,7 @@ CLI_ROWS = [
     cli_row("sweep-unknown-model", ["sweep", "discover", "--model", "org/nosuch-model"], "cannot load model 'org/nosuch-model'"),
     cli_row("sweep-empty-prompt", ["sweep", "disrupt", "--prompts", ""], "prompt 1 of 1 is empty"),
     cli_row("sweep-zero-stop-after", ["sweep", "discover", "--stop-after", "0"], "--stop-after must be >= 1"),
+    cli_row("sweep-unknown-dose", ["sweep", "sinks", "--dose", "halve"], "invalid choice: 'halve'"),
     cli_row("no-verb", [], "the following arguments are required: command"),
     cli_row("unknown-verb", ["explode"], "invalid choice: 'explode'"),
 ]
@@ -462,3 +464,11 @@ def test_the_table_covers_every_verb():
     assert set(verbs()) <= covered, f"verbs without a bad-input row: {set(verbs()) - covered}"
     print(f"\nbad-input table: {len(FUNCTION_ROWS)} function rows + {len(CLI_ROWS)} CLI rows (+1 subprocess row) = "
           f"{len(FUNCTION_ROWS) + len(CLI_ROWS) + 1} rows")
+
+
+def test_the_dose_choices_are_the_attention_doses():
+    """`--dose` is refused at parse time (before loading a model) from the same list KeyIntervention checks."""
+    sinks, sweep = verbs()["sinks"], verbs()["sweep"]
+    for parser in (sinks, sweep):
+        (action,) = [a for a in parser._actions if a.dest == "dose"]
+        assert tuple(action.choices) == attention.DOSES and action.default == KeyIntervention().dose

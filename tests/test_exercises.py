@@ -265,7 +265,16 @@ def _case_6_2(_):
 
 
 def _case_6_3(_):
-    def right(p, keys, eta):
+    def right(p, keys, eta):  # the paper's dose: the keys keep eta * p, the others absorb the rest in proportion
+        q = p.copy()
+        others = np.ones(p.shape[-1], bool)
+        others[keys] = False
+        removed = (1 - eta) * p[..., keys].sum(-1, keepdims=True)
+        q[..., others] *= 1 + removed / p[..., others].sum(-1, keepdims=True)
+        q[..., keys] *= eta
+        return q
+
+    def renormalise(p, keys, eta):  # the old rule: multiply by eta, renormalise the row
         w = np.ones(p.shape[-1])
         w[keys] = eta
         q = p * w
@@ -282,7 +291,16 @@ def _case_6_3(_):
         q = p * w + 1e-30
         return q / q.sum(-1, keepdims=True)
 
-    return (), right, [no_renorm, scale_others, lambda p, keys, eta: p, lambda p, keys, eta: p[..., :2]]
+    def uniform_others(p, keys, eta):  # the removed mass shared equally, not in proportion
+        q = p.copy()
+        others = np.ones(p.shape[-1], bool)
+        others[keys] = False
+        q[..., others] += (1 - eta) * p[..., keys].sum(-1, keepdims=True) / others.sum()
+        q[..., keys] *= eta
+        return q
+
+    return (), right, [renormalise, no_renorm, scale_others, uniform_others, lambda p, keys, eta: p,
+                       lambda p, keys, eta: p[..., :2]]
 
 
 CASES = {
@@ -327,6 +345,9 @@ def test_hints_name_the_likely_mistake(capsys):
     assert "mean channel" in capsys.readouterr().out
     exercises.check_token_mean_op(lambda s: s.mean(2, keepdim=True).expand_as(s))
     assert "channels" in capsys.readouterr().out
+    renormalise = CASES["6.3"](None)[2][0]  # the old dose: multiply by eta, then renormalise
+    assert exercises.check_eta_scaling(renormalise) is False
+    assert "old rule" in capsys.readouterr().out
 
 
 def test_a_check_without_ground_truth_says_so(capsys):
