@@ -590,11 +590,129 @@ def _transport_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep(args: argparse.Namespace) -> int:
-    """`mabook sweep EXPERIMENT`: see `mabook.sweep.command`."""
-    from mabook import sweep as sweep_mod
+# ---------------------------------------------------------------------------------------------
+# `mabook sweep EXPERIMENT ...`: the engine is mabook.sweep; this is its command line
+# ---------------------------------------------------------------------------------------------
 
-    return sweep_mod.command(args)
+
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `mabook sweep` arguments: the generating verbs' (defaults per experiment), and the shards'."""
+    from mabook.sweep import EXPERIMENTS
+
+    parser.add_argument("experiment", help=f"one of {', '.join(EXPERIMENTS)}")
+    parser.add_argument("--out", required=True, help="output directory (the verb's files: stats / tables / summary)")
+    parser.add_argument("--shards", default=None, help="shard directory (default OUT/shards; several machines: a shared one)")
+    parser.add_argument("--stop-after", type=int, default=None, help="test hook: stop after this process wrote N shards")
+    parser.add_argument("--model", default="organism", help="'organism', a hub id or a local pipeline directory")
+    parser.add_argument("--checkpoint", default=None, help="organism only: a checkpoint other than the committed one")
+    parser.add_argument("--prompts", nargs="+", default=None, help="a file, an integer N, or prompts (default: the verb's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="disrupt, sinks: seeds per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="discover: batch b uses generator seed SEED + b")
+    parser.add_argument("--num-inference-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per pipeline call = per shard (default: the verb's)")
+    parser.add_argument("--device", default="auto", help="auto (this process's GPU, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--k", type=int, nargs="+", default=None,
+                        help="discover: channels per set (one); disrupt: channel-set sizes; sinks: keys suppressed")
+    parser.add_argument("--cfg", choices=("cond", "uncond", "both"), default="cond", help="discover: which guidance half")
+    parser.add_argument("--kinds", nargs="+", default=["top", "bottom_abs_mean", "bottom_rms", "random"],
+                        choices=["top", "bottom_abs_mean", "bottom_rms", "random"], help="disrupt: channel sets")
+    parser.add_argument("--n-random", type=int, default=None, help="disrupt, sinks: seeded random sets per k")
+    parser.add_argument("--op", default="zero", help="disrupt: zero, mean, token_mean or scale")
+    parser.add_argument("--value", type=float, default=None, help="disrupt: the factor of --op scale")
+    parser.add_argument("--windows", action="store_true", help="disrupt: also zero the largest k in each layer x step window")
+    parser.add_argument("--path", choices=("score", "value_zero", "value_mean"), default="score", help="sinks")
+    parser.add_argument("--eta", type=float, default=0.0, help="sinks, score path: the keys' probability factor")
+    parser.add_argument("--dose", choices=DOSES, default=DOSES[0],
+                        help="sinks, score path: how eta applies (redistribute: the paper's; renormalise: the old rule)")
+    parser.add_argument("--layer", nargs="+", default=["all"], help="sinks: attention module paths, or 'all'")
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """`mabook sweep`: load the model on this process's device, run the shards, merge and write on the main process."""
+    from PIL import Image
+
+    from mabook import attention, discovery, disruption
+    from mabook.sweep import (DEFAULTS, EXIT_STOPPED, Stopped, check_experiment, check_shard_dir, process_device,
+                              process_state, run)
+
+    check_experiment(args.experiment)
+    defaults = DEFAULTS[args.experiment]
+    for name in ("prompts", "batch_size", "k", "n_random"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    prompts = read_prompts(args.prompts)
+    _check_seeds(args.seeds)
+    _check_positive(args, "num_inference_steps", "batch_size", *(("n_random",) if args.n_random is not None else ()))
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if args.experiment == "discover" and len(args.k) != 1:
+        raise ValueError(f"discover takes one --k (channels per set in the top-k table), got {args.k}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} is an existing file; allowed: a directory (created if missing)")
+    shards = check_shard_dir(args.shards or out / "shards")
+    state = process_state(args.device)
+    args.device = process_device(state, args.device)
+    pipe, adapter = _load(args)
+    started = time.perf_counter()
+    try:
+        result = run(args.experiment, adapter, prompts, shards, seeds=args.seeds, num_inference_steps=args.num_inference_steps,
+                     batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
+                     k=args.k[0] if args.experiment == "discover" else args.k, kinds=args.kinds,
+                     n_random=args.n_random, op=args.op, value=args.value, windows=args.windows, path=args.path,
+                     eta=args.eta, dose=args.dose, layers=args.layer, stop_after=args.stop_after, state=state)
+    except Stopped as e:
+        print(f"mabook sweep: process {state.process_index}: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    if result is None:  # not the main process: its shards are written
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    c = result.counts
+    settings = _settings(args, prompts=prompts, seconds=result.seconds, processes=state.num_processes,
+                             shards=str(shards))
+    sweep_info = {"processes": state.num_processes, "shards": c.total, "reused": c.reused, "computed": c.computed,
+                  "main_compute_seconds": c.compute_seconds, "main_io_seconds": c.io_seconds,
+                  "seconds": time.perf_counter() - started}
+    provenance = _provenance(args, pipe)
+    line = (f"{args.experiment}: {c.total} shards ({c.reused} reused, {c.computed} computed) on {state.num_processes} "
+            f"process(es) in {result.seconds:.1f} s -> {out}")
+    if args.experiment == "discover":
+        reports = discovery.massive_channels(result.stats, args.k[0], stream="img", seed=args.seed)
+        rows = discovery.table(reports)
+        result.stats.save(out / "stats.safetensors")
+        _write_csv(out / "topk.csv", [{k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()}
+                                          for r in rows])
+        files.write_json(out / "topk.json", {"settings": settings, **provenance, "sweep": sweep_info, "layers": rows})
+        print(line)
+        print(f"{'tap':36s} {'top-k':24s} {'ratio':>8s} {'max|x|':>9s} {'sun':>4s}")
+        for r in reports:
+            print(f"{r.tap:36s} {str(r.top):24s} {r.ratio_to_median:8.1f} {r.max_abs:9.2f} {'yes' if r.sun_massive else 'no':>4s}")
+        return 0
+    # disrupt / sinks: the table, the baselines' statistics, the summary (CIs computed once, here) and the grid
+    table, k = result.table, max(args.k)
+    _write_csv(out / "table.csv", table)
+    result.stats.save(out / "baseline_stats.safetensors")
+    summary = {"settings": settings, **provenance, "sweep": sweep_info, "summary": disruption.summary(table)}
+    if args.experiment == "disrupt":
+        summary["paired_ratios"] = disruption.paired_ratios(table, op=args.op)
+        summary["decomposition"] = disruption.decomposition(result.base, disruption.channel_set(result.stats, k, "top"))
+        names = ["baseline"] + [n for n in result.images if n.startswith((f"top-{k} ", f"bottom_abs_mean-{k} ",
+                                                                           f"bottom_rms-{k} ", f"random-{k}#"))][:4]
+        ratio_line = "k={k:<3d} top / {control:16s} pixel MSE {top_damage:.4f} / {control_damage:.4f} = {ratio:.2f}x"
+    else:
+        summary["paired_ratios"] = attention.paired_ratios(table, "pixel_mse")
+        names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{keys}-{k} ", f"{keys}-{k}#")))
+                                for keys in ("sink", "random", "bottom")]
+        ratio_line = "k={k:<3d} sink / {control:6s} pixel MSE {sink_damage:.4f} / {control_damage:.4f} = {ratio:.2f}x"
+    summary["table"] = table
+    mosaic, names = disruption.grid(result.result(), names)
+    _save_png(Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST), out / "grid.png")
+    files.write_json(out / "summary.json", summary)  # last: a complete summary means a complete sweep
+    print(line)
+    for r in summary["paired_ratios"]:
+        print(ratio_line.format(**r) + f" (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})")
+    return 0
 
 
 def _generation_parser(commands, name: str, help: str) -> argparse.ArgumentParser:
@@ -694,10 +812,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also pixel blend and (organism) text-embedding blend at each alpha: rows of the strip and table")
     t.set_defaults(func=transport)
 
-    from mabook.sweep import EXPERIMENTS, add_arguments as sweep_arguments
+    from mabook.sweep import EXPERIMENTS
 
     w = commands.add_parser("sweep", help=f"run {', '.join(EXPERIMENTS)} as shards over accelerate's processes; merge")
-    sweep_arguments(w)
+    _sweep_arguments(w)
     w.set_defaults(func=sweep)
     for verb in commands.choices.values():  # --debug after the verb too (SUPPRESS: never resets the top-level flag)
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
