@@ -1001,7 +1001,7 @@ def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, ke
     kept = {"baseline": base.images[:keep_images]}
     for iv, label in zip(interventions, labels):
         with intervene(base.adapter, iv):
-            images = disruption._generate(base.adapter, base.units, base.num_inference_steps, batch_size, base.pipe_kwargs)
+            images = base.adapter.generate(base.units, base.num_inference_steps, batch_size, **base.pipe_kwargs)
         for m in disruption._metrics(base, images):
             table.append({**m, "condition": iv.name, "kind": iv.keys, "k": iv.k, "op": op_label(iv),
                           "window": window_label(iv), "seed_keys": iv.seed})
@@ -1078,7 +1078,6 @@ def sink_activation_link(base, layers: str | Sequence[str] | None = None, step: 
     |mean over image tokens| of `base.stats` at the feeding tap."""
     from scipy.stats import pearsonr, spearmanr
 
-    from mabook import disruption
 
     adapter = base.adapter
     chosen = _resolve_layers(adapter, layers)
@@ -1101,7 +1100,7 @@ def sink_activation_link(base, layers: str | Sequence[str] | None = None, step: 
     for unit in base.units:
         with probe.collect(adapter, taps=wanted, steps=[step], capture=[(t, step) for t in wanted]) as run_, \
                 capture(adapter, layers=chosen, steps=[step]) as cap:
-            disruption._generate(adapter, [unit], base.num_inference_steps, 1, base.pipe_kwargs)
+            adapter.generate([unit], base.num_inference_steps, 1, **base.pipe_kwargs)
         for l in chosen:
             layout = cap.keys(l)
             h = run_.captured[(str(taps[l]), step)][-1].float()  # (image tokens, channels), the conditional sample
@@ -1131,7 +1130,6 @@ def sink_shift(base, edits: dict[str, Sequence], layers: str | Sequence[str] | N
     One row per (edit, unit, layer): top1_same (share of (step, head) whose top-1 key is unchanged),
     kind_same (its kind -- text / pad / image -- unchanged), sink_mass (the unedited top-1 mass),
     old_sink_mass (the mass the edited run gives the unedited top-1 key), edited_sink_mass."""
-    from mabook import disruption
 
     if not isinstance(edits, dict) or not edits:
         raise ValueError("edits must be a non-empty dict {name: list of probe.Edit}")
@@ -1142,9 +1140,9 @@ def sink_shift(base, edits: dict[str, Sequence], layers: str | Sequence[str] | N
         with capture(adapter, layers=chosen, steps=steps) as cap:
             if edit_list:
                 with probe.edit(adapter, list(edit_list)):
-                    disruption._generate(adapter, [unit], base.num_inference_steps, 1, base.pipe_kwargs)
+                    adapter.generate([unit], base.num_inference_steps, 1, **base.pipe_kwargs)
             else:
-                disruption._generate(adapter, [unit], base.num_inference_steps, 1, base.pipe_kwargs)
+                adapter.generate([unit], base.num_inference_steps, 1, **base.pipe_kwargs)
         return cap
 
     rows = []

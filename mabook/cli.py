@@ -441,8 +441,8 @@ def transport(args: argparse.Namespace) -> int:
     taps = [str(t) for t in probe.taps(adapter, streams)]
     if args.k > 0 or args.mask != "none":
         with probe.collect(adapter, cfg="both") as run:
-            disruption._generate(adapter, [(args.source, s) for s in args.seeds] + [(args.target, s) for s in args.seeds],
-                                 args.num_inference_steps, args.batch_size, {})
+            adapter.generate([(args.source, s) for s in args.seeds] + [(args.target, s) for s in args.seeds],
+                                 args.num_inference_steps, args.batch_size)
     if args.k == 0:
         channels = "all"
     else:
@@ -633,8 +633,7 @@ def sweep(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from mabook import attention, discovery, disruption
-    from mabook.sweep import (DEFAULTS, EXIT_STOPPED, Stopped, check_experiment, check_shard_dir, process_device,
-                              process_state, run)
+    from mabook.sweep import DEFAULTS, EXIT_STOPPED, Stopped, check_experiment, check_shard_dir, process_device, process_state, run
 
     check_experiment(args.experiment)
     defaults = DEFAULTS[args.experiment]

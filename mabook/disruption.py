@@ -93,21 +93,6 @@ def check_generation(adapter: Adapter, prompts, seeds, num_inference_steps, batc
     return units
 
 
-def _generate(adapter: Adapter, units: Sequence[tuple[str, int]], num_inference_steps: int, batch_size: int,
-              pipe_kwargs: dict) -> np.ndarray:
-    """(units, H, W, 3) floats in [0, 1]; unit i's noise comes from its own seeded generator, so an
-    image does not depend on the batch it was generated in."""
-    out = []
-    for start in range(0, len(units), batch_size):
-        chunk = units[start:start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
-        result = adapter.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
-                              output_type="np", **pipe_kwargs)
-        images = result.images
-        out.append(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
-    return np.concatenate(out).astype(np.float32)
-
-
 def load_clip(name_or_path: str):
     """(CLIPModel, CLIPProcessor) from a local directory or hub id (`from_pretrained`), in eval mode."""
     from transformers import CLIPModel, CLIPProcessor
@@ -134,7 +119,7 @@ def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0
         means.setdefault((step, str(tap)), []).append(hidden_states.detach().float().mean(1).cpu())
 
     with probe.collect(adapter, taps=image_taps, cfg="both") as run, probe.hooks(adapter, record, taps=image_taps):
-        images = _generate(adapter, units, num_inference_steps, batch_size, pipe_kwargs)
+        images = adapter.generate(units, num_inference_steps, batch_size, **pipe_kwargs)
     steps = sorted({s for s, _ in means})
     token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
     base = Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs),
@@ -355,7 +340,7 @@ def run(base: Baseline, conds: Sequence[Condition], batch_size: int = 16, keep_i
         if not isinstance(c, Condition):
             raise TypeError(f"conditions must be Condition objects, got {type(c).__name__}")
         with probe.edit(base.adapter, c.edits(base.stats)):
-            images = _generate(base.adapter, base.units, base.num_inference_steps, batch_size, base.pipe_kwargs)
+            images = base.adapter.generate(base.units, base.num_inference_steps, batch_size, **base.pipe_kwargs)
         for m in _metrics(base, images):
             table.append({**m, "condition": c.name, "kind": c.kind, "k": c.k, "op": c.op, "window": c.window})
         kept[f"{c.name} | {c.op} | {c.window}"] = images[:keep_images]

@@ -314,11 +314,11 @@ def check_zeroed_top1_mse(base, answer) -> bool:
     from ``base.stats``) zeroed at every image layer and step, and its baseline image."""
     import torch
 
-    from mabook import disruption, probe
+    from mabook import probe
 
     edits = [probe.Edit(tap, [int(np.argmax(_abs_mean(base.stats, tap)))], "zero") for tap in base.stats.layers("img")]
     with torch.no_grad(), probe.edit(base.adapter, edits):
-        image = disruption._generate(base.adapter, base.units[:1], base.num_inference_steps, 1, base.pipe_kwargs)[0]
+        image = base.adapter.generate(base.units[:1], base.num_inference_steps, 1, **base.pipe_kwargs)[0]
     expected = float(((image - base.images[0]) ** 2).mean())
     hint = ("build one probe.Edit(tap, [channel], 'zero') per image layer (disruption.channel_set(base.stats, 1, 'top') "
             "gives {tap: [channel]}), then inside `with probe.edit(adapter, edits):` generate base.units[0] with "

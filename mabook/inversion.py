@@ -56,7 +56,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
-from mabook import disruption, probe, transport, world
+from mabook import probe, transport, world
 from mabook.models import Adapter
 
 METHODS = ("invert", "noise")
@@ -560,8 +560,8 @@ class Comparison:
 
 
 def _targets(adapter: Adapter, units, latents: torch.Tensor, num_inference_steps: int, batch_size: int) -> np.ndarray:
-    return np.concatenate([disruption._generate(adapter, units[a:a + batch_size], num_inference_steps, batch_size,
-                                                {"latents": latents[a:a + batch_size]})
+    return np.concatenate([adapter.generate(units[a:a + batch_size], num_inference_steps, batch_size,
+                                           latents=latents[a:a + batch_size])
                            for a in range(0, len(units), batch_size)])
 
 

@@ -31,7 +31,9 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -197,6 +199,26 @@ class Adapter:
             per_token = vae_scale * int(self.transformer.config.patch_size)
         height, width = height or default, width or default
         return height // per_token, width // per_token
+
+    def generate(self, units: Sequence[tuple[str, int]], num_inference_steps: int, batch_size: int = 16,
+                 **pipe_kwargs) -> np.ndarray:
+        """The one generation loop: (units, H, W, 3) float32 images in [0, 1] for (prompt, seed) units.
+
+        Unit i's noise comes from its own `torch.Generator("cpu").manual_seed(seed)` (diffusers'
+        one-generator-per-image convention), so an image does not depend on the batch it was made
+        in, nor on the units beside it. pipe_kwargs go to the pipeline call (e.g. `latents`, `height`).
+        """
+        if self.pipe is None:
+            raise ValueError("generate() needs a pipeline; this adapter wraps a bare transformer")
+        out = []
+        for start in range(0, len(units), batch_size):
+            chunk = units[start:start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+            result = self.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
+                               output_type="np", **pipe_kwargs)
+            images = result.images
+            out.append(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
+        return np.concatenate(out).astype(np.float32)
 
     def attention_modules(self) -> dict[str, nn.Module]:
         """Module path -> attention module (anything with a diffusers attention processor)."""

@@ -358,7 +358,7 @@ def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip):
         means.setdefault((step, str(tap)), []).append(hidden_states.detach().float().mean(1).cpu())
 
     with probe.collect(adapter, taps=image_taps, cfg="both") as run, probe.hooks(adapter, record, taps=image_taps):
-        images = disruption._generate(adapter, units, num_inference_steps, len(units), pipe_kwargs)
+        images = adapter.generate(units, num_inference_steps, len(units), **pipe_kwargs)
     steps = sorted({s for s, _ in means})
     token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
     base = disruption.Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs), clip=clip)
@@ -407,7 +407,7 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
     """
     import numpy as np
 
-    from mabook import attention, disruption, discovery, probe
+    from mabook import attention, discovery, disruption, probe
 
     # 0. check everything before generating anything
     check_experiment(experiment)

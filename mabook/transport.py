@@ -234,8 +234,8 @@ def record(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,)
     with hooks:
         for start in range(0, len(units), batch_size):
             chunk_mask = mask[start:start + batch_size]
-            images.append(disruption._generate(adapter, units[start:start + batch_size], num_inference_steps,
-                                               batch_size, _with_latents(pipe_kwargs, latents, start, start + batch_size)))
+            images.append(adapter.generate(units[start:start + batch_size], num_inference_steps,
+                                               batch_size, **_with_latents(pipe_kwargs, latents, start, start + batch_size)))
     hooks.check_steps_ran(steps, "record")
     values = {key: {role: torch.cat(v) for role, v in by_role.items()} for key, by_role in parts.items()}
     return Record(adapter, units, np.concatenate(images), chosen, steps, values, mask, text_tokens,
@@ -302,8 +302,9 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
     channel; or a subset of them (a list for every tap, or {tap name: ints}) -- one record of all
     channels serves every set. steps: the window, default every recorded step. conditioning: also
     mix the AdaLN conditioning (default: if the record has it and no channel subset is given, the
-    rule `record` follows); it is one vector per sample, so a mask does not restrict it. target_images: the unedited targets if already generated (else
-    generated here). A record made from `latents` starts every target from its unit's latents.
+    rule `record` follows); it is one vector per sample, so a mask does not restrict it.
+    target_images: the unedited targets if already generated (else generated here). A record made
+    from `latents` starts every target from its unit's latents.
     """
     alpha = _check_alpha(alpha)
     streams = _check_stream(stream)
@@ -357,8 +358,7 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
         mask = rec.token_mask  # the recorded tokens are all there is to transport
     if target_images is None:
         target_images = np.concatenate([  # a record made from latents (mabook.inversion) gives the targets its latents
-            disruption._generate(rec.adapter, units[a:a + batch_size], n_steps, batch_size,
-                                 _with_latents(kwargs, rec.latents, a, a + batch_size))
+            rec.adapter.generate(units[a:a + batch_size], n_steps, batch_size, **_with_latents(kwargs, rec.latents, a, a + batch_size))
             for a in range(0, len(units), batch_size)])
     images = []
     for start in range(0, len(units), batch_size):
@@ -367,8 +367,7 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
         editor = probe.edit(rec.adapter, _edits(rec, box, taps, window, alpha, mask, start, stop, subset), cfg="both")
         box["editor"] = editor
         with editor:
-            images.append(disruption._generate(rec.adapter, units[start:stop], n_steps, batch_size,
-                                               _with_latents(kwargs, rec.latents, start, stop)))
+            images.append(rec.adapter.generate(units[start:stop], n_steps, batch_size, **_with_latents(kwargs, rec.latents, start, stop)))
     images = np.concatenate(images)
     k = len((subset or rec.channels)[taps[0]])
     table = _table(rec, units, target_images, images, alpha, stream, mask, k, conditioning)
@@ -769,8 +768,7 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[Pair]], methods:
             for m in MASKS:
                 masks[m].append(chunk_masks[m])
         else:
-            target_images = disruption._generate(adapter, list(zip(tgt_prompts, seeds)), num_inference_steps, batch_size,
-                                                 pipe_kwargs)
+            target_images = adapter.generate(list(zip(tgt_prompts, seeds)), num_inference_steps, batch_size, **pipe_kwargs)
         sources.append(rec.images)
         targets.append(target_images)
         # 3. every method at every alpha

@@ -176,7 +176,7 @@ def test_batch_size_invariance(adapter, prompts, batch4):
         for layer in range(batch4.stats.per_step("abs_mean").shape[1]):  # channel rankings identical
             a, b = batch.stats.per_step("abs_mean")[:, layer], batch4.stats.per_step("abs_mean")[:, layer]
             assert (np.argsort(-a, axis=-1)[:, :8] == np.argsort(-b, axis=-1)[:, :8]).all()
-    single = disruption._generate(adapter, batch4.units[:2], STEPS, 1, {})
+    single = adapter.generate(batch4.units[:2], STEPS, 1)
     np.testing.assert_allclose(single, batch4.images[:2], atol=1e-4)
     agree, how = reproduce.images_agree(single, batch4.images[:2])
     assert agree, how

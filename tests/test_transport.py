@@ -140,7 +140,7 @@ def test_without_the_conditioning_every_block_output_is_the_source_but_not_the_i
     with probe.edit(adapter, transport._edits(full, box, taps, full.steps, 1.0, None, 0, 2)) as ed:
         box["editor"] = ed
         with probe.hooks(adapter, lambda tap, step, h: seen.setdefault(step, h.clone()), taps=[last], cfg="both"):
-            transport.disruption._generate(adapter, [(TARGET, 0), (SOURCE, 0)], STEPS, 16, {})
+            adapter.generate([(TARGET, 0), (SOURCE, 0)], STEPS, 16)
     for step in range(STEPS):
         src = torch.cat([full.dense(last, step, role, 0, 2) for role in ("uncond", "cond")])
         assert torch.equal(seen[step], src)

@@ -7,8 +7,7 @@ from dataclasses import asdict, fields
 import pytest
 import torch
 
-from mabook import organism
-from mabook import train
+from mabook import organism, train
 from mabook.organism import variants
 
 

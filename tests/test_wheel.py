@@ -47,7 +47,8 @@ KERNEL = "mabook-wheel-test"
 
 def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n"
+                                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
