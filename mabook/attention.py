@@ -381,8 +381,8 @@ def _attention(query, key, value, edits: Sequence[_Edit] = (), chunk_elements: i
     return out.to(query.dtype), mass, probs
 
 
-def _attend(query, key, value, chosen: torch.Tensor, path: str, eta: float, chunk_elements: int | None = None,
-            dose: str = "redistribute") -> torch.Tensor:
+def attend(query, key, value, chosen: torch.Tensor, path: str, eta: float, chunk_elements: int | None = None,
+           dose: str = "redistribute") -> torch.Tensor:
     """Attention with the chosen keys (batch_size, heads, k) suppressed on one path; (B, H, queries, D)."""
     return _attention(query, key, value, [_Edit(chosen, path, float(eta), dose)], chunk_elements)[0]
 
@@ -1002,7 +1002,7 @@ def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, ke
     for iv, label in zip(interventions, labels):
         with intervene(base.adapter, iv):
             images = base.adapter.generate(base.units, base.num_inference_steps, batch_size, **base.pipe_kwargs)
-        for m in disruption._metrics(base, images):
+        for m in disruption.unit_metrics(base, images):
             table.append({**m, "condition": iv.name, "kind": iv.keys, "k": iv.k, "op": op_label(iv),
                           "window": window_label(iv), "seed_keys": iv.seed})
         kept[label] = images[:keep_images]

@@ -350,7 +350,7 @@ def _attention_variant(variant: str, heads: int, image: int, text: int, head_dim
             attention.image_query_mass(q, k, image_slice, chunk_elements)
             return out
         mass = attention.image_query_mass(q, k, image_slice, chunk_elements)  # "intervene": sinks, then explicit softmax
-        return attention._attend(q, k, v, mass.topk(1, -1).indices, "score", 0.0, chunk_elements)
+        return attention.attend(q, k, v, mass.topk(1, -1).indices, "score", 0.0, chunk_elements)
 
     if device != "cpu":
         torch.cuda.synchronize()

@@ -419,7 +419,7 @@ def transport(args: argparse.Namespace) -> int:
     if args.source is None:
         raise ValueError("give --source (a prompt) or --reference (an image to invert)")
     for a in args.alpha:
-        transport_mod._check_alpha(a)  # fail before generating, not after
+        transport_mod.check_alpha(a)  # fail before generating, not after
     if args.k < 0:
         raise ValueError(f"--k must be >= 0 (0 = all channels), got {args.k}")
     for name in ("source", "target"):
@@ -488,11 +488,11 @@ def transport(args: argparse.Namespace) -> int:
                 baselines[f"text embedding blend alpha={a:g}"] = transport_mod.embedding_blend(
                     adapter, [args.source] * len(rec.units), targets, a, [s for _, s in rec.units],
                     args.num_inference_steps, args.batch_size)
-        base = SimpleNamespace(adapter=adapter, images=target_images, units=rec.units, clip=None)  # what disruption._metrics reads
+        base = SimpleNamespace(adapter=adapter, images=target_images, units=rec.units, clip=None)  # what disruption.unit_metrics reads
         for name, images in baselines.items():
             method, a = name.rsplit(" alpha=", 1)
             rows += [{**r, "method": method, "alpha": float(a), "source_prompt": args.source}
-                     for r in disruption._metrics(base, images)]
+                     for r in disruption.unit_metrics(base, images)]
     seconds = time.perf_counter() - start
     # 5. the strip (rows: source, each alpha, target, then the baselines; columns: seeds) and the JSON
     rows_of = {"source": rec.images, **{f"alpha={a:g}": im for a, im in zip(args.alpha, strip)}, "target": target_images,
@@ -526,7 +526,7 @@ def _transport_reference(args: argparse.Namespace) -> int:
     from mabook import transport as transport_mod
 
     for a in args.alpha:
-        transport_mod._check_alpha(a)
+        transport_mod.check_alpha(a)
     if args.source is not None:
         raise ValueError("--source and --reference exclude each other: a reference image needs no source prompt")
     if args.k < 0:

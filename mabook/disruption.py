@@ -124,7 +124,7 @@ def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0
     token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
     base = Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs),
                     clip=load_clip(clip_model) if clip_model else None)
-    base.metrics = _metrics(base, images)
+    base.metrics = unit_metrics(base, images)
     return base
 
 
@@ -264,7 +264,7 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image SSIM of (N, H, W, 3) images in [0, 1] (torchmetrics' implementation)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-    x = torch.from_numpy(a).permute(0, 3, 1, 2).double().contiguous()  # one memory layout, as in _metrics
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).double().contiguous()  # one memory layout, as in unit_metrics
     y = torch.from_numpy(b).permute(0, 3, 1, 2).double().contiguous()
     return ssim(x, y, data_range=1.0, reduction="none").numpy()
 
@@ -286,7 +286,7 @@ def _clip_t(images: np.ndarray, prompts: Sequence[str], clip) -> np.ndarray:
     return (100 * torch.nn.functional.cosine_similarity(img, txt)).clamp_min(0).numpy()
 
 
-def _metrics(base: Baseline, images: np.ndarray) -> list[dict]:
+def unit_metrics(base: Baseline, images: np.ndarray) -> list[dict]:
     """Per unit: distances to the unit's baseline, and the judge's reading where it applies."""
     from mabook import judge
 
@@ -341,7 +341,7 @@ def run(base: Baseline, conds: Sequence[Condition], batch_size: int = 16, keep_i
             raise TypeError(f"conditions must be Condition objects, got {type(c).__name__}")
         with probe.edit(base.adapter, c.edits(base.stats)):
             images = base.adapter.generate(base.units, base.num_inference_steps, batch_size, **base.pipe_kwargs)
-        for m in _metrics(base, images):
+        for m in unit_metrics(base, images):
             table.append({**m, "condition": c.name, "kind": c.kind, "k": c.k, "op": c.op, "window": c.window})
         kept[f"{c.name} | {c.op} | {c.window}"] = images[:keep_images]
     return Result(table, kept, list(conds))

@@ -594,7 +594,7 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[transport.Pair]]
     bad = [t for t in trajectories if t not in METHODS]
     if bad or not trajectories:
         raise ValueError(f"unknown trajectories {bad}; allowed: {list(METHODS)}")
-    alphas = [transport._check_alpha(a) for a in alphas]
+    alphas = [transport.check_alpha(a) for a in alphas]
     taps = [str(t) for t in probe.taps(adapter, ["img"])]
     rows: list[dict] = []
     images: dict[tuple, list[np.ndarray]] = {}

@@ -51,7 +51,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from mabook.files import atomic_path
 from mabook.models import Adapter
 
 STREAMS = ("img", "txt")
@@ -125,7 +128,7 @@ def resolve(adapter: Adapter, tap: Tap | str) -> Tap:
 HookFn = Callable[[Tap, int, torch.Tensor], "torch.Tensor | None"]
 
 
-def _check_cfg(cfg: str) -> None:
+def check_cfg(cfg: str) -> None:
     if cfg not in CFG_MODES:
         raise ValueError(f"unknown cfg {cfg!r}; allowed: {list(CFG_MODES)}")
 
@@ -179,7 +182,7 @@ class Hooks:
 
     def __init__(self, adapter: Adapter, fn: HookFn, taps: Iterable[Tap | str] | Tap | str | None = None, steps=None,
                  cfg: str = "cond", guidance_batch: bool | None = None):
-        _check_cfg(cfg)
+        check_cfg(cfg)
         if guidance_batch is not None and not isinstance(guidance_batch, bool):
             raise TypeError(f"guidance_batch must be a bool or None, got {guidance_batch!r}")
         self.adapter, self.fn, self.cfg, self.guidance_batch = adapter, fn, cfg, guidance_batch
@@ -536,14 +539,11 @@ class Statistics:
 
     # -- files -------------------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
-        """safetensors: one (6, C) tensor per "step/tap" key; counts and timesteps in the metadata.
-        Written atomically (`mabook.files.atomic_path`): an interrupted save leaves the previous file or none."""
-        from safetensors.torch import save_file
-
-        from mabook.files import atomic_path
-
-        tensors = {f"{s}/{t}": a.cpu().contiguous() for (s, t), a in self._acc.items()}
+    def to_tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, metadata): one (6, channels) tensor per "{prefix}step/tap" key, in insertion
+        order (merging is order-sensitive), and the counts, taps and timesteps as JSON-able data.
+        `from_tensors` reads them back; `save` and the sweep's shards store them."""
+        tensors = {f"{prefix}{s}/{t}": a.cpu().contiguous() for (s, t), a in self._acc.items()}
         meta = {
             "format": FORMAT,
             "taps": [[t.block_path, t.stream] for t in self.taps],
@@ -554,17 +554,38 @@ class Statistics:
             "rows": list(_ROWS),
             "median_tokens": MEDIAN_TOKENS,
         }
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors, meta: dict, prefix: str = "") -> "Statistics":
+        """Statistics from `to_tensors`' output (tensors: a dict, or anything with get_tensor(key))."""
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"statistics in format {meta.get('format', 1)}; this mabook reads format {FORMAT}: "
+                             "collect them again")
+        get = tensors.get_tensor if hasattr(tensors, "get_tensor") else tensors.__getitem__
+        stats = cls()
+        stats.taps = [Tap(b, s) for b, s in meta["taps"]]
+        by_name = {str(t): t for t in stats.taps}
+        for key, count in meta["counts"].items():
+            step, name = key.split("/", 1)
+            k = (int(step), by_name[name])
+            stats._acc[k] = get(prefix + key)
+            stats._count[k], stats._tokens[k], stats._calls[k] = int(count), int(meta["tokens"][key]), int(meta["calls"][key])
+        stats.timesteps = {int(s): v for s, v in meta["timesteps"].items()}
+        return stats
+
+    def save(self, path: str | Path) -> None:
+        """safetensors: `to_tensors`' tensors, its metadata as JSON. Written atomically
+        (`mabook.files.atomic_path`): an interrupted save leaves the previous file or none."""
+        tensors, meta = self.to_tensors()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"mabook_statistics": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "Statistics":
         """Statistics saved by `save`; a missing, truncated or foreign file is one clear error."""
-        from safetensors import SafetensorError, safe_open
-
         if not Path(path).is_file():
             raise FileNotFoundError(f"statistics file not found: {path} (`mabook discover --out DIR` writes DIR/stats.safetensors)")
-        stats = cls()
         try:
             with safe_open(str(path), "pt") as f:
                 raw = (f.metadata() or {}).get("mabook_statistics")
@@ -574,23 +595,13 @@ class Statistics:
                 if meta.get("format") != FORMAT:
                     raise ValueError(f"{path} holds statistics in format {meta.get('format', 1)}, this mabook reads format "
                                      f"{FORMAT}: collect them again")
-                stats.taps = [Tap(b, s) for b, s in meta["taps"]]
-                by_name = {str(t): t for t in stats.taps}
-                for key in f.keys():
-                    step, name = key.split("/", 1)
-                    k = (int(step), by_name[name])
-                    stats._acc[k] = f.get_tensor(key)
-                    stats._count[k] = int(meta["counts"][key])
-                    stats._tokens[k] = int(meta["tokens"][key])
-                    stats._calls[k] = int(meta["calls"][key])
-            stats.timesteps = {int(s): v for s, v in meta["timesteps"].items()}
+                return cls.from_tensors(f, meta)
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
                              "collect the statistics again") from None
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} has malformed mabook statistics metadata ({type(e).__name__}: {e}); "
                              "collect the statistics again") from None
-        return stats
 
 
 class Probe(Hooks):

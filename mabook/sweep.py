@@ -24,7 +24,7 @@ means, and are merged once into a "baseline-stats" shard every process reads), t
 Exactness. A shard is one batch of the single-process run, with that batch's seeds and generator,
 so a process computes the same numbers in the same order as the single process would. The table's
 rows are per image (pixel MSE and MAE summed over each image alone in one memory layout, SSIM, the
-judge: `disruption._metrics`), so the merged table is bit-identical. Statistics
+judge: `disruption.unit_metrics`), so the merged table is bit-identical. Statistics
 are pooled with Chan's update, whose float rounding depends on the order of the pooling: merging one
 shard per batch, in batch order, replays exactly the single process's sequence of updates, so the
 merged statistics are bit-identical too -- when each batch makes one transformer call per step (a
@@ -68,7 +68,7 @@ from typing import Callable, Sequence
 
 EXPERIMENTS = ("discover", "disrupt", "sinks")
 PHASES = ("discover", "baseline", "baseline-stats", "disrupt", "sinks")
-FORMAT = 1  # the shard layout; bump it when a shard's content or spec changes meaning
+FORMAT = 2  # the shard layout; bump it when a shard's content or spec changes meaning (2: six statistics rows)
 KEEP_IMAGES = 4  # units whose images the grid shows (as disruption.run's keep_images)
 EXIT_STOPPED = 3  # `--stop-after` reached (a test hook: a sweep killed mid-way)
 DEFAULTS = {  # per experiment, as the single-process verbs have them
@@ -165,33 +165,6 @@ def read_shard(path: Path, spec: dict, names: Sequence[str] | None = None) -> tu
     except SafetensorError as e:
         raise ValueError(f"shard {path} is unreadable ({e}); delete it and run the sweep again to recompute it") from None
     return doc["payload"], tensors
-
-
-def _pack_stats(stats, prefix: str = "stats/") -> tuple[dict, dict]:
-    """A `probe.Statistics` as tensors and JSON metadata (the layout of `Statistics.save`, in
-    insertion order: merging is order-sensitive)."""
-    tensors = {f"{prefix}{s}/{t}": a for (s, t), a in stats._acc.items()}
-    meta = {"taps": [[t.block_path, t.stream] for t in stats.taps],
-            "counts": {f"{s}/{t}": c for (s, t), c in stats._count.items()},
-            "tokens": {f"{s}/{t}": c for (s, t), c in stats._tokens.items()},
-            "calls": {f"{s}/{t}": c for (s, t), c in stats._calls.items()},
-            "timesteps": {str(s): v for s, v in stats.timesteps.items()}}
-    return tensors, meta
-
-
-def _unpack_stats(tensors: dict, meta: dict, prefix: str = "stats/"):
-    from mabook.probe import Statistics, Tap
-
-    stats = Statistics()
-    stats.taps = [Tap(b, s) for b, s in meta["taps"]]
-    by_name = {str(t): t for t in stats.taps}
-    for key, count in meta["counts"].items():
-        step, name = key.split("/", 1)
-        k = (int(step), by_name[name])
-        stats._acc[k] = tensors[prefix + key]
-        stats._count[k], stats._tokens[k], stats._calls[k] = count, meta["tokens"][key], meta["calls"][key]
-    stats.timesteps = {int(s): v for s, v in meta["timesteps"].items()}
-    return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +312,7 @@ def _discover_shard(adapter, prompts, num_inference_steps, generator_seed, cfg, 
 
     stats = discovery.collect_statistics(adapter, prompts, num_inference_steps, generator_seed, len(prompts), cfg=cfg,
                                          **pipe_kwargs)
-    tensors, meta = _pack_stats(stats)
+    tensors, meta = stats.to_tensors("stats/")
     return tensors, {"stats": meta}
 
 
@@ -362,9 +335,9 @@ def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip):
     steps = sorted({s for s, _ in means})
     token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
     base = disruption.Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs), clip=clip)
-    tensors, meta = _pack_stats(run.stats)
+    tensors, meta = run.stats.to_tensors("stats/")
     tensors |= {"images": torch.from_numpy(images), "token_means": torch.from_numpy(token_means)}
-    return tensors, {"stats": meta, "metrics": disruption._metrics(base, images)}
+    return tensors, {"stats": meta, "metrics": disruption.unit_metrics(base, images)}
 
 
 def _condition_shard(experiment, condition, batch_base, keep):
@@ -423,7 +396,7 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
     if experiment == "discover":
         if len(ks) != 1:
             raise ValueError(f"discover takes one k (channels per set in the top-k table), got {ks}")
-        probe._check_cfg(cfg)
+        probe.check_cfg(cfg)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     elif experiment == "disrupt":
@@ -469,7 +442,7 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
         parts = []
         for name, (spec, _) in zip(names, items):
             payload, tensors = runner.read(name, spec)
-            parts.append(_unpack_stats(tensors, payload["stats"]))
+            parts.append(Statistics.from_tensors(tensors, payload["stats"], "stats/"))
         return SweepResult(experiment, runner.counts, time.perf_counter() - start, stats=Statistics.merge(parts))
 
     # 2. disrupt / sinks: the baselines, one shard per batch of units
@@ -487,12 +460,12 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
     main_parts = None
     if state.is_main_process and not (shard_dir / stats_name).is_file():
         main_parts = [runner.read(n, spec) for n, (spec, _) in zip(base_names, base_items)]
-        merged = Statistics.merge([_unpack_stats(t, p["stats"]) for p, t in main_parts])
-        tensors, meta = _pack_stats(merged)
+        merged = Statistics.merge([Statistics.from_tensors(t, p["stats"], "stats/") for p, t in main_parts])
+        tensors, meta = merged.to_tensors("stats/")
         write_shard(shard_dir / stats_name, stats_spec, tensors, {"stats": meta})
     state.wait_for_everyone()
     payload, tensors = runner.read(stats_name, stats_spec)
-    stats = _unpack_stats(tensors, payload["stats"])
+    stats = Statistics.from_tensors(tensors, payload["stats"], "stats/")
     empty = np.zeros((0,), np.float32)
     base = disruption.Baseline(adapter, units, empty, stats, empty, num_inference_steps, dict(pipe_kwargs), clip=clip)
 

@@ -11,7 +11,7 @@ image moves toward the source while keeping the target's content. Two steps:
    source unit (pair i shares seed i) and sets the recorded channels to
    lerp(target, source, alpha) inside a mask, at every recorded (or a chosen window of) tap x step,
    through `probe.edit` with a callable op (it reads the current step and guidance roles from the
-   editor). The table compares each output with the unedited target (`disruption._metrics`) and, for
+   editor). The table compares each output with the unedited target (`disruption.unit_metrics`) and, for
    organism captions, says per attribute whether it took the source's value (`took_source_<a>`)
    and kept the target's (`kept_target_<a>`).
 
@@ -113,7 +113,7 @@ class Record:
         return out
 
 
-def _check_alpha(alpha) -> float:
+def check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     return float(alpha)
@@ -306,7 +306,7 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
     target_images: the unedited targets if already generated (else generated here). A record made
     from `latents` starts every target from its unit's latents.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     streams = _check_stream(stream)
     if conditioning is None:
         conditioning = rec.conditioning and (channels is None or (isinstance(channels, str) and channels == "all"))
@@ -378,8 +378,8 @@ def _table(rec: Record, units, target_images, images, alpha, stream, mask, k, co
     """disruption's metrics against the unedited target, plus source/target attribute agreement."""
     from mabook import judge
 
-    base = SimpleNamespace(adapter=rec.adapter, images=target_images, units=units, clip=None)  # what _metrics reads
-    rows = disruption._metrics(base, images)
+    base = SimpleNamespace(adapter=rec.adapter, images=target_images, units=units, clip=None)  # what unit_metrics reads
+    rows = disruption.unit_metrics(base, images)
     judged = judge.applies(rec.adapter, [p for p, _ in units] + [p for p, _ in rec.units])
     for i, row in enumerate(rows):
         row.update(source_prompt=rec.units[i][0], alpha=alpha, stream=stream, k=k, conditioning=conditioning,
@@ -442,7 +442,7 @@ def kmeans_mask(rec: Record, tap: str, step: int, n_clusters: int = 2, seed: int
 
 def pixel_blend(source_images: np.ndarray, target_images: np.ndarray, alpha: float) -> np.ndarray:
     """The two final images mixed at the same alpha: what transport must beat to be 'semantic'."""
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     if source_images.shape != target_images.shape:
         raise ValueError(f"source images {source_images.shape} and target images {target_images.shape} differ in shape")
     return ((1 - alpha) * target_images + alpha * source_images).astype(np.float32)
@@ -636,7 +636,7 @@ def embedding_blend(adapter: Adapter, sources: Sequence[str], targets: Sequence[
     i's noise. (units, H, W, 3) in [0, 1]. alpha = 0 is the target's image, 1 the source's, bitwise.
 
     The organism only: its pipeline takes `prompt_embeds` and `pooled_prompt_embeds`."""
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     if adapter.family.name != "organism":
         raise NotImplementedError(f"embedding_blend runs on the organism only, not {adapter.family.name!r}: for a "
                                   "diffusers pipeline, blend the outputs of its encode_prompt and pass them as prompt_embeds")
@@ -685,7 +685,7 @@ class Method:
         if self.kind not in METHOD_KINDS:
             raise ValueError(f"unknown method kind {self.kind!r}; allowed: {list(METHOD_KINDS)}")
         if self.alphas is not None:
-            object.__setattr__(self, "alphas", tuple(_check_alpha(a) for a in self.alphas))
+            object.__setattr__(self, "alphas", tuple(check_alpha(a) for a in self.alphas))
         if self.kind == "channels" and self.channels is None:
             raise ValueError(f"method {self.name!r} transports channels: give channels ({{tap: ints}} or 'all')")
         if self.mask is not None and self.mask not in MASKS:
@@ -736,7 +736,7 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[Pair]], methods:
     names = [(m.name, m.seed) for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"methods must have distinct (name, seed); repeated: {sorted({n for n in names if names.count(n) > 1})}")
-    alphas = [_check_alpha(a) for a in alphas]
+    alphas = [check_alpha(a) for a in alphas]
     streams = _check_stream(stream)
     needs_masks = any(m.mask is not None for m in methods)
     if needs_masks:

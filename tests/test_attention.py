@@ -733,7 +733,7 @@ def test_a_query_with_all_its_mass_on_the_suppressed_key_gives_no_nan(dose, gap)
     p = softmax((q.double() @ k.double().transpose(-1, -2)).numpy() / D**0.5)
     assert p[..., 0].min() > 1 - 1e-12
     for eta in (0.0, 0.01, 0.5):
-        out = attention._attend(q, k, v, chosen, "score", eta, dose=dose)
+        out = attention.attend(q, k, v, chosen, "score", eta, dose=dose)
         edit = attention._Edit(chosen, "score", eta, dose)
         _, mass, probs = attention._attention(q, k, v, [edit], image=slice(0, S), keep=True)
         assert torch.isfinite(out).all() and torch.isfinite(probs).all() and torch.isfinite(mass).all()
