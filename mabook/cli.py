@@ -359,6 +359,7 @@ def sinks(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from mabook import attention, disruption
+    from mabook import sinks as sinks_mod
 
     prompts = read_prompts(args.prompts)
     _check_seeds(args.seeds)
@@ -375,18 +376,18 @@ def sinks(args: argparse.Namespace) -> int:
     # 1. baselines once per (prompt, seed), with the attention mass captured; 2. each intervention
     with attention.capture(adapter) as cap:
         base = disruption.baseline(adapter, prompts, args.seeds, args.num_inference_steps, args.batch_size)
-    result = attention.run(base, conds, args.batch_size)
+    result = sinks_mod.run(base, conds, args.batch_size)
     seconds = time.perf_counter() - start
     # 3. write the sink tables, the intervention table, the summary and the grid
-    _write_csv(out / "sinks.csv", attention.sinks(cap, args.top))
-    _write_csv(out / "movement.csv", attention.movement(cap, args.top))
-    _write_csv(out / "mass_by_kind.csv", attention.mass_by_kind(cap))
+    _write_csv(out / "sinks.csv", sinks_mod.sinks(cap, args.top))
+    _write_csv(out / "movement.csv", sinks_mod.movement(cap, args.top))
+    _write_csv(out / "mass_by_kind.csv", sinks_mod.mass_by_kind(cap))
     _write_csv(out / "table.csv", result.table)
     settings = _settings(args, prompts=prompts, seconds=seconds)
-    ratios = attention.paired_ratios(result.table, "pixel_mse")
+    ratios = sinks_mod.paired_ratios(result.table, "pixel_mse")
     summary = {"settings": settings, **_provenance(args, pipe),
                "summary": disruption.summary(result.table), "paired_ratios": ratios,
-               "mass_by_kind": attention.mass_by_kind(cap), "table": result.table}
+               "mass_by_kind": sinks_mod.mass_by_kind(cap), "table": result.table}
     k = max(args.k)
     names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{keys}-{k} ", f"{keys}-{k}#")))
                             for keys in ("sink", "random", "bottom")]
@@ -394,7 +395,7 @@ def sinks(args: argparse.Namespace) -> int:
     _save_png(Image.fromarray(mosaic).resize((mosaic.shape[1] * 4, mosaic.shape[0] * 4), Image.NEAREST), out / "grid.png")
     files.write_json(out / "summary.json", summary)  # last: a complete summary means a complete run
     # 4. print where the sinks sit and the paired ratios
-    rows = attention.mass_by_kind(cap)
+    rows = sinks_mod.mass_by_kind(cap)
     share = {kind: sum(r[kind] for r in rows) / len(rows) for kind in ("text", "pad", "image")}
     print(f"{len(base.units)} units x {len(conds)} conditions x {args.num_inference_steps} steps in {seconds:.1f} s -> {out}")
     print("attention mass over image queries, mean over layers, steps, heads: "
@@ -632,7 +633,8 @@ def sweep(args: argparse.Namespace) -> int:
     """`mabook sweep`: load the model on this process's device, run the shards, merge and write on the main process."""
     from PIL import Image
 
-    from mabook import attention, discovery, disruption
+    from mabook import discovery, disruption
+    from mabook import sinks as sinks_mod
     from mabook.sweep import DEFAULTS, EXIT_STOPPED, Stopped, check_experiment, check_shard_dir, process_device, process_state, run
 
     check_experiment(args.experiment)
@@ -700,7 +702,7 @@ def sweep(args: argparse.Namespace) -> int:
                                                                            f"bottom_rms-{k} ", f"random-{k}#"))][:4]
         ratio_line = "k={k:<3d} top / {control:16s} pixel MSE {top_damage:.4f} / {control_damage:.4f} = {ratio:.2f}x"
     else:
-        summary["paired_ratios"] = attention.paired_ratios(table, "pixel_mse")
+        summary["paired_ratios"] = sinks_mod.paired_ratios(table, "pixel_mse")
         names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{keys}-{k} ", f"{keys}-{k}#")))
                                 for keys in ("sink", "random", "bottom")]
         ratio_line = "k={k:<3d} sink / {control:6s} pixel MSE {sink_damage:.4f} / {control_damage:.4f} = {ratio:.2f}x"

@@ -14,7 +14,7 @@ list of *shards*, each a batch of the single-process run:
    a changed setting never reuses a stale one;
 3. the main process merges: statistics with `probe.Statistics.merge` in the single-process order,
    table rows concatenated in the single-process order; bootstrap CIs are computed once, on the
-   merged table (`disruption.summary`, `disruption.paired_ratios`, `attention.paired_ratios`).
+   merged table (`disruption.summary`, `disruption.paired_ratios`, `sinks.paired_ratios`).
 
 "disrupt" and "sinks" have two phases with a barrier between them: the baselines (one shard per
 batch of (prompt, seed) units; their pooled statistics choose the channel sets and the dataset
@@ -341,12 +341,13 @@ def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip):
 
 
 def _condition_shard(experiment, condition, batch_base, keep):
-    """One condition on one batch: `disruption.run` / `attention.run` on a one-batch baseline."""
+    """One condition on one batch: `disruption.run` / `sinks.run` on a one-batch baseline."""
     import torch
 
-    from mabook import attention, disruption
+    from mabook import disruption
+    from mabook import sinks as sinks_mod
 
-    runner = disruption.run if experiment == "disrupt" else attention.run
+    runner = disruption.run if experiment == "disrupt" else sinks_mod.run
     result = runner(batch_base, [condition], len(batch_base.units), keep_images=keep)
     (label,) = [n for n in result.images if n != "baseline"]
     tensors = {"images": torch.from_numpy(result.images[label][:keep])} if keep else {}

@@ -27,7 +27,7 @@ from test_models import (
 )
 
 import mabook
-from mabook import attention, world
+from mabook import attention, sinks, world
 from mabook.attention import KeyIntervention
 
 torch.set_num_threads(1)
@@ -158,7 +158,7 @@ def test_keys_are_labelled_text_pad_and_image_with_grid_positions(organism):
     assert layout.label(32) == {"kind": "image", "index": 0, "row": 0, "col": 0}
     assert layout.label(32 + 8 * 3 + 5) == {"kind": "image", "index": 29, "row": 3, "col": 5}
     # mass by kind: an independent float64 softmax summed over the key ranges the tokenizer gives
-    rows = attention.mass_by_kind(cap)
+    rows = sinks.mass_by_kind(cap)
     with torch.no_grad():
         expected = independent_mass(module, seen[0], 32)
     assert [(r["layer"], r["step"], r["head"]) for r in rows] == [(layer, 0, h) for h in range(expected.shape[0])]
@@ -171,13 +171,13 @@ def test_sinks_are_the_top_keys_and_movement_covers_every_head(organism):
     layer = "single_transformer_blocks.1.attn"
     with attention.capture(adapter, layers=layer) as cap:
         generate(pipe)
-    rows = attention.sinks(cap, k=2)
+    rows = sinks.sinks(cap, k=2)
     heads = adapter.transformer.config.num_attention_heads
     assert len(rows) == STEPS * heads * 2
     for r in rows:
         mass = cap.mass(layer, r["step"])[r["head"]]
         assert r["key"] == int(mass.topk(2).indices[r["rank"]]) and r["mass"] == pytest.approx(float(mass[r["key"]]))
-    moves = attention.movement(cap, k=2)
+    moves = sinks.movement(cap, k=2)
     assert [m["head"] for m in moves] == list(range(heads))
     # movement written out in numpy from the captured masses (steps in order)
     mass = np.stack([cap.mass(layer, s).numpy() for s in range(STEPS)])  # (steps, heads, keys)
@@ -386,7 +386,7 @@ def test_run_table_matches_an_independent_regeneration_and_ratios(organism, smal
     ivs = [KeyIntervention("sink", 2, layers=layer), KeyIntervention("random", 2, layers=layer, seed=0),
            KeyIntervention("random", 2, layers=layer, seed=1), KeyIntervention("bottom", 2, layers=layer),
            KeyIntervention("sink", 2, eta=1.0, layers=layer)]
-    result = attention.run(small_base, ivs)
+    result = sinks.run(small_base, ivs)
     n = len(small_base.units)
     assert len(result.table) == n * (1 + len(ivs))
     rows = [r for r in result.table if r["kind"] == "sink" and r["op"] == "score eta=0"]
@@ -406,7 +406,7 @@ def test_run_table_matches_an_independent_regeneration_and_ratios(organism, smal
     # eta = 1 changes (almost) nothing
     same = [r["pixel_mse"] for r in result.table if r["op"] == "score eta=1"]
     assert max(same) < 1e-8
-    ratios = {(r["op"], r["control"]): r for r in attention.paired_ratios(result.table)}
+    ratios = {(r["op"], r["control"]): r for r in sinks.paired_ratios(result.table)}
     random_damage = (mse[ivs[1].name] + mse[ivs[2].name]) / 2  # random sets averaged per unit
     r = ratios[("score eta=0", "random")]
     assert r["ratio"] == pytest.approx(mse[ivs[0].name].mean() / random_damage.mean(), rel=1e-3)
@@ -416,14 +416,14 @@ def test_run_table_matches_an_independent_regeneration_and_ratios(organism, smal
     summary = {(s["kind"], s["op"]): s for s in disruption.summary(result.table)}
     assert summary[("sink", "score eta=0")]["n_units"] == n
     with pytest.raises(ValueError, match="distinct"):
-        attention.run(small_base, [ivs[0], ivs[0]])
+        sinks.run(small_base, [ivs[0], ivs[0]])
 
 
 def test_labels():
     assert attention.op_label(KeyIntervention(eta=0.25)) == "score eta=0.25"
     assert attention.op_label(KeyIntervention(path="value_mean")) == "value_mean"
-    assert attention.window_label(KeyIntervention()) == "all layers, all steps"
-    assert attention.window_label(KeyIntervention(layers=["a.attn", "b.attn"], steps=[3, 1])) == "2 layers, steps 1,3"
+    assert sinks.window_label(KeyIntervention()) == "all layers, all steps"
+    assert sinks.window_label(KeyIntervention(layers=["a.attn", "b.attn"], steps=[3, 1])) == "2 layers, steps 1,3"
 
 
 def test_sink_activation_link_matches_numpy(organism, small_base):
@@ -431,10 +431,10 @@ def test_sink_activation_link_matches_numpy(organism, small_base):
 
     pipe, adapter = organism
     layer, step = "single_transformer_blocks.1.attn", 1
-    assert str(attention.feeding_tap(adapter, layer)) == "single_transformer_blocks.0.img"
+    assert str(sinks.feeding_tap(adapter, layer)) == "single_transformer_blocks.0.img"
     with pytest.raises(ValueError, match="first block"):
-        attention.feeding_tap(adapter, "transformer_blocks.0.attn")
-    link = attention.sink_activation_link(small_base, layer, step=step)[layer]
+        sinks.feeding_tap(adapter, "transformer_blocks.0.attn")
+    link = sinks.sink_activation_link(small_base, layer, step=step)[layer]
     tap = "single_transformer_blocks.0.img"
     channel = int(np.argmax(small_base.stats.get("abs_mean", tap).numpy()))
     assert link.channels == [channel] and link.tap == tap
@@ -454,7 +454,7 @@ def test_sink_activation_link_matches_numpy(organism, small_base):
     s = link.summary()
     assert s["pearson"] == pytest.approx(np.nanmean(link.pearson)) and s["pearson_ci"][0] <= s["pearson"] <= s["pearson_ci"][1]
     assert s["n_units"] == len(small_base.units) and s["chance"] == 1 / 64
-    assert set(attention.sink_activation_link(small_base, step=0)) == set(attention.layers(adapter)[1:])
+    assert set(sinks.sink_activation_link(small_base, step=0)) == set(attention.layers(adapter)[1:])
 
 
 def test_sink_shift_identity_edit_keeps_every_sink(organism, small_base):
@@ -462,7 +462,7 @@ def test_sink_shift_identity_edit_keeps_every_sink(organism, small_base):
     tap = "transformer_blocks.1.img"
     edits = {"identity": [mabook.probe.Edit(tap, [0], "scale", value=1.0)],
              "zero-all": [mabook.probe.Edit(tap, list(range(adapter.width)), "zero")]}
-    rows = attention.sink_shift(small_base, edits, layers=["transformer_blocks.2.attn", "single_transformer_blocks.3.attn"])
+    rows = sinks.sink_shift(small_base, edits, layers=["transformer_blocks.2.attn", "single_transformer_blocks.3.attn"])
     assert len(rows) == 2 * 2 * len(small_base.units)
     ident = [r for r in rows if r["edit"] == "identity"]
     assert all(r["top1_same"] == 1 and r["kind_same"] == 1 for r in ident)
@@ -488,7 +488,7 @@ def test_sink_shift_identity_edit_keeps_every_sink(organism, small_base):
     assert row["old_sink_mass"] == pytest.approx(np.take_along_axis(wiped_mass, top_plain[..., None], -1).mean(), rel=1e-6)
     assert row["edited_sink_mass"] == pytest.approx(wiped_mass.max(-1).mean(), rel=1e-6)
     with pytest.raises(ValueError, match="non-empty"):
-        attention.sink_shift(small_base, {})
+        sinks.sink_shift(small_base, {})
 
 
 # -- (g) post-intervention probabilities and outputs against an independent float64 computation ------------------

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from mabook import attention, cli, discovery, disruption, judge, models, organism, probe, spatial, stats, transport, world
+from mabook import attention, cli, discovery, disruption, judge, models, organism, probe, sinks, spatial, stats, transport, world
 from mabook.attention import KeyIntervention
 from mabook.probe import Edit, Statistics
 
@@ -233,9 +233,9 @@ FUNCTION_ROWS = [
     row("capture-unknown-cfg", lambda c: attention.capture(c.adapter, cfg="all"), ValueError, "unknown cfg 'all'"),
     row("capture-bad-chunk", lambda c: attention.capture(c.adapter, chunk_elements=0), ValueError, "chunk_elements must be an int >= 1"),
     row("capture-intervene-inside", lambda c: _nested(c), ValueError, "outside attention.capture()"),
-    row("attention-run-empty", lambda c: attention.run(c.base, []), ValueError, "non-empty list of KeyIntervention"),
-    row("attention-run-not-interventions", lambda c: attention.run(c.base, [1]), TypeError, "KeyIntervention objects"),
-    row("sink-link-step-out-of-range", lambda c: attention.sink_activation_link(c.base, step=STEPS), ValueError, "step must be an int in"),
+    row("attention-run-empty", lambda c: sinks.run(c.base, []), ValueError, "non-empty list of KeyIntervention"),
+    row("attention-run-not-interventions", lambda c: sinks.run(c.base, [1]), TypeError, "KeyIntervention objects"),
+    row("sink-link-step-out-of-range", lambda c: sinks.sink_activation_link(c.base, step=STEPS), ValueError, "step must be an int in"),
     # -- transport ------------------------------------------------------------------------------------------
     row("record-empty-prompts", lambda c: transport.record(c.adapter, []), ValueError, "non-empty list of str"),
     row("record-step-outside", lambda c: transport.record(c.adapter, [CAPTION], steps=[5], num_inference_steps=2), ValueError,

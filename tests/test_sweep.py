@@ -5,7 +5,7 @@ The two-process tests run `accelerate launch --multi_gpu --num_processes 2 -m ma
 --device cpu`: two CPU processes in a gloo group (accelerate 1.15's `--cpu` launcher starts only
 one process without mpirun; `--multi_gpu` is its torchrun launcher, and `--device cpu` makes the
 processes join a gloo group instead of NCCL). The reference is the single-process library code
-(`discovery.collect_statistics`, `disruption.baseline` + `run`, `attention.run`) in this process.
+(`discovery.collect_statistics`, `disruption.baseline` + `run`, `sinks.run`) in this process.
 """
 
 import json
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mabook import attention, cli, discovery, disruption, sweep, world
+from mabook import attention, cli, discovery, disruption, sinks, sweep, world
 from mabook.probe import STATISTICS, Statistics
 
 torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): the same kernels, the same bits
@@ -117,7 +117,7 @@ def test_sinks_sweep_equals_attention_run(organism, reference_base, tmp_path):
     result = sweep.run("sinks", organism, UNITS_PROMPTS, tmp_path / "shards", seeds=UNITS_SEEDS,
                        num_inference_steps=STEPS, batch_size=UNITS_BATCH, k=[1], n_random=1)
     ivs = [attention.KeyIntervention(keys, 1) for keys in ("sink", "bottom", "random")]
-    reference = attention.run(reference_base, ivs, UNITS_BATCH)
+    reference = sinks.run(reference_base, ivs, UNITS_BATCH)
     assert _json(result.table) == _json(reference.table)
     assert result.counts.total == 2 + 3 * 2
     for name, images in reference.images.items():  # the grid's images, too
@@ -132,7 +132,7 @@ def test_sinks_sweep_equals_attention_run(organism, reference_base, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["sweep"]["reused"], summary["sweep"]["computed"]) == (8, 0)
     assert summary["table"] == _json(reference.table)
-    assert summary["paired_ratios"] == _json(attention.paired_ratios(reference.table)) != []
+    assert summary["paired_ratios"] == _json(sinks.paired_ratios(reference.table)) != []
     assert (out / "grid.png").is_file()
 
 
