@@ -88,3 +88,28 @@ def test_timestep_swap_refuses_other_families_and_bad_levels():
         origins.timestep_swap(pipe, adapter, timesteps=(0.5, 1.5))
     with pytest.raises(ValueError, match="n_captions must be an int >= 1, got 0"):
         origins.timestep_swap(pipe, adapter, n_captions=0)
+
+
+def test_emergence_reads_the_medians_of_a_card():
+    card = {"emergence": [
+        {"step": 250, "ema": [{"ratio": 2.0, "max_abs": 1.0, "norm_share": 0.1}, {"ratio": 4.0, "max_abs": 3.0, "norm_share": 0.3},
+                              {"ratio": 9.0, "max_abs": 2.0, "norm_share": 0.2}]},
+        {"step": 500, "ema": [{"ratio": 5.0, "max_abs": 7.0}]},  # logged before the share existed
+    ]}
+    assert origins.emergence(card) == [{"step": 250, "norm_share": 0.2, "ratio": 4.0, "max_abs": 3.0},
+                                       {"step": 500, "norm_share": None, "ratio": 5.0, "max_abs": 7.0}]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_measure_selects_on_other_prompts_and_reports_every_part():
+    torch.manual_seed(0)
+    pipe = _eval(organism.build_pipeline(organism.OrganismConfig(num_layers=1, num_single_layers=1)))
+    pipe.set_progress_bar_config(disable=True)
+    out = origins.measure(pipe, n_prompts=3, num_inference_steps=2, n_random=2)
+    assert out["selection"]["captions_seed"] != out["evaluation_captions_seed"]
+    assert [row["tap"] for row in out["layers"]] == ["transformer_blocks.0.img", "single_transformer_blocks.0.img"]
+    d = out["damage"]["pixel_mse"]
+    assert d["n_prompts"] == 3 and d["top_zero_ci"][0] <= d["top_zero"] <= d["top_zero_ci"][1]
+    assert sum(out["sinks"]["top1_kind"].values()) == pytest.approx(1.0)
+    assert sum(out["sinks"]["mass"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert len(out["timestep_swap"]) == 2
