@@ -15,16 +15,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from test_models import (
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-    built,
-    tiny_clip,
-    tiny_t5,
-    tiny_tokenizer,
-    tiny_vae,
-)
+from test_models import built, tiny_sd3
 
 import mabook
 from mabook import attention, sinks, world
@@ -496,15 +487,7 @@ def test_sink_shift_identity_edit_keeps_every_sink(organism, small_base):
 
 def tiny_sd35():
     """SD3.5-style: QK RMS norm and MMDiT-X dual attention (block 0 adds an image-only self-attention, attn2)."""
-    pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0, scaling_factor=1.0),
-        text_encoder=tiny_clip(True), tokenizer=tiny_tokenizer(), text_encoder_2=tiny_clip(True),
-        tokenizer_2=tiny_tokenizer(), text_encoder_3=tiny_t5(), tokenizer_3=tiny_tokenizer(),
-        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
-                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                          caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-                                          pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,)),
-    )
+    pipe, _ = tiny_sd3(qk_norm="rms_norm", dual_attention_layers=(0,))
     with torch.no_grad():  # the norms' weights start at 1: make them matter
         for name, param in pipe.transformer.named_parameters():
             if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):

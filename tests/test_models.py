@@ -80,7 +80,8 @@ def tiny_flux():
     return pipe, dict(height=8, width=8, guidance_scale=1.0, max_sequence_length=TEXT_LEN)
 
 
-def tiny_sd3():
+def tiny_sd3(**transformer_kwargs):
+    """Tiny SD3; transformer_kwargs add SD3.5's features (qk_norm, dual_attention_layers)."""
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0, scaling_factor=1.0),
         text_encoder=tiny_clip(True), tokenizer=tiny_tokenizer(), text_encoder_2=tiny_clip(True),
@@ -88,7 +89,7 @@ def tiny_sd3():
         transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                           caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-                                          pos_embed_max_size=16),
+                                          pos_embed_max_size=16, **transformer_kwargs),
     )
     return pipe, dict(height=8, width=8, max_sequence_length=TEXT_LEN)
 
