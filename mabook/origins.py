@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mabook import attention, disruption, files, organism, probe, sinks, world
+from mabook import attention, disruption, evaluate, files, organism, probe, sinks, world
 from mabook.discovery import massive_channels, random_k
 from mabook.models import Adapter, adapter_for
 from mabook.organism import patchify, velocity
@@ -113,6 +113,7 @@ def timestep_swap(pipe, adapter: Adapter, n_captions: int = 8, timesteps=TIMESTE
 # One organism, every measurement (selection and evaluation on different held-out prompts)
 # ---------------------------------------------------------------------------------------------
 
+QUALITY_BARS = {"color": 0.95, "position": 0.95, "shape": 0.85, "size": 0.85}  # the organism's bars (issue 21)
 SELECT_SEED, EVAL_SEED = 100, 0  # held-out caption draws: channels chosen on one, damage measured on the other
 K = 2  # channels per set (the committed organism's top-2: the massive channel and the next)
 
@@ -188,6 +189,17 @@ def _sinks(adapter: Adapter, base, layer: str) -> dict:
             "mass": {kind: float(np.mean([r[kind] for r in by_kind])) for kind in ("text", "pad", "image")}}
 
 
+def quality(pipe, n_single: int = 256, n_double: int = 128) -> dict:
+    """`mabook.evaluate` on held-out captions, and whether every attribute clears QUALITY_BARS for
+    one- and two-object captions."""
+    result = evaluate.evaluate(pipe, n_single, n_double)
+    fails = [f"{group} {a} {result[group][a]:.3f} < {bar}" for group in ("1_object", "2_object")
+             for a, bar in QUALITY_BARS.items() if result[group][a] < bar]
+    return {"passes": not fails, "fails": fails, "bars": QUALITY_BARS,
+            **{group: {a: result[group][a] for a in (*QUALITY_BARS, "all_correct", "cleanliness")}
+               for group in ("1_object", "2_object")}}
+
+
 def emergence(card: dict) -> list[dict]:
     """The training-time emergence log of a checkpoint card, per logged step (EMA weights): median over
     image layers of the LayerNorm share (where logged), the |mean| ratio, and the largest max |x|."""
@@ -215,7 +227,7 @@ def main(argv=None) -> None:
         pipe.set_progress_bar_config(disable=True)
         organisms[name] = {"checkpoint_sha256": pipe.card["sha256"], "file": str(path),
                            "organism_config": pipe.card["organism_config"], "train_config": pipe.card.get("train_config"),
-                           "emergence": emergence(pipe.card),
+                           "emergence": emergence(pipe.card), "quality": quality(pipe),
                            **measure(pipe, a.n_prompts, a.num_inference_steps)}
         print(f"{name}: measured", flush=True)
     payload = {"checkpoint_sha256": organism.sha256(organism.CHECKPOINT), "organisms": organisms}

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mabook import exercises, world
+from mabook.exercises import registry
 from mabook.probe import Statistics, Tap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,6 +354,31 @@ def test_hints_name_the_likely_mistake(capsys):
 def test_a_check_without_ground_truth_says_so(capsys):
     assert exercises.check_token_iou("a photo of a cat", (8, 8), np.zeros((8, 8), bool), 0.5) is False
     assert "organism" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: a number and a notebook are written once
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_registry_refuses_a_number_twice_or_from_another_chapter():
+    exercise = registry.chapter("notebooks/02b_emergence.ipynb")
+    with pytest.raises(ValueError, match="not in chapter 2b"):
+        exercise("2.9", "a chapter 2 number in the interlude")
+    with pytest.raises(ValueError, match="registered twice"):
+        exercise("2b.1", "again")(lambda answer: registry.right())
+    with pytest.raises(ValueError, match="not a chapter"):
+        registry.chapter("book/workshop.md")
+    assert [registry.chapter_number(f"notebooks/{n}") for n in ("00_a.ipynb", "02b_b.ipynb", "06_c.ipynb")] == ["0", "2b", "6"]
+
+
+def test_one_module_per_chapter_holds_its_checks():
+    modules = {}
+    for number, check in exercises.CHECKS.items():
+        assert check.exercise == number and getattr(exercises, check.__name__) is check, f"{number} is not re-exported"
+        modules.setdefault(check.__module__, set()).add(exercises.WHERE[number][0])
+    assert all(m.startswith("mabook.exercises.ch") for m in modules), sorted(modules)
+    assert all(len(notebooks) == 1 for notebooks in modules.values()), modules
 
 
 # ---------------------------------------------------------------------------------------------

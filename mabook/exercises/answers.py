@@ -1,0 +1,76 @@
+"""Reading learners' answers and the chapters' statistics, for the checks of several chapters.
+
+The ``as_*`` readers turn an answer into a number, a set of ints or an array, or None when it is
+not one (a check then says what type it wanted); `close` and `matches` compare with tolerances;
+`abs_mean`, `top` and `bottom` rank the channels of a `mabook.probe.Statistics` as chapters 1 and 2 do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def as_number(value: Any) -> float | None:
+    """The answer as a float, or None if it is not one finite number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        x = float(np.asarray(value, dtype=float).item())
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def as_int_set(value: Any) -> set[int] | None:
+    """The answer as a set of ints (any order), or None if it is not a collection of integers."""
+    if value is None or isinstance(value, (str, bytes, dict)):
+        return None
+    try:
+        arr = np.asarray(value).ravel()
+    except (TypeError, ValueError):
+        return None
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
+            return None
+    return {int(v) for v in arr}
+
+
+def as_array(value: Any) -> np.ndarray | None:
+    """The answer as a float64 array (numpy, torch or nested lists), or None if it is not numeric."""
+    if value is None or isinstance(value, (str, bytes, dict, bool)):
+        return None
+    try:
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().numpy()
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return arr if arr.ndim else None
+
+
+def close(a: float | None, b: float, rel: float = 1e-3, abs_: float = 1e-9) -> bool:
+    """`a` is a number within the tolerances of `b`."""
+    return a is not None and math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
+
+
+def matches(a: np.ndarray, b: np.ndarray, atol: float = 1e-5) -> bool:
+    """Two arrays of the same shape, equal within the tolerances."""
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-4, atol=atol))
+
+
+def abs_mean(stats, tap) -> np.ndarray:
+    """The (channels,) |mean over image tokens| at `tap`, pooled over steps, as float64."""
+    return stats.get("abs_mean", tap).cpu().numpy().astype(np.float64)
+
+
+def top(values: np.ndarray, k: int) -> set[int]:
+    """The indices of the k largest values (ties in index order)."""
+    return {int(i) for i in np.argsort(-values, kind="stable")[:k]}
+
+
+def bottom(values: np.ndarray, k: int) -> set[int]:
+    """The indices of the k smallest values (ties in index order)."""
+    return {int(i) for i in np.argsort(values, kind="stable")[:k]}
