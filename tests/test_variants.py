@@ -58,3 +58,26 @@ def test_a_variant_checkpoint_saves_and_loads_with_its_config(tmp_path):
     loaded = organism.load(path)
     assert asdict(loaded.organism_config) == asdict(cfg)
     assert type(loaded.transformer.time_text_embed.time_proj).__name__ == "ConstantTimesteps"
+
+
+VARIANT_DIR = organism.CHECKPOINT_DIR / "variants"
+
+
+@pytest.mark.parametrize("path", sorted(VARIANT_DIR.glob("*.safetensors")), ids=lambda p: p.stem)
+def test_committed_variant_checkpoints_are_what_their_recipe_says(path):
+    """Each committed counterfactual organism loads hash-checked, and its card's configs are the
+    committed recipe with exactly its variant's changes (same seed and data)."""
+    v = variants.check(path.stem)
+    pipe = organism.load(path)
+    expected_organism = {**asdict(organism.OrganismConfig()), **v.organism}
+    assert json_ready(asdict(pipe.organism_config)) == json_ready(expected_organism)
+    expected_train = {**asdict(train.TrainConfig()), "steps": variants.CONTROL_STEPS, **v.train}
+    card = {k: val for k, val in pipe.card["train_config"].items() if k != "save_at"}
+    assert card == {k: val for k, val in json_ready(expected_train).items() if k != "save_at"}
+    assert pipe.card["step"] == expected_train["steps"]
+
+
+def json_ready(d: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(d))
