@@ -1,7 +1,8 @@
 """Reading learners' answers and the chapters' statistics, for the checks of several chapters.
 
 The ``as_*`` readers turn an answer into a number, a set of ints or an array, or None when it is
-not one (a check then says what type it wanted); `close` and `matches` compare with tolerances;
+not one (a check then says what type it wanted); `channels_answer` and `array_answer` read one and
+return the Verdict when it is missing or of the wrong type or size; `close` and `matches` compare with tolerances;
 `abs_mean`, `top` and `bottom` rank the channels of a `mabook.probe.Statistics` as chapters 1 and 2 do.
 """
 
@@ -11,6 +12,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from mabook.exercises.registry import Verdict, not_answered, wrong
 
 
 def as_number(value: Any) -> float | None:
@@ -49,6 +52,31 @@ def as_array(value: Any) -> np.ndarray | None:
     except (TypeError, ValueError, RuntimeError):
         return None
     return arr if arr.ndim else None
+
+
+def channels_answer(answer: Any, k: int, hint: str) -> set[int] | Verdict:
+    """The answer as a set of k channel indices, or the Verdict that says why it is not one."""
+    if answer is None:
+        return not_answered(hint)
+    given = as_int_set(answer)
+    if given is None:
+        return wrong("the answer should be a list of channel indices (ints).", hint)
+    if len(given) != k:
+        return wrong(f"{len(given)} distinct channels given, {k} wanted.", hint)
+    return given
+
+
+def array_answer(answer: Any, shape: tuple, what: str, whole: str, hint: str) -> np.ndarray | Verdict:
+    """The answer as an array shaped `shape` ("the answer should be an array of `what`"; `whole`: the
+    hint when the shape is wrong), or the Verdict that says why it is not one."""
+    if answer is None:
+        return not_answered(hint)
+    x = as_array(answer)
+    if x is None:
+        return wrong(f"the answer should be {what}.", hint)
+    if x.shape != shape:
+        return wrong(f"the answer has shape {x.shape}; expected {shape}.", whole)
+    return x
 
 
 def close(a: float | None, b: float, rel: float = 1e-3, abs_: float = 1e-9) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mabook.exercises.answers import abs_mean, as_int_set, as_number, bottom, close, top
+from mabook.exercises.answers import abs_mean, as_number, bottom, channels_answer, close, top
 from mabook.exercises.registry import Verdict, chapter, not_answered, right, wrong
 
 exercise = chapter("notebooks/01_channel_discovery.ipynb")
@@ -17,13 +17,9 @@ def check_top_channels(stats, tap, k: int, answer) -> Verdict:
     expected = top(values, k)
     hint = (f"stats.get('abs_mean', {str(tap)!r}) is a (channels,) tensor of |mean over image tokens|; "
             f"np.argsort(-values)[:{k}] gives the {k} largest.")
-    if answer is None:
-        return not_answered(hint)
-    given = as_int_set(answer)
-    if given is None:
-        return wrong("the answer should be a list of channel indices (ints).", hint)
-    if len(given) != k:
-        return wrong(f"{len(given)} distinct channels given, {k} wanted.", hint)
+    given = channels_answer(answer, k, hint)
+    if isinstance(given, Verdict):
+        return given
     if given == expected:
         return right(f"Top-{k} at {tap}: {sorted(expected)}.")
     if given == bottom(values, k):

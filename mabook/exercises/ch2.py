@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from mabook import probe
-from mabook.exercises.answers import abs_mean, as_int_set, as_number, bottom, close, top
+from mabook.exercises.answers import abs_mean, as_number, bottom, channels_answer, close, top
 from mabook.exercises.registry import Verdict, chapter, not_answered, right, wrong
 
 exercise = chapter("notebooks/02_disruption.ipynb")
@@ -47,13 +47,9 @@ def check_bottom_rms(stats, tap, k: int, answer) -> Verdict:
     expected = bottom(rms, k)
     hint = (f"rms = np.sqrt(stats.get('mean', tap).numpy() ** 2 + stats.get('std', tap).numpy() ** 2); "
             f"np.argsort(rms)[:{k}].")
-    if answer is None:
-        return not_answered(hint)
-    given = as_int_set(answer)
-    if given is None:
-        return wrong("the answer should be a list of channel indices (ints).", hint)
-    if len(given) != k:
-        return wrong(f"{len(given)} distinct channels given, {k} wanted.", hint)
+    given = channels_answer(answer, k, hint)
+    if isinstance(given, Verdict):
+        return given
     if given == expected:
         return right(f"Bottom-{k} by RMS at {tap}: {sorted(expected)}.")
     if given == bottom(abs_mean(stats, tap), k):

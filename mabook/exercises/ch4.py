@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mabook.exercises.answers import as_array, as_number, close, matches
+from mabook.exercises.answers import array_answer, as_number, close, matches
 from mabook.exercises.registry import Verdict, cannot_check, chapter, not_answered, right, wrong
 
 exercise = chapter("notebooks/04_text_transport.ipynb")
@@ -20,14 +20,10 @@ def check_pixel_blend(source_images, target_images, alpha: float, answer) -> Ver
     expected = (1 - alpha) * tgt + alpha * src
     hint = (f"lerp(target, source, alpha): (1 - alpha) * target_images + alpha * source_images, with alpha = {alpha:g}; "
             "numpy broadcasts over pairs, pixels and colour channels.")
-    if answer is None:
-        return not_answered(hint)
-    x = as_array(answer)
-    if x is None:
-        return wrong("the answer should be an array of images.", hint)
-    if x.shape != expected.shape:
-        return wrong(f"the answer has shape {x.shape}; the images are {expected.shape}.",
-                     "blend every pair: the whole arrays, not one image or a mean.")
+    x = array_answer(answer, expected.shape, "an array of images", "blend every pair: the whole arrays, not one image "
+                     "or a mean.", hint)
+    if isinstance(x, Verdict):
+        return x
     if matches(x, expected):
         return right(f"At alpha = {alpha:g} every pixel is {1 - alpha:g} of the target and {alpha:g} of the source: "
                      "a ghost of both images, whatever they show.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mabook.exercises.answers import as_array, as_number, close, matches
+from mabook.exercises.answers import array_answer, as_array, as_number, close, matches
 from mabook.exercises.registry import Verdict, chapter, not_answered, right, wrong
 
 exercise = chapter("notebooks/05_image_transport.ipynb")
@@ -19,14 +19,10 @@ def check_noised_latents(traj, step: int, answer) -> Verdict:
     expected = (1 - sigma) * clean + sigma * eps
     hint = (f"sigma = traj.sigmas[{step}] (step 0 is pure noise, sigma = 1); x = (1 - sigma) * traj.clean + "
             "sigma * traj.noise, for every reference at once.")
-    if answer is None:
-        return not_answered(hint)
-    x = as_array(answer)
-    if x is None:
-        return wrong("the answer should be a tensor or array of latents.", hint)
-    if x.shape != expected.shape:
-        return wrong(f"the answer has shape {x.shape}; the latents are {expected.shape}.",
-                     "noise every reference: traj.clean and traj.noise, whole.")
+    x = array_answer(answer, expected.shape, "a tensor or array of latents",
+                     "noise every reference: traj.clean and traj.noise, whole.", hint)
+    if isinstance(x, Verdict):
+        return x
     if matches(x, expected):
         return right(f"At step {step} (sigma = {sigma:.3f}) the latents are {1 - sigma:.0%} reference and "
                      f"{sigma:.0%} noise.")
