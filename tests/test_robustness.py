@@ -255,3 +255,19 @@ def test_rederive_chapter2_big_run_decomposition_and_baseline(adapter):
     (mine,) = disruption.summary(rows)
     (committed,) = [r for r in full["summary"] if r["kind"] == "baseline"]
     reproduce.assert_agrees(json.loads(json.dumps(mine)), committed, "the baseline row of disruption_full.json")
+
+
+def test_rederive_origins_control_organism(trained_organism):
+    """origins.json's control organism again from scratch (`origins.measure` at the committed settings:
+    16 prompts, 10 steps; ~1 min on one thread): channels, shares, damage with its CIs, the
+    prompt/timestep split, sinks and the timestep swap, within `mabook.reproduce`'s tolerance; and
+    its emergence curve from the checkpoint's card. (The quality bars, 384 generations, are not redone.)"""
+    from mabook import origins
+
+    full = _committed("origins.json")
+    committed = full["organisms"]["control"]
+    pipe, _ = trained_organism
+    assert committed["checkpoint_sha256"] == pipe.card["sha256"]
+    mine = json.loads(json.dumps(origins.measure(pipe, committed["n_prompts"], committed["num_inference_steps"])))
+    reproduce.assert_agrees(mine, {k: committed[k] for k in mine}, "origins.json's control organism")
+    reproduce.assert_agrees(origins.emergence(pipe.card), committed["emergence"], "origins.json's control emergence")
