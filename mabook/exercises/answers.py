@@ -1,7 +1,7 @@
 """Reading learners' answers and the chapters' statistics, for the checks of several chapters.
 
 The ``as_*`` readers turn an answer into a number, a set of ints or an array, or None when it is
-not one (a check then says what type it wanted); `channels_answer` and `array_answer` read one and
+not one (a check then says what type it wanted); `number_answer`, `channels_answer` and `array_answer` read one and
 return the Verdict when it is missing or of the wrong type or size; `close` and `matches` compare with tolerances;
 `abs_mean`, `top` and `bottom` rank the channels of a `mabook.probe.Statistics` as chapters 1 and 2 do.
 """
@@ -52,6 +52,14 @@ def as_array(value: Any) -> np.ndarray | None:
     except (TypeError, ValueError, RuntimeError):
         return None
     return arr if arr.ndim else None
+
+
+def number_answer(answer: Any, problem: str, hint: str) -> float | Verdict:
+    """The answer as one finite number, or the Verdict that says it is missing or not one (`problem`)."""
+    if answer is None:
+        return not_answered(hint)
+    x = as_number(answer)
+    return wrong(problem, hint) if x is None else x
 
 
 def channels_answer(answer: Any, k: int, hint: str) -> set[int] | Verdict:

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from mabook import judge, world
-from mabook.exercises.answers import as_number, close
+from mabook.exercises.answers import as_number, close, number_answer
 from mabook.exercises.registry import Verdict, chapter, not_answered, right, wrong
 
 exercise = chapter("notebooks/00_model_organism.ipynb")
@@ -83,11 +83,9 @@ def check_attribute_accuracy(images, captions: Sequence[str], attribute: str, an
     expected = float(np.mean(per_object))
     hint = (f"judge every (image, caption) pair with judge.judge; each verdict's .correct has one dict per caption "
             f"object: average c[{attribute!r}] over all objects of all images.")
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one number (a fraction).", hint)
+    x = number_answer(answer, "the answer should be one number (a fraction).", hint)
+    if isinstance(x, Verdict):
+        return x
     if close(x, expected, abs_=1e-6):
         return right(f"{expected:.1%} of the {len(per_object)} objects have the right {attribute}.")
     if close(x, 100 * expected):

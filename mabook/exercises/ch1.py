@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mabook.exercises.answers import abs_mean, as_number, bottom, channels_answer, close, top
-from mabook.exercises.registry import Verdict, chapter, not_answered, right, wrong
+from mabook.exercises.answers import abs_mean, bottom, channels_answer, close, number_answer, top
+from mabook.exercises.registry import Verdict, chapter, right, wrong
 
 exercise = chapter("notebooks/01_channel_discovery.ipynb")
 
@@ -36,11 +36,9 @@ def check_ratio_to_median(stats, tap, answer) -> Verdict:
     values = abs_mean(stats, tap)
     expected = float(values.max() / np.median(values))
     hint = f"values = stats.get('abs_mean', {str(tap)!r}).numpy(); divide values.max() by np.median(values)."
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one number.", hint)
+    x = number_answer(answer, "the answer should be one number.", hint)
+    if isinstance(x, Verdict):
+        return x
     if close(x, expected):
         return right(f"The top channel is {expected:.1f}x the median channel at {tap}.")
     if close(x, float(values.max() / values.mean())):
@@ -59,11 +57,9 @@ def check_jaccard(run_a, run_b, tap, k: int, answer) -> Verdict:
     expected = len(a & b) / len(a | b)
     hint = (f"take each run's top-k set at the tap (as in exercise {check_top_channels.exercise}), then "
             "len(A & B) / len(A | B) on Python sets.")
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one number between 0 and 1.", hint)
+    x = number_answer(answer, "the answer should be one number between 0 and 1.", hint)
+    if isinstance(x, Verdict):
+        return x
     if close(x, expected, abs_=1e-9):
         return right(f"The two top-{k} sets share {len(a & b)} of {len(a | b)} channels: Jaccard {expected:.2f}.")
     if close(x, float(len(a & b))):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from mabook import probe
-from mabook.exercises.answers import abs_mean, as_number, bottom, channels_answer, close, top
+from mabook.exercises.answers import abs_mean, bottom, channels_answer, close, number_answer, top
 from mabook.exercises.registry import Verdict, chapter, not_answered, right, wrong
 
 exercise = chapter("notebooks/02_disruption.ipynb")
@@ -24,11 +24,9 @@ def check_zeroed_top1_mse(base, answer) -> Verdict:
             "gives {tap: [channel]}), then inside `with probe.edit(adapter, edits):` generate base.units[0] with "
             "generator=torch.Generator('cpu').manual_seed(seed), num_inference_steps=base.num_inference_steps, "
             "output_type='np', and average (image - base.images[0]) ** 2.")
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one number (a mean squared error).", hint)
+    x = number_answer(answer, "the answer should be one number (a mean squared error).", hint)
+    if isinstance(x, Verdict):
+        return x
     if close(x, expected, rel=0.05, abs_=1e-7):
         return right(f"Zeroing one channel per layer moves the first image's pixels by an MSE of {expected:.4f}.")
     if x == 0:

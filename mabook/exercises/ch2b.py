@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mabook.exercises.answers import as_number, close
-from mabook.exercises.registry import Verdict, chapter, not_answered, right, wrong
+from mabook.exercises.answers import close, number_answer
+from mabook.exercises.registry import Verdict, chapter, right, wrong
 
 exercise = chapter("notebooks/02b_emergence.ipynb")
 
@@ -25,11 +25,9 @@ def check_half_final_step(card: dict, answer) -> Verdict:
     expected = steps[i]
     hint = ("series = [np.median([l['ratio'] for l in row['ema']]) for row in card['emergence']]; find the first row "
             "whose value is >= series[-1] / 2 and answer its row['step'].")
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one training step (an int).", hint)
+    x = number_answer(answer, "the answer should be one training step (an int).", hint)
+    if isinstance(x, Verdict):
+        return x
     if x == expected:
         return right(f"At step {expected} the ratio is {series[i]:.1f}x, half of the final {series[-1]:.1f}x "
                      f"is {series[-1] / 2:.1f}x.")
@@ -51,11 +49,9 @@ def check_plateau_change(card: dict, weights: str, window: float, answer) -> Ver
     expected = float(series[-1] / series[start] - 1)
     hint = (f"series = [np.median([l['ratio'] for l in row[{weights!r}]]) for row in card['emergence']]; start at the first "
             f"row whose step >= steps[-1] * (1 - {window}); answer series[-1] / series[start] - 1.")
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one number (a relative change, e.g. -0.03).", hint)
+    x = number_answer(answer, "the answer should be one number (a relative change, e.g. -0.03).", hint)
+    if isinstance(x, Verdict):
+        return x
     if close(x, expected, abs_=1e-6):
         verdict = "plateaued" if abs(expected) < 0.10 else "not plateaued"
         return right(f"The {weights} weights' ratio changed by {expected:+.1%} ({verdict} at a 10% tolerance).")

@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from mabook import world
-from mabook.exercises.answers import as_number, close
+from mabook.exercises.answers import close, number_answer
 from mabook.exercises.registry import Verdict, cannot_check, chapter, not_answered, right, wrong
 
 exercise = chapter("notebooks/03_spatial_organization.ipynb")
@@ -69,11 +69,9 @@ def check_token_iou(caption: str, grid: Sequence[int], mask, answer) -> Verdict:
     expected = iou(m, truth)
     hint = ("truth = world.render(world.parse_caption(caption)).foreground is (32, 32); downsample it to the token grid "
             "by majority (reshape to (h, 4, w, 4), mean over the patch axes, >= 0.5), then |mask & truth| / |mask | truth|.")
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one number between 0 and 1.", hint)
+    x = number_answer(answer, "the answer should be one number between 0 and 1.", hint)
+    if isinstance(x, Verdict):
+        return x
     if close(x, expected, abs_=1e-9):
         return right(f"Token IoU {expected:.2f} ({int((m & truth).sum())} tokens shared, {int((m | truth).sum())} in the union).")
     if close(x, iou(~m, truth), abs_=1e-9):

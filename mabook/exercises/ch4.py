@@ -6,8 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mabook.exercises.answers import array_answer, as_number, close, matches
-from mabook.exercises.registry import Verdict, cannot_check, chapter, not_answered, right, wrong
+from mabook.exercises.answers import array_answer, close, matches, number_answer
+from mabook.exercises.registry import Verdict, cannot_check, chapter, right, wrong
 
 exercise = chapter("notebooks/04_text_transport.ipynb")
 
@@ -50,11 +50,9 @@ def check_took_attribute(rows: Sequence[dict], method: str, alpha: float, attrib
     expected = float(np.mean(per_pair))
     hint = (f"keep the rows with method == {method!r} and alpha == {alpha:g}; {column!r} is 1 or 0 where {attribute} "
             "differs and NaN where it does not: average it over the rows where it is not NaN (np.nanmean).")
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one number (a share between 0 and 1).", hint)
+    x = number_answer(answer, "the answer should be one number (a share between 0 and 1).", hint)
+    if isinstance(x, Verdict):
+        return x
     if close(x, expected, abs_=1e-9):
         return right(f"{method} at alpha = {alpha:g} took the source's {attribute} in {expected:.0%} of the "
                      f"{len(per_pair)} pairs where it differs.")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mabook.exercises.answers import array_answer, as_array, as_number, close, matches
-from mabook.exercises.registry import Verdict, chapter, not_answered, right, wrong
+from mabook.exercises.answers import array_answer, as_array, close, matches, number_answer
+from mabook.exercises.registry import Verdict, chapter, right, wrong
 
 exercise = chapter("notebooks/05_image_transport.ipynb")
 
@@ -41,11 +41,9 @@ def check_reconstruction_error(images, references, answer) -> Verdict:
     d = imgs - refs
     expected = float(np.abs(d).mean())
     hint = "np.abs(images - references).mean(): the absolute difference, averaged over everything."
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one number (a mean over all references).", hint)
+    x = number_answer(answer, "the answer should be one number (a mean over all references).", hint)
+    if isinstance(x, Verdict):
+        return x
     if close(x, expected, abs_=1e-9):
         return right(f"Mean |error| {expected:.4f} over {len(imgs)} references, "
                      f"{expected * 255:.1f} of 255 grey levels per pixel and channel.")

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mabook.exercises.answers import as_number, close
+from mabook.exercises.answers import as_number, close, number_answer
 from mabook.exercises.registry import Verdict, cannot_check, chapter, not_answered, right, wrong
 
 exercise = chapter("notebooks/06_attention_sinks.ipynb")
@@ -54,11 +54,9 @@ def check_sink_random_ratio(table: Sequence[dict], k: int, window: str, answer, 
     hint = (f"rows = pd.DataFrame(result.table); keep op == 'score eta=0', k == {k}, window == {window!r}; average "
             f"{metric} per (prompt, seed) for kind 'sink' and for kind 'random' (its seeds together), then divide the "
             "two means over units.")
-    if answer is None:
-        return not_answered(hint)
-    x = as_number(answer)
-    if x is None:
-        return wrong("the answer should be one number (a ratio).", hint)
+    x = number_answer(answer, "the answer should be one number (a ratio).", hint)
+    if isinstance(x, Verdict):
+        return x
     if close(x, expected):
         return right(f"Sink-{k} damage is {expected:.2f}x random-{k} damage on the same {len(units)} units.")
     if close(x, 1 / expected):
