@@ -816,6 +816,38 @@ class Capture(_Swap):
         self._check(layer, step)
         return self._count[(layer, step)]
 
+    # -- shards: a capture written with a sweep's shard, and several merged -----------------------
+
+    def to_tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able meta): the float64 sums, the counts and the key layouts (not kept probabilities)."""
+        tensors, keys = {}, []
+        for i, key in enumerate(self._sum):
+            for name, store in (("sum", self._sum), ("after", self._after), ("hit", self._hit)):
+                tensors[f"{prefix}{i}.{name}"] = store[key]
+            keys.append([*key, self._count[key]])
+        layouts = {layer: [lay.text, lay.image, lay.text_first, None if lay.positions is None else list(map(list, lay.positions))]
+                   for layer, lay in self._layouts.items()}
+        return tensors, {"keys": keys, "layouts": layouts, "pad_from": self.pad_from, "steps_seen": list(self.steps_seen)}
+
+    @classmethod
+    def from_tensors(cls, adapter: Adapter, parts: Sequence[tuple[dict, dict]], prefix: str = "") -> Capture:
+        """One capture of every part ((tensors, meta) of `to_tensors`, in order): the sums added in that
+        order, as one context that saw the parts' batches one after the other would have added them."""
+        cap = cls(adapter)
+        for tensors, meta in parts:
+            for layer, (text, image, text_first, positions) in meta["layouts"].items():
+                cap._layouts[layer] = KeyLayout(text, image, text_first, None if positions is None else tuple(map(tuple, positions)))
+            for i, (layer, step, count) in enumerate(meta["keys"]):
+                key = (layer, step)
+                for name, store in (("sum", cap._sum), ("after", cap._after), ("hit", cap._hit)):
+                    value = tensors[f"{prefix}{i}.{name}"]
+                    store[key] = store[key] + value if key in store else value
+                cap._count[key] = cap._count.get(key, 0) + count
+            cap.steps_seen += [s for s in meta["steps_seen"] if s not in cap.steps_seen]
+            if meta["pad_from"] is not None:
+                cap.pad_from = meta["pad_from"] if cap.pad_from is None else max(cap.pad_from, meta["pad_from"])
+        return cap
+
 
 def capture(adapter: Adapter, layers: str | Sequence[str] | None = None, steps=None, cfg: str = "cond",
             chunk_elements: int | None = None, keep_probabilities: bool = False) -> Capture:

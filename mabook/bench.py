@@ -502,9 +502,10 @@ def sweep_bench(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from mabook import sweep as sweep_mod
+    from mabook.experiments import SWEEPS
 
-    sweep_mod.check_experiment(args.experiment)
+    if args.experiment not in SWEEPS:
+        raise ValueError(f"unknown experiment {args.experiment!r}; allowed: {list(SWEEPS)}")
     for name in ("prompts", "num_inference_steps", "batch_size", "n_random", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

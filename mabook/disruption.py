@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mabook import discovery, probe, world
+from mabook import discovery, files, probe, world
 from mabook.models import Adapter
 from mabook.probe import Edit, Statistics
 from mabook.stats import bootstrap_ci, paired_ratio_ci
@@ -463,3 +463,16 @@ def grid(result: Result, names: Sequence[str] | None = None, pad: int = 2) -> tu
             y, x = pad + r * (H + pad), pad + c * (W + pad)
             mosaic[y:y + H, x:x + W] = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
     return mosaic, names
+
+
+GRID_MAX_SIDE = 2048  # a saved grid is enlarged (nearest neighbour) up to 4x while its longer side stays within this
+
+
+def save_grid(mosaic: np.ndarray, path) -> None:
+    """A `grid` mosaic as a PNG, enlarged 4x for 32x32 images, not at all for 1024x1024 ones."""
+    from PIL import Image
+
+    scale = max(1, min(4, GRID_MAX_SIDE // max(mosaic.shape[:2])))
+    image = Image.fromarray(mosaic)
+    files.save_image(image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image,
+                     path, "PNG")

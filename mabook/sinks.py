@@ -86,6 +86,15 @@ def movement(cap: Capture, k: int = 1) -> list[dict]:
 CONTROLS = ("random", "bottom")  # the equal-budget controls of a sink intervention
 
 
+def interventions(ks: Sequence[int], path: str = "score", eta: float = 0.0, layers=None, n_random: int = 3,
+                  dose: str = "redistribute") -> list[KeyIntervention]:
+    """The experiment's interventions: at each k, the sinks and each control (`n_random` seeded draws
+    of the random one), in the order sink, then the controls sorted by name."""
+    return [KeyIntervention(keys, k, path, eta, layers, seed=seed, dose=dose)
+            for k in ks for keys in ("sink", *sorted(CONTROLS))
+            for seed in (range(n_random) if keys == "random" else [0])]
+
+
 def window_label(iv: KeyIntervention) -> str:
     """The table's "window": which layers and steps, e.g. "all layers, all steps"."""
     if iv.layers is None:

@@ -48,46 +48,52 @@ says (it needs ``mpirun`` for more); ``--multi_gpu`` uses torchrun, and ``--devi
 makes the processes join a gloo group. A sweep started the ``--cpu`` way warns and runs alone.
 Several machines need one shard directory they all see (a shared filesystem).
 
+One code path. `mabook discover`, `disrupt` and `sinks` are this engine with one process and a
+temporary shard directory (`mabook.experiments`); a sweep is the same call under `accelerate
+launch`. The experiment is its config (`mabook.experiments.<verb>.Config`): its fields make the
+shard specs' settings, its `conditions(base)` the conditions and its `apply` the runner; the sinks
+baselines' shards also keep their attention mass (`attention.Capture.to_tensors`), merged into one
+capture for the sink tables.
+
 What this is not: a scheduler. A process that dies takes the launch down (torchrun stops the
 others); run the same command again and it resumes. Two sweeps must not share a shard directory
-at the same time. The sinks sweep writes the intervention table and summary, not chapter 6's
-attention-mass tables (`mabook sinks` captures those on one process).
+at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-EXPERIMENTS = ("discover", "disrupt", "sinks")
+import numpy as np
+import torch
+from accelerate import PartialState
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mabook import attention, discovery, disruption, probe
+from mabook.files import atomic_path
+from mabook.probe import Statistics
+
 PHASES = ("discover", "baseline", "baseline-stats", "disrupt", "sinks")
-FORMAT = 2  # the shard layout; bump it when a shard's content or spec changes meaning (2: six statistics rows)
+FORMAT = 3  # the shard layout; bump it when a shard's content or spec changes meaning (3: baselines may hold attention)
 KEEP_IMAGES = 4  # units whose images the grid shows (as disruption.run's keep_images)
 EXIT_STOPPED = 3  # `--stop-after` reached (a test hook: a sweep killed mid-way)
-DEFAULTS = {  # per experiment, as the single-process verbs have them
-    "discover": {"prompts": ["16"], "batch_size": 8, "k": [4], "n_random": None},
-    "disrupt": {"prompts": ["8"], "batch_size": 16, "k": [1, 2, 4, 8, 16], "n_random": 5},
-    "sinks": {"prompts": ["8"], "batch_size": 16, "k": [1, 2, 5, 10], "n_random": 3},
-}
 _SHARD = re.compile(r"^(%s)-[0-9a-f]{24}\.safetensors$" % "|".join(PHASES))
 _TEMPORARY = re.compile(r"^\..+\.tmp$")  # `files.atomic_path`'s temporary files, left by a killed write
 
 
 class Stopped(Exception):
     """`stop_after` shards were written by this process: the sweep stops as if killed (a test hook)."""
-
-
-def check_experiment(experiment) -> str:
-    if experiment not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {experiment!r}; allowed: {list(EXPERIMENTS)}")
-    return experiment
 
 
 def check_shard_dir(path) -> Path:
@@ -136,11 +142,6 @@ def shard_name(spec: dict) -> str:
 
 def write_shard(path: Path, spec: dict, tensors: dict | None = None, payload: dict | None = None) -> None:
     """One file: the tensors, and {"format", "spec", "payload"} as JSON metadata; atomic."""
-    import torch
-    from safetensors.torch import save_file
-
-    from mabook.files import atomic_path
-
     meta = {"mabook_shard": json.dumps({"format": FORMAT, "spec": _normal(spec), "payload": payload or {}})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()} or {"_": torch.zeros(0)}
     with atomic_path(path) as tmp:
@@ -150,8 +151,6 @@ def write_shard(path: Path, spec: dict, tensors: dict | None = None, payload: di
 def read_shard(path: Path, spec: dict, names: Sequence[str] | None = None) -> tuple[dict, dict]:
     """(payload, tensors) of a shard -- only the tensors `names` if given; a shard that is not
     one, or holds another spec than its name says, is one clear error."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get("mabook_shard")
@@ -176,9 +175,6 @@ def process_state(device: str = "auto"):
     """accelerate's `PartialState` (a gloo group of CPU processes when `device` is "cpu" or there
     is no GPU); warns when accelerate's simple launcher started one process (`--cpu`, or no
     `--multi_gpu` without GPUs)."""
-    import torch
-    from accelerate import PartialState
-
     launch = os.environ
     # accelerate's simple launcher (`--cpu` without mpirun, or no `--multi_gpu` on a machine without
     # GPUs) sets MASTER_ADDR but starts ONE process whatever --num_processes says: say so, don't hang
@@ -266,8 +262,9 @@ class SweepResult:
     discover: `stats` (all taps, the `cfg` half). disrupt / sinks: `base` (the merged
     `disruption.Baseline`: its `stats` are the baselines' image-stream statistics, both guidance
     halves), `conditions` (`disruption.Condition` or `attention.KeyIntervention`), `table` (one row
-    per (unit, condition), baseline rows first, in `disruption.run`'s order) and `images` (the
-    first KEEP_IMAGES units' images per condition, for `disruption.grid`)."""
+    per (unit, condition), baseline rows first, in `disruption.run`'s order), `images` (the
+    first KEEP_IMAGES units' images per condition, for `disruption.grid`) and, when the experiment
+    captures the baselines' attention (sinks), `capture` (an `attention.Capture` of every baseline)."""
 
     experiment: str
     counts: Counts
@@ -277,11 +274,10 @@ class SweepResult:
     conditions: list = field(default_factory=list)
     table: list[dict] = field(default_factory=list)
     images: dict = field(default_factory=dict)
+    capture: object = None
 
-    def result(self):
+    def result(self) -> disruption.Result:
         """The table and images as a `disruption.Result` (for `disruption.grid`)."""
-        from mabook import disruption
-
         return disruption.Result(self.table, self.images, list(self.conditions))
 
 
@@ -308,114 +304,76 @@ def _batches(items: list, batch_size: int) -> list[tuple[int, list]]:
 
 
 def _discover_shard(adapter, prompts, num_inference_steps, generator_seed, cfg, pipe_kwargs):
-    from mabook import discovery
-
     stats = discovery.collect_statistics(adapter, prompts, num_inference_steps, generator_seed, len(prompts), cfg=cfg,
                                          **pipe_kwargs)
     tensors, meta = stats.to_tensors("stats/")
     return tensors, {"stats": meta}
 
 
-def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip):
+def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip, capture_attention: bool):
     """`disruption.baseline` for one batch of units (its body, with the units given rather than
-    made from prompts x seeds); the test suite checks the two agree bit for bit."""
-    import numpy as np
-    import torch
-
-    from mabook import disruption, probe
-
+    made from prompts x seeds; the test suite checks the two agree bit for bit), and with
+    `capture_attention` the attention mass the batch's generation put on every key."""
     image_taps = probe.taps(adapter, ["img"])
     means: dict[tuple[int, str], list] = {}
 
     def record(tap, step, hidden_states):
         means.setdefault((step, str(tap)), []).append(hidden_states.detach().float().mean(1).cpu())
 
-    with probe.collect(adapter, taps=image_taps, cfg="both") as run, probe.hooks(adapter, record, taps=image_taps):
+    with contextlib.ExitStack() as stack:
+        cap = stack.enter_context(attention.capture(adapter)) if capture_attention else None
+        run = stack.enter_context(probe.collect(adapter, taps=image_taps, cfg="both"))
+        stack.enter_context(probe.hooks(adapter, record, taps=image_taps))
         images = adapter.generate(units, num_inference_steps, len(units), **pipe_kwargs)
     steps = sorted({s for s, _ in means})
     token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
     base = disruption.Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs), clip=clip)
     tensors, meta = run.stats.to_tensors("stats/")
     tensors |= {"images": torch.from_numpy(images), "token_means": torch.from_numpy(token_means)}
-    return tensors, {"stats": meta, "metrics": disruption.unit_metrics(base, images)}
+    payload = {"stats": meta, "metrics": disruption.unit_metrics(base, images)}
+    if cap is not None:
+        cap_tensors, payload["capture"] = cap.to_tensors("capture/")
+        tensors |= cap_tensors
+    return tensors, payload
 
 
-def _condition_shard(experiment, condition, batch_base, keep):
-    """One condition on one batch: `disruption.run` / `sinks.run` on a one-batch baseline."""
-    import torch
-
-    from mabook import disruption
-    from mabook import sinks as sinks_mod
-
-    runner = disruption.run if experiment == "disrupt" else sinks_mod.run
-    result = runner(batch_base, [condition], len(batch_base.units), keep_images=keep)
+def _condition_shard(config, condition, batch_base, keep):
+    """One condition on one batch: the experiment's `apply` (`disruption.run`, `sinks.run`) on a one-batch baseline."""
+    result = config.apply(batch_base, [condition], len(batch_base.units), keep)
     (label,) = [n for n in result.images if n != "baseline"]
     tensors = {"images": torch.from_numpy(result.images[label][:keep])} if keep else {}
     return tensors, {"rows": result.table, "label": label}
 
 
 def _condition_spec(condition) -> dict:
-    from dataclasses import asdict
-
     return {"type": type(condition).__name__, **asdict(condition)}
 
 
-def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequence[int] = (0,),
-        num_inference_steps: int = 20, batch_size: int = 16, seed: int = 0, cfg: str = "cond", k: Sequence[int] = (4,),
-        kinds: Sequence[str] = ("top", "bottom_abs_mean", "bottom_rms", "random"), n_random: int = 5, op: str = "zero",
-        value: float | None = None, windows: bool = False, path: str = "score", eta: float = 0.0, dose: str = "redistribute",
-        layers: Sequence[str] | None = None, clip_model: str | None = None, checkpoint: str | None = None,
-        stop_after: int | None = None, state=None, **pipe_kwargs) -> SweepResult | None:
-    """Run `experiment` ("discover", "disrupt" or "sinks") as shards in `shards` (a directory) over
-    this launch's processes; the merged `SweepResult` on the main process, None on the others.
+def run(config, adapter, shards=None, *, state=None, stop_after: int | None = None, checkpoint: str | None = None,
+        clip_model: str | None = None, pipe_kwargs: dict | None = None) -> SweepResult | None:
+    """Run the experiment `config` (a discover, disrupt or sinks `Config` of `mabook.experiments`) as
+    shards in the directory `shards` over this launch's processes; the merged `SweepResult` on the
+    main process, None on the others. `shards=None`: a temporary directory (one process only).
 
-    The arguments are the single-process verbs': discover pools `prompts` in batches of
-    `batch_size`, batch b generated with generator seed `seed` + b (`discovery.collect_statistics`);
-    disrupt and sinks generate every (prompt, seed) unit (`disruption.baseline`), disrupt under
-    `disruption.conditions(base, k, kinds, n_random, op, value)` (plus `window_conditions` at max(k)
-    with `windows`), sinks under `attention.KeyIntervention(keys, k, path, eta, layers, seed, dose)` for
-    keys sink, bottom and `n_random` random draws per k. `k` is one int for discover (the top-k
-    table), a list otherwise. `checkpoint` names the weights in the shard specs (default
-    `checkpoint_id(adapter)`). `state`: an accelerate `PartialState` (default: this launch's).
-    `stop_after`: raise `Stopped` after this process wrote that many shards (a test hook).
+    discover pools the prompts in batches of `batch_size`, batch b generated with generator seed
+    `seed` + b (`discovery.collect_statistics`); disrupt and sinks generate every (prompt, seed)
+    unit (`disruption.baseline`), then each of `config.conditions(base)` under `config.apply`.
+    `checkpoint` names the weights in the shard specs (default `checkpoint_id(adapter)`); `clip_model`
+    adds CLIP-T to the table; `pipe_kwargs` go to every pipeline call. `state`: an accelerate
+    `PartialState` (default: this launch's). `stop_after`: raise `Stopped` after this process wrote
+    that many shards (a test hook).
     """
-    import numpy as np
-
-    from mabook import attention, discovery, disruption, probe
-
-    # 0. check everything before generating anything
-    check_experiment(experiment)
-    units = disruption.check_generation(adapter, prompts, seeds, num_inference_steps, batch_size, f"sweep {experiment}")
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be an int >= 1 (or None), got {stop_after!r}")
-    ks = [k] if isinstance(k, (int, np.integer)) else list(k)
-    if not ks:
-        raise ValueError("k must be an int or a non-empty list of ints")
-    for kk in ks:
-        if experiment != "sinks":
-            discovery.check_k(kk, adapter.width)
-    if experiment == "discover":
-        if len(ks) != 1:
-            raise ValueError(f"discover takes one k (channels per set in the top-k table), got {ks}")
-        probe.check_cfg(cfg)
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    elif experiment == "disrupt":
-        if op not in disruption.OPS:
-            raise ValueError(f"unknown op {op!r}; allowed: {list(disruption.OPS)}")
-        if op == "scale" and not isinstance(value, (int, float)):
-            raise ValueError(f"op 'scale' needs a numeric value (the factor), got {value!r}")
-        for kind in kinds:
-            if kind not in disruption.KINDS:
-                raise ValueError(f"unknown channel set kind {kind!r}; allowed: {list(disruption.KINDS)}")
-    else:
-        if not isinstance(n_random, int) or n_random < 1:
-            raise ValueError(f"n_random must be an int >= 1, got {n_random!r}")
-        layers = None if layers in (None, ["all"], ("all",), "all") else layers
-        interventions = [attention.KeyIntervention(keys, kk, path, eta, layers, seed=s, dose=dose)
-                         for kk in ks for keys in ("sink", "bottom", "random")
-                         for s in (range(n_random) if keys == "random" else [0])]
-        attention.intervene(adapter, interventions[0])  # validates the layers and the family (nothing swapped yet)
+    if shards is None:
+        with tempfile.TemporaryDirectory(prefix="mabook-shards-") as tmp:
+            return run(config, adapter, tmp, state=state, stop_after=stop_after, checkpoint=checkpoint,
+                       clip_model=clip_model, pipe_kwargs=pipe_kwargs)
+    pipe_kwargs = dict(pipe_kwargs or {})
+    prompts = config.prompt_list
+    seeds = getattr(config, "seeds", [0])
+    units = disruption.check_generation(adapter, prompts, seeds, config.num_inference_steps, config.batch_size,
+                                        f"sweep {config.NAME}")
     shard_dir = check_shard_dir(shards)
     state = process_state("cpu" if next(adapter.transformer.parameters()).device.type == "cpu" else "auto") \
         if state is None else state
@@ -426,34 +384,36 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
                 f.unlink(missing_ok=True)
     state.wait_for_everyone()
     start = time.perf_counter()
-    common = _common(adapter, num_inference_steps, dict(pipe_kwargs), checkpoint)
+    common = _common(adapter, config.num_inference_steps, pipe_kwargs, checkpoint)
+    if not hasattr(config, "conditions"):
+        return _statistics(config, adapter, prompts, runner, common, pipe_kwargs, start)
+    return _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model, start)
 
-    # 1. discover: one shard per batch, merged in batch order
-    if experiment == "discover":
-        from mabook.probe import Statistics
 
-        items = []
-        for b, (_, chunk) in enumerate(_batches(list(prompts), batch_size)):
-            spec = {"phase": "discover", **common, "cfg": cfg, "generator_seed": seed + b, "prompts": chunk}
-            items.append((spec, lambda chunk=chunk, b=b: _discover_shard(adapter, chunk, num_inference_steps, seed + b,
-                                                                         cfg, pipe_kwargs)))
-        names = runner.phase(items)
-        if not state.is_main_process:
-            return None
-        parts = []
-        for name, (spec, _) in zip(names, items):
-            payload, tensors = runner.read(name, spec)
-            parts.append(Statistics.from_tensors(tensors, payload["stats"], "stats/"))
-        return SweepResult(experiment, runner.counts, time.perf_counter() - start, stats=Statistics.merge(parts))
+def _statistics(config, adapter, prompts, runner, common, pipe_kwargs, start) -> SweepResult | None:
+    """discover: one shard per batch, merged in batch order."""
+    items = []
+    for b, (_, chunk) in enumerate(_batches(list(prompts), config.batch_size)):
+        spec = {"phase": "discover", **common, "cfg": config.cfg, "generator_seed": config.seed + b, "prompts": chunk}
+        items.append((spec, lambda chunk=chunk, b=b: _discover_shard(adapter, chunk, config.num_inference_steps,
+                                                                     config.seed + b, config.cfg, pipe_kwargs)))
+    names = runner.phase(items)
+    if not runner.state.is_main_process:
+        return None
+    parts = [Statistics.from_tensors(t, p["stats"], "stats/") for p, t in (runner.read(n, s) for n, (s, _) in zip(names, items))]
+    return SweepResult(config.NAME, runner.counts, time.perf_counter() - start, stats=Statistics.merge(parts))
 
-    # 2. disrupt / sinks: the baselines, one shard per batch of units
-    from mabook.probe import Statistics
 
+def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model, start) -> SweepResult | None:
+    """disrupt / sinks: the baselines (one shard per batch), their merged statistics, the conditions
+    (one shard per (condition, batch)); merged on the main process in `disruption.run`'s order."""
+    state, shard_dir, steps = runner.state, runner.dir, config.num_inference_steps
+    capture_attention = getattr(config, "CAPTURE_ATTENTION", False)
     clip = disruption.load_clip(clip_model) if clip_model else None
-    common["clip_model"] = clip_model
-    batches = _batches(units, batch_size)
+    common = {**common, "clip_model": clip_model, **({"capture_attention": True} if capture_attention else {})}
+    batches = _batches(units, config.batch_size)
     base_items = [({"phase": "baseline", **common, "units": chunk},
-                   lambda chunk=chunk: _baseline_shard(adapter, chunk, num_inference_steps, pipe_kwargs, clip))
+                   lambda chunk=chunk: _baseline_shard(adapter, chunk, steps, pipe_kwargs, clip, capture_attention))
                   for _, chunk in batches]
     base_names = runner.phase(base_items)
     stats_spec = {"phase": "baseline-stats", "format": FORMAT, "parts": base_names}
@@ -468,44 +428,41 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
     payload, tensors = runner.read(stats_name, stats_spec)
     stats = Statistics.from_tensors(tensors, payload["stats"], "stats/")
     empty = np.zeros((0,), np.float32)
-    base = disruption.Baseline(adapter, units, empty, stats, empty, num_inference_steps, dict(pipe_kwargs), clip=clip)
+    base = disruption.Baseline(adapter, units, empty, stats, empty, steps, dict(pipe_kwargs), clip=clip)
 
-    # 3. the conditions (every process builds the same list from the same statistics), one shard per (condition, batch)
-    if experiment == "disrupt":
-        conds = disruption.conditions(base, ks, kinds, n_random, op, value)
-        if windows:
-            conds += disruption.window_conditions(base, max(ks), op=op)
-    else:
-        conds = interventions
+    # the conditions (every process builds the same list from the same statistics)
+    conds = config.conditions(base)
     batch_images: dict[int, np.ndarray] = {}
 
     def batch_base(index: int, chunk: list) -> disruption.Baseline:
         if index not in batch_images:
             _, t = runner.read(base_names[index], base_items[index][0], ["images"])
             batch_images[index] = t["images"].numpy()
-        return disruption.Baseline(adapter, chunk, batch_images[index], stats, empty, num_inference_steps,
-                                   dict(pipe_kwargs), metrics=[], clip=clip)
+        return disruption.Baseline(adapter, chunk, batch_images[index], stats, empty, steps, dict(pipe_kwargs),
+                                   metrics=[], clip=clip)
 
     items = []
     for c in conds:
         for index, (first, chunk) in enumerate(batches):
             keep = max(0, min(len(chunk), KEEP_IMAGES - first))
-            spec = {"phase": experiment, **common, "condition": _condition_spec(c), "units": chunk,
+            spec = {"phase": config.NAME, **common, "condition": _condition_spec(c), "units": chunk,
                     "baseline": stats_name, "keep": keep}
             items.append((spec, lambda c=c, index=index, chunk=chunk, keep=keep:
-                          _condition_shard(experiment, c, batch_base(index, chunk), keep)))
+                          _condition_shard(config, c, batch_base(index, chunk), keep)))
     names = runner.phase(items)
     if not state.is_main_process:
         return None
 
-    # 4. merge on the main process: the baseline, then the table in disruption.run's order
+    # merge on the main process: the baseline, then the table in disruption.run's order
     if main_parts is None:
         main_parts = [runner.read(n, spec) for n, (spec, _) in zip(base_names, base_items)]
     images = np.concatenate([t["images"].numpy() for _, t in main_parts])
     token_means = np.concatenate([t["token_means"].numpy() for _, t in main_parts])
     metrics = [m for p, _ in main_parts for m in p["metrics"]]
-    base = disruption.Baseline(adapter, units, images, stats, token_means, num_inference_steps, dict(pipe_kwargs),
-                               metrics=metrics, clip=clip)
+    base = disruption.Baseline(adapter, units, images, stats, token_means, steps, dict(pipe_kwargs), metrics=metrics,
+                               clip=clip)
+    capture = attention.Capture.from_tensors(adapter, [(t, p["capture"]) for p, t in main_parts], "capture/") \
+        if capture_attention else None
     table = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"} for m in metrics]
     kept = {"baseline": images[:KEEP_IMAGES]}
     for name, (spec, _) in zip(names, items):
@@ -514,5 +471,5 @@ def run(experiment: str, adapter, prompts: Sequence[str], shards, *, seeds: Sequ
         if spec["keep"]:
             label = payload["label"]
             kept[label] = np.concatenate([kept[label], tensors["images"].numpy()]) if label in kept else tensors["images"].numpy()
-    return SweepResult(experiment, runner.counts, time.perf_counter() - start, stats=stats, base=base,
-                       conditions=list(conds), table=table, images=kept)
+    return SweepResult(config.NAME, runner.counts, time.perf_counter() - start, stats=stats, base=base,
+                       conditions=list(conds), table=table, images=kept, capture=capture)

@@ -468,7 +468,7 @@ def test_the_table_covers_every_verb():
 
 def test_the_dose_choices_are_the_attention_doses():
     """`--dose` is refused at parse time (before loading a model) from the same list KeyIntervention checks."""
-    sinks, sweep = verbs()["sinks"], verbs()["sweep"]
-    for parser in (sinks, sweep):
+    sweeps = next(a for a in verbs()["sweep"]._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for parser in (verbs()["sinks"], sweeps["sinks"]):
         (action,) = [a for a in parser._actions if a.dest == "dose"]
         assert tuple(action.choices) == attention.DOSES and action.default == KeyIntervention().dose

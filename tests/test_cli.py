@@ -325,15 +325,15 @@ def test_every_verb_runs_on_a_real_family_with_world_prompts_and_never_judges(fa
     """World captions on a real model used to crash disrupt/sinks/transport after generating ("image
     must be 32x32") and FLUX cluster: the shapes-world judge scored a real model's images because
     the prompts parsed. The judge applies to the organism's images only (`judge.applies`)."""
-    load = cli._load
+    load = cli.load_model
 
-    def small(args):  # a real model's default resolution, shrunk so the test runs in seconds
-        pipe, adapter = load(args)
+    def small(*args):  # a real model's default resolution, shrunk so the test runs in seconds
+        pipe, adapter = load(*args)
         if family == "flux":  # FluxPipeline fixes 128 latent pixels; the others follow the tiny transformer's sample_size
             pipe.default_sample_size = 8
         return pipe, adapter
 
-    monkeypatch.setattr(cli, "_load", small)
+    monkeypatch.setattr(cli, "load_model", small)
     if family in ("pixart", "sana"):  # their resolution binning knows real sample sizes only (tiny: 8)
         import functools
 

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from mabook import attention, cli, discovery, disruption, sinks, sweep, world
+from mabook.experiments import discover, disrupt
+from mabook.experiments import sinks as sinks_verb
 from mabook.probe import STATISTICS, Statistics
 
 torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): the same kernels, the same bits
@@ -92,8 +94,8 @@ def test_disrupt_stopped_on_one_process_resumes_on_two_and_equals_the_one_proces
     out = tmp_path / "disrupt"
     # 1. killed mid-way, on one process: 2 baseline shards and 1 condition shard written (of 2 + 4 x 2)
     with pytest.raises(sweep.Stopped, match="stopped after 3 shard"):
-        sweep.run("disrupt", organism, UNITS_PROMPTS, out / "shards", seeds=UNITS_SEEDS, num_inference_steps=STEPS,
-                  batch_size=UNITS_BATCH, k=[1, 2], kinds=["top", "random"], n_random=1, stop_after=3)
+        sweep.run(disrupt.Config(prompts=UNITS_PROMPTS, seeds=UNITS_SEEDS, num_inference_steps=STEPS, batch_size=UNITS_BATCH,
+                                 k=[1, 2], kinds=["top", "random"], n_random=1), organism, out / "shards", stop_after=3)
     assert len(list((out / "shards").glob("*.safetensors"))) == 3 + 1  # and the merged baseline statistics
     # 2. the command on two processes: shards are named by content, not by process, so they are reused
     done = _launch(tmp_path, "disrupt", "--prompts", *UNITS_PROMPTS, "--seeds", *map(str, UNITS_SEEDS),
@@ -114,8 +116,8 @@ def test_disrupt_stopped_on_one_process_resumes_on_two_and_equals_the_one_proces
 
 
 def test_sinks_sweep_equals_attention_run(organism, reference_base, tmp_path):
-    result = sweep.run("sinks", organism, UNITS_PROMPTS, tmp_path / "shards", seeds=UNITS_SEEDS,
-                       num_inference_steps=STEPS, batch_size=UNITS_BATCH, k=[1], n_random=1)
+    result = sweep.run(sinks_verb.Config(prompts=UNITS_PROMPTS, seeds=UNITS_SEEDS, num_inference_steps=STEPS,
+                                         batch_size=UNITS_BATCH, k=[1], n_random=1), organism, tmp_path / "shards")
     ivs = [attention.KeyIntervention(keys, 1) for keys in ("sink", "bottom", "random")]
     reference = sinks.run(reference_base, ivs, UNITS_BATCH)
     assert _json(result.table) == _json(reference.table)
@@ -138,7 +140,7 @@ def test_sinks_sweep_equals_attention_run(organism, reference_base, tmp_path):
 
 def test_a_stopped_sweep_resumes_and_equals_an_uninterrupted_one(organism, tmp_path, capsys):
     shards = tmp_path / "shards"
-    kwargs = dict(num_inference_steps=STEPS, batch_size=2, k=2)
+    config = discover.Config(prompts=DISCOVER_PROMPTS, num_inference_steps=STEPS, batch_size=2, k=2)
     args = ["sweep", "discover", "--prompts", *DISCOVER_PROMPTS, "--num-inference-steps", str(STEPS), "--batch-size", "2",
             "--k", "2", "--shards", str(shards), "--out", str(tmp_path / "out"), "--stop-after", "2"]
     assert cli.main(args) == sweep.EXIT_STOPPED
@@ -146,13 +148,13 @@ def test_a_stopped_sweep_resumes_and_equals_an_uninterrupted_one(organism, tmp_p
     assert len(list(shards.glob("discover-*.safetensors"))) == 2
     leftover = shards / ".discover-0123.safetensors.abc.tmp"  # what a kill during a write leaves
     leftover.write_bytes(b"half a shard")
-    resumed = sweep.run("discover", organism, DISCOVER_PROMPTS, shards, **kwargs)
+    resumed = sweep.run(config, organism, shards)
     assert (resumed.counts.reused, resumed.counts.computed) == (2, 1) and not leftover.exists()
     assert_same_statistics(resumed.stats, discovery.collect_statistics(organism, DISCOVER_PROMPTS, STEPS, 0, 2))
     # named by content: the same settings find every shard; another setting finds none
-    again = sweep.run("discover", organism, DISCOVER_PROMPTS, shards, **kwargs)
+    again = sweep.run(config, organism, shards)
     assert (again.counts.reused, again.counts.computed) == (3, 0)
-    other = sweep.run("discover", organism, DISCOVER_PROMPTS, shards, cfg="both", **kwargs)
+    other = sweep.run(config.replace(cfg="both"), organism, shards)
     assert (other.counts.reused, other.counts.computed) == (0, 3)
 
 
@@ -184,8 +186,6 @@ def test_bad_experiment_and_shard_directory_are_one_clear_line(tmp_path, capsys)
     (foreign / "notes.txt").write_text("mine")
     assert cli.main(["sweep", "disrupt", "--out", str(tmp_path / "o"), "--shards", str(foreign)]) == 2
     assert "holds 1 file(s) that are not sweep shards (e.g. ['notes.txt']); allowed: a new or empty" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown experiment 'x'"):
-        sweep.run("x", None, ["a"], tmp_path / "s")
 
 
 def test_python_dash_m_mabook_is_the_command():
