@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mabook import discovery, files, probe, world
+from mabook import discovery, images, probe, world
 from mabook.models import Adapter
 from mabook.probe import Edit, Statistics
 from mabook.stats import bootstrap_ci, paired_ratio_ci
@@ -269,15 +269,14 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return ssim(x, y, data_range=1.0, reduction="none").numpy()
 
 
-def _clip_t(images: np.ndarray, prompts: Sequence[str], clip) -> np.ndarray:
+def _clip_t(pictures: np.ndarray, prompts: Sequence[str], clip) -> np.ndarray:
     """Per-image CLIP score (Hessel et al. 2021): max(100 x cosine(image, prompt embeddings), 0).
 
     Computed with transformers' CLIP directly: torchmetrics' clip_score (1.9) breaks on
     transformers 5, whose get_*_features return output objects rather than tensors.
     """
     model, processor = clip
-    uint8 = [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
-    inputs = processor(text=list(prompts), images=uint8, return_tensors="pt", padding=True, truncation=True)
+    inputs = processor(text=list(prompts), images=list(images.to_uint8(pictures)), return_tensors="pt", padding=True, truncation=True)
     with torch.no_grad():
         img = model.get_image_features(pixel_values=inputs["pixel_values"])
         txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -455,24 +454,4 @@ def grid(result: Result, names: Sequence[str] | None = None, pad: int = 2) -> tu
     missing = [n for n in names if n not in result.images]
     if missing:
         raise ValueError(f"no images kept for {missing}; kept: {list(result.images)}")
-    rows = [result.images[n] for n in names]
-    n, H, W, _ = rows[0].shape
-    mosaic = np.full((len(rows) * (H + pad) + pad, n * (W + pad) + pad, 3), 255, dtype=np.uint8)
-    for r, images in enumerate(rows):
-        for c, image in enumerate(images):
-            y, x = pad + r * (H + pad), pad + c * (W + pad)
-            mosaic[y:y + H, x:x + W] = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    return mosaic, names
-
-
-GRID_MAX_SIDE = 2048  # a saved grid is enlarged (nearest neighbour) up to 4x while its longer side stays within this
-
-
-def save_grid(mosaic: np.ndarray, path) -> None:
-    """A `grid` mosaic as a PNG, enlarged 4x for 32x32 images, not at all for 1024x1024 ones."""
-    from PIL import Image
-
-    scale = max(1, min(4, GRID_MAX_SIDE // max(mosaic.shape[:2])))
-    image = Image.fromarray(mosaic)
-    files.save_image(image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image,
-                     path, "PNG")
+    return images.mosaic([result.images[n] for n in names], pad), names

@@ -14,12 +14,10 @@ from types import SimpleNamespace
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image
 
-from mabook import discovery, files, judge, spatial
+from mabook import discovery, files, images, judge, spatial
 from mabook.config import Units, check_choice, check_positive, option
 from mabook.disruption import check_generation
-from mabook.organism import to_uint8
 
 COLORS = np.array([[0, 0, 0], [255, 255, 255], [230, 40, 40], [40, 190, 60], [50, 90, 235], [240, 220, 40],
                    [220, 50, 220], [40, 220, 230]], np.uint8)  # the label maps' palette
@@ -86,14 +84,12 @@ def run(config: Config, adapter) -> SimpleNamespace:
 
 def write(config: Config, result: SimpleNamespace, out: Path, record: dict) -> list[str]:
     cap, size = result.cap, result.cap.images.shape[1:3]
-    images = to_uint8(cap.images)
-    label_images = np.stack([COLORS[spatial.upsample(m, size) % len(COLORS)] for m in result.labels])
-    grid = spatial.mosaic([images, spatial.overlay(images, result.foreground), label_images])
-    scale = max(1, 256 // size[0])
-    files.save_image(Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST),
-                     out / "masks.png", "PNG")
+    pictures = images.to_uint8(cap.images)
+    label_images = np.stack([COLORS[images.upsample(m, size) % len(COLORS)] for m in result.labels])
+    images.save(images.mosaic([pictures, images.overlay(pictures, result.foreground), label_images], fill=200),
+                out / "masks.png")
     for u in range(len(cap.units)):
-        files.save_image(Image.fromarray((spatial.upsample(result.foreground[u], size) * 255).astype(np.uint8)),
+        files.save_image(images.enlarged(images.upsample(result.foreground[u], size).astype(np.uint8) * 255, 1),
                          out / f"mask_{u:02d}.png", "PNG")
     record["settings"] |= {"tap": result.tap, "step": result.step}
     files.write_json(out / "iou.json", {**record, "set": result.set, "channels": result.channels, "grid": list(cap.grid),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from mabook import discovery, disruption, files, sweep
+from mabook import discovery, disruption, files, images, sweep
 from mabook.config import Units, check_choice, check_positive, option
 
 
@@ -71,7 +71,7 @@ def write(config: Config, result: sweep.SweepResult, out: Path, record: dict) ->
     names = ["baseline"] + [n for n in result.images if n.startswith(tuple(f"{kind}-{k}{sep}" for kind in disruption.KINDS
                                                                            for sep in (" ", "#")))][:4]
     mosaic, names = disruption.grid(result.result(), names)
-    disruption.save_grid(mosaic, out / "grid.png")
+    images.save(mosaic, out / "grid.png")
     files.write_json(out / "summary.json", summary)  # last: a complete summary means a complete run
     return [f"grid rows: {', '.join(names)}"] + [
         f"k={r['k']:<3d} top / {r['control']:16s} pixel MSE {r['top_damage']:.4f} / {r['control_damage']:.4f} = "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from mabook import attention, disruption, files, sinks, sweep
+from mabook import attention, disruption, files, images, sinks, sweep
 from mabook.config import Units, check_positive, option
 
 
@@ -72,7 +72,7 @@ def write(config: Config, result: sweep.SweepResult, out: Path, record: dict) ->
     names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{keys}-{k} ", f"{keys}-{k}#")))
                             for keys in ("sink", *sinks.CONTROLS)]
     mosaic, names = disruption.grid(result.result(), names)
-    disruption.save_grid(mosaic, out / "grid.png")
+    images.save(mosaic, out / "grid.png")
     files.write_json(out / "summary.json", summary)  # last: a complete summary means a complete run
     share = {kind: sum(r[kind] for r in by_kind) / len(by_kind) for kind in ("text", "pad", "image")}
     return ["attention mass over image queries, mean over layers, steps, heads: "

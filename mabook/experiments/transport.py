@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from mabook import disruption, files, inversion, judge, probe, spatial
+from mabook import disruption, files, images, inversion, judge, probe, spatial
 from mabook import transport as transport_mod
 from mabook.config import Units, check_positive, option
 
@@ -160,10 +160,10 @@ def _from_prompt(config: Config, adapter) -> SimpleNamespace:
                 baselines[f"text embedding blend alpha={a:g}"] = transport_mod.embedding_blend(
                     adapter, [config.source] * len(rec.units), targets, a, [s for _, s in rec.units], n, config.batch_size)
         base = SimpleNamespace(adapter=adapter, images=target_images, units=rec.units, clip=None)  # what unit_metrics reads
-        for name, images in baselines.items():
+        for name, pictures in baselines.items():
             method, a = name.rsplit(" alpha=", 1)
             rows += [{**r, "method": method, "alpha": float(a), "source_prompt": config.source}
-                     for r in disruption.unit_metrics(base, images)]
+                     for r in disruption.unit_metrics(base, pictures)]
     strip = {"source": rec.images, **strip, "target": target_images, **baselines}
     return SimpleNamespace(rec=rec, rows=rows, strip=strip, extra={})
 
@@ -193,7 +193,7 @@ def _from_reference(config: Config, adapter) -> SimpleNamespace:
 
 def write(config: Config, result: SimpleNamespace, out: Path, record: dict) -> list[str]:
     mosaic, _ = disruption.grid(disruption.Result([], result.strip, []))
-    disruption.save_grid(mosaic, out / "strip.png")
+    images.save(mosaic, out / "strip.png")
     record["settings"] |= {"recorded_bytes": result.rec.nbytes, "conditioning": result.rec.conditioning}
     files.write_json(out / "transport.json", {**record, **result.extra, "strip_rows": list(result.strip),
                                               "table": result.rows}, default=str)
