@@ -192,7 +192,7 @@ class KeyLayout:
 def _qkv(kind: str, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
     """-> q, k, v, each (batch_size, heads, keys, head_dim), in the order the processor attends."""
     if kind in ("flux_double", "flux_single"):  # FluxAttnProcessor
-        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.embeddings import apply_rotary_emb  # deferred: diffusers' models take ~5 s to import; only FLUX needs it
 
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mabook import judge, world
+from mabook.files import write_text
 from mabook.organism import load, to_uint8
 
 
@@ -65,8 +66,6 @@ def main(argv=None):
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
-        from mabook.files import write_text
-
         write_text(a.out, text + "\n")  # atomic: an interrupted run leaves the previous file
 
 

@@ -6,10 +6,14 @@ the browser without a kernel); ipywidgets explorers live in the notebooks, for l
 
 from __future__ import annotations
 
+import base64
+import io
 from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from PIL import Image
+from plotly.subplots import make_subplots
 
 
 def show(fig: go.Figure) -> None:
@@ -103,8 +107,6 @@ def matrices_dropdown(matrices: dict[str, tuple[np.ndarray, Sequence[str]]], tit
 
 def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, columns: int = 8) -> go.Figure:
     """(B, H, W, 3) uint8 images in a grid (hover shows the title)."""
-    from plotly.subplots import make_subplots
-
     B = len(images)
     rows = -(-B // columns)
     cols = min(columns, B)
@@ -222,11 +224,6 @@ def scatter_dropdown(embeddings: dict[str, np.ndarray], colorings: dict[str, Seq
 def image_slider_png(mosaics: dict[str, np.ndarray], title: str, prefix: str = "", scale: int = 2) -> go.Figure:
     """Like `image_slider`, but each uint8 image travels as a PNG (upscaled `scale` times, nearest)
     and the slider toggles visibility: many positions stay a small page."""
-    import base64
-    import io
-
-    from PIL import Image
-
     names = list(mosaics)
     fig = go.Figure()
     for i, name in enumerate(names):

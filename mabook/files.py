@@ -21,10 +21,13 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import sys
 import tempfile
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -123,14 +126,9 @@ def save_image(image, path: str | Path, format: str | None = None) -> Path:
 
 def version() -> str:
     """The installed mabook's version (the source tree's from pyproject.toml if not installed)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
     try:
         return installed("mabook")
     except PackageNotFoundError:
-        import re
-
         pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
         found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
         return found.group(1) if found else "unknown"

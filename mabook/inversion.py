@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -55,6 +56,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+from PIL import Image
 
 from mabook import probe, transport, world
 from mabook.models import Adapter
@@ -97,8 +99,6 @@ def image_size(adapter: Adapter, height: int | None = None, width: int | None = 
 
 def _as_array(image, index: int, size: tuple[int, int], resize: bool) -> np.ndarray:
     """One reference -> (H, W, 3) float32 in [0, 1]."""
-    from PIL import Image
-
     H, W = size
     what = f"reference image {index}"
     if isinstance(image, (str, Path)):
@@ -168,7 +168,7 @@ def check_references(adapter: Adapter, images, resize: bool = False, height: int
 
 def encode(adapter: Adapter, images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) in [0, 1] -> clean latents as the pipeline's `latents=` takes them (float32; table above)."""
-    from mabook import organism
+    from mabook import organism  # deferred: organism pulls in diffusers' pipelines and transformers (~9 s)
 
     _check_family(adapter)
     pipe = adapter.pipe
@@ -194,6 +194,7 @@ def _copy_scheduler(adapter: Adapter):
 
 def _set_schedule(adapter: Adapter, scheduler, num_inference_steps: int, height=None, width=None) -> None:
     """Call scheduler.set_timesteps as the family's pipeline does (FLUX: its own sigmas and resolution shift)."""
+    # deferred: pipeline_flux pulls in transformers (~6 s) and prints two torchvision warnings; only FLUX and SD3 use it
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
     device = adapter.transformer.device
@@ -241,7 +242,7 @@ def _velocity(adapter: Adapter, prompt: str, batch: int, guidance_scale: float, 
     msl = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     with torch.no_grad():
         if family == "organism":
-            from mabook import organism
+            from mabook import organism  # deferred: organism pulls in diffusers' pipelines and transformers (~9 s)
 
             embeds, pooled = pipe.encode_prompt([prompt] * batch)
             if cfg:
@@ -579,8 +580,6 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[transport.Pair]]
     noise, then every `transport.Method` ("channels" or "pixel"; no masks, no text embeddings) runs
     at every alpha (or at its own `alphas`). Rows carry `transport.score(pair, output, target image)` (took_source: the
     output shows the reference's attributes) and the trajectory."""
-    import time
-
     start_time = time.perf_counter()
     flat = [(kind, i, p) for kind, ps in pairs_by_kind.items() for i, p in enumerate(ps)]
     if not flat:

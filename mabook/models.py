@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 
 SUPPORTED = ("organism", "flux", "sd3", "pixart", "sana")
@@ -237,7 +238,7 @@ class Adapter:
 
 def family_of(transformer: nn.Module, pipe=None) -> Family:
     """The Family of a transformer (and its pipeline: the organism is a FLUX transformer)."""
-    from mabook.organism import OrganismPipeline
+    from mabook.organism import OrganismPipeline  # deferred: organism pulls in diffusers' pipelines and transformers (~15 s)
 
     if isinstance(pipe, OrganismPipeline):
         return FAMILIES["organism"]
@@ -290,7 +291,7 @@ def load(
     except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a torch device; allowed: 'cpu', 'cuda', 'cuda:N', 'mps'") from None
     if str(name_or_path) == "organism":
-        from mabook import organism
+        from mabook import organism  # deferred: organism pulls in diffusers' pipelines and transformers (~15 s)
 
         pipe = organism.load(path, device=device, dtype=dtype)
         return pipe, adapter_for(pipe)
@@ -312,13 +313,13 @@ def load(
         family = next((f for f in FAMILIES.values() if f.transformer_class == class_name), None)
         if family is None:
             raise _unsupported(f"{local} (transformer class {class_name})")
-        import diffusers
+        import diffusers  # deferred: diffusers takes ~6 s to import; every module imports this one, which needs only torch
 
         transformer = getattr(diffusers, class_name).from_pretrained(local, torch_dtype=dtype, **from_pretrained_kwargs)
         transformer = transformer.to(device).eval()
         return None, Adapter(family, transformer)
 
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # deferred: diffusers' pipelines take ~15 s to import; only a load needs them
 
     try:
         pipe = DiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype, **from_pretrained_kwargs)
@@ -360,8 +361,6 @@ def _reason(error: BaseException, limit: int = 160) -> str:
 def _not_loadable(name: str, error: BaseException) -> ModelNotFoundError:
     """One line: what was tried for a hub id (local directory, the cache, the network) and what to pass instead."""
     try:
-        from huggingface_hub import constants, try_to_load_from_cache
-
         offline, cache = bool(constants.HF_HUB_OFFLINE), constants.HF_HUB_CACHE
         cached = isinstance(try_to_load_from_cache(name, "model_index.json"), str)
     except Exception:  # an id the hub client refuses to look up: not cached either

@@ -29,10 +29,27 @@ from __future__ import annotations
 
 import html
 import os
+import random
 import sys
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
+import numpy as np
+import plotly.io as pio
+from plotly.io import to_html
 from plotly.io._base_renderers import MimetypeRenderer
+
+from mabook import files
+
+try:  # widgets, replaced by a note on static pages (`_replace_widgets_by_note`); none installed: nothing to replace
+    import ipywidgets
+    from IPython import get_ipython
+except ImportError:
+    ipywidgets = get_ipython = None
+try:  # a plotly FigureWidget is a widget too (it needs anywidget, an optional package)
+    from plotly.basewidget import BaseFigureWidget
+except ImportError:
+    BaseFigureWidget = None
 
 # The one place the repository is named; `_config.yml` and the chapters' install cell repeat it
 # and `tests/test_book.py` checks that they agree.
@@ -113,7 +130,7 @@ def setup(
     Returns:
         An `Env` describing the kernel.
     """
-    import torch
+    import torch  # deferred: importing this module must not need torch (mabook.book imports it; see Env.dtype)
 
     colab = on_colab()
     static = is_static()
@@ -131,10 +148,6 @@ def setup(
 
     # 2. seeds
     if seed is not None:
-        import random
-
-        import numpy as np
-
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -142,7 +155,7 @@ def setup(
     # 3. display: Colab's widget manager, plotly renderer, widgets on static pages
     if colab:
         try:
-            from google.colab import output  # type: ignore[import-not-found]
+            from google.colab import output  # type: ignore[import-not-found]  # deferred: exists only on Colab
         except ImportError:  # MABOOK_COLAB=1 outside Colab: nothing to enable
             pass
         else:
@@ -163,8 +176,6 @@ def setup(
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("mabook")
     except PackageNotFoundError:
@@ -175,8 +186,6 @@ def _configure_plotly(*, static: bool, colab: bool) -> None:
     """Static pages: `StaticPageRenderer`, registered once. Colab: plotly's "colab" renderer
     (plotly guesses Colab from an environment variable that not every runtime sets). Other live
     kernels: plotly's own choice (JupyterLab, Notebook 7, VS Code)."""
-    import plotly.io as pio
-
     if static:
         if STATIC_RENDERER not in pio.renderers:
             pio.renderers[STATIC_RENDERER] = StaticPageRenderer()
@@ -198,8 +207,6 @@ class StaticPageRenderer(MimetypeRenderer):
         self.config = dict(config or {})
 
     def to_mimebundle(self, fig_dict):
-        from plotly.io import to_html
-
         height = (fig_dict.get("layout") or {}).get("height") or 450
         page = to_html(
             fig_dict,
@@ -221,19 +228,15 @@ def _replace_widgets_by_note() -> None:
     own ``_repr_mimebundle_``), so ``display(widget)``, ``interact`` and a widget as the last
     expression of a cell all give the note.
     """
-    try:
-        import ipywidgets
-        from IPython import get_ipython
-    except ImportError:  # no widgets, nothing to replace
+    if ipywidgets is None:  # no widgets, nothing to replace
         return
     shell = get_ipython()
     if shell is None:
         return
     formatter = shell.display_formatter.mimebundle_formatter
     formatter.for_type(ipywidgets.DOMWidget, _widget_note_bundle)
-    try:  # a plotly FigureWidget is a widget too, but it can be drawn without a kernel
-        from plotly.basewidget import BaseFigureWidget
-    except ImportError:  # FigureWidget needs anywidget
+    # a plotly FigureWidget is a widget too, but it can be drawn without a kernel
+    if BaseFigureWidget is None:  # FigureWidget needs anywidget
         return
     formatter.for_type(BaseFigureWidget, _figure_widget_bundle)
 
@@ -255,7 +258,5 @@ def write_summary(path, payload: dict, *, notebook: str, default=None):
     temp file, fsync, rename -- a kernel killed mid-write leaves the previous summary) with the
     mabook version and the command that reproduces it (``FULL=1 jupyter execute notebooks/<notebook>``)
     beside the payload's own "checkpoint_sha256". Returns the path."""
-    from mabook import files
-
     command = f"FULL=1 jupyter execute notebooks/{notebook}"
     return files.write_json(path, files.with_provenance(payload, command), default=default)

@@ -55,7 +55,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mabook.files import atomic_path
-from mabook.models import Adapter
+from mabook.models import FAMILIES, Adapter
 
 STREAMS = ("img", "txt")
 CONDITIONING = "temb"  # the opt-in stream of the AdaLN conditioning: one token per sample
@@ -100,8 +100,6 @@ def conditioning_tap(adapter: Adapter) -> Tap:
     ``time_text_embed.temb`` for FLUX, SD3 and the organism."""
     path = adapter.family.conditioning
     if path is None:
-        from mabook.models import FAMILIES
-
         has = [f.name for f in FAMILIES.values() if f.conditioning is not None]
         raise ValueError(f"{adapter.family.name} models have no conditioning tap (their timestep embedding is not one "
                          f"tensor); allowed for: {has}")

@@ -38,8 +38,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
-from mabook import discovery, disruption, probe, world
+from mabook import discovery, disruption, judge, probe, world
 from mabook.models import Adapter
 from mabook.probe import Statistics
 from mabook.stats import bootstrap_ci
@@ -248,7 +249,7 @@ def kmeans(features: np.ndarray, n_clusters: int = 2, seed: int = 0, n_init: int
     Raw activations, not standardised: the paper clusters the values themselves, so a channel
     counts in proportion to its magnitude (which is what makes all channels behave like the
     massive ones; see the chapter)."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # deferred: scikit-learn adds 1-4 s to importing this module; only K-means needs it
 
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2:
@@ -351,8 +352,6 @@ def truth(caption: str, grid: tuple[int, int], image: np.ndarray | None = None, 
     if source == "rendered":
         objects = world.render(scene).masks
     else:
-        from mabook import judge
-
         if image is None:
             raise ValueError("source 'judged' needs the generated image")
         objects = judge.judge(image, caption).foreground[None]
@@ -369,8 +368,6 @@ def assign(labels: np.ndarray, segments: np.ndarray) -> np.ndarray:
     Hungarian assignment maximising the summed IoU (scipy linear_sum_assignment); clusters left
     over (K > S) join the segment they overlap most.
     """
-    from scipy.optimize import linear_sum_assignment
-
     labels = np.asarray(labels).ravel()
     segments = np.asarray(segments, dtype=bool).reshape(len(segments), -1)
     K = int(labels.max()) + 1
@@ -627,6 +624,7 @@ def split_prompts(prompts: Sequence[str], test_fraction: float = 1 / 3, seed: in
 def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0) -> float:
     """Balanced accuracy on the held-out samples of a standardised logistic regression (chance:
     1 / number of classes). NaN when training has a single class."""
+    # deferred: scikit-learn adds 1-4 s to importing this module; only the linear probe needs it
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
@@ -692,7 +690,7 @@ def probes(cap: Capture, sets: dict[str, dict], taps: Sequence[str] | None = Non
 def embed(features: np.ndarray, n_neighbors: int = 10, n_epochs: int = 100, seed: int = 0) -> np.ndarray:
     """(samples, channels) -> (samples, 2) UMAP embedding (umap-learn, seeded; its first call in a
     process compiles numba kernels: ~10 s on a CPU). Raw features, as for K-means."""
-    import umap
+    import umap  # deferred: umap-learn (numba) takes 2 s to import, over a minute on a cold cache; only this plot needs it
 
     features = np.asarray(features, dtype=np.float32)
     if features.ndim != 2 or features.shape[1] == 0:

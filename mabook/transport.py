@@ -51,14 +51,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from mabook import discovery, disruption, probe, world
+from mabook import discovery, disruption, judge, probe, spatial, world
 from mabook.models import Adapter
 from mabook.probe import Edit
 from mabook.stats import bootstrap_ci
@@ -376,8 +378,6 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
 
 def _table(rec: Record, units, target_images, images, alpha, stream, mask, k, conditioning) -> list[dict]:
     """disruption's metrics against the unedited target, plus source/target attribute agreement."""
-    from mabook import judge
-
     base = SimpleNamespace(adapter=rec.adapter, images=target_images, units=units, clip=None)  # what unit_metrics reads
     rows = disruption.unit_metrics(base, images)
     judged = judge.applies(rec.adapter, [p for p, _ in units] + [p for p, _ in rec.units])
@@ -404,8 +404,6 @@ def kmeans_mask(rec: Record, tap: str, step: int, n_clusters: int = 2, seed: int
 
     source: "rendered" or "judge" match clusters to the caption's objects (`spatial.truth`); None
     calls the smallest cluster foreground (real models: no truth)."""
-    from mabook import spatial
-
     if (tap, step) not in rec.values or not tap.endswith(".img"):
         raise ValueError(f"({tap!r}, {step}) is not a recorded image tap and step; recorded: "
                          f"{sorted({t for t, _ in rec.values if t.endswith('.img')})[:4]}..., steps {rec.steps}")
@@ -546,10 +544,6 @@ def score(pair: Pair, image: np.ndarray, target_image: np.ndarray) -> dict:
                     not clean, whatever it resembles
     pixel_mae       mean |image - target_image| over the whole image
     """
-    from scipy import ndimage
-
-    from mabook import judge
-
     image, target_image = np.asarray(image, np.float32), np.asarray(target_image, np.float32)
     if image.shape != target_image.shape:
         raise ValueError(f"image {image.shape} and target image {target_image.shape} differ in shape")
@@ -722,8 +716,6 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[Pair]], methods:
     at each alpha. alpha = 0 is the unedited target for every method (`transport` and
     `embedding_blend` are bitwise exact there; tested), so it is copied, not regenerated.
     """
-    import time
-
     start_time = time.perf_counter()
     flat = [(kind, i, p) for kind, ps in pairs_by_kind.items() for i, p in enumerate(ps)]
     if any(len(ps) > 1000 for ps in pairs_by_kind.values()):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 
 IMAGE_SIZE = 32  # pixels per side; 8x8 tokens of 4x4 pixels in the organism
 
@@ -284,7 +285,5 @@ def heldout_captions(n: int, n_objects: int, seed: int = 0) -> list[str]:
 
 def to_tensor_batch(samples: Sequence[Sample]):
     """Samples -> float tensor (batch_size, 3, H, W) in [-1, 1], the organism's pixel space."""
-    import torch
-
     x = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.models.embeddings import Timesteps
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from mabook import world
+from mabook.files import atomic_path, write_json
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 CHECKPOINT = CHECKPOINT_DIR / "organism.safetensors"
@@ -71,14 +73,12 @@ class OrganismConfig:
 
 def build_tokenizer(config: OrganismConfig = OrganismConfig()) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the world's vocabulary, built offline with `tokenizers`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     for w in world.vocabulary():
         vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 3)])
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 3)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="[PAD]",
@@ -403,8 +403,6 @@ def save(pipe: OrganismPipeline, path: Path, info: dict | None = None) -> str:
     tensors = {f"transformer.{k}": v.detach().to(torch.float16).contiguous() for k, v in pipe.transformer.state_dict().items()}
     tensors |= {f"text_encoder.{k}": v.detach().to(torch.float16).contiguous() for k, v in pipe.text_encoder.state_dict().items()}
     config = asdict(pipe.organism_config)
-    from mabook.files import atomic_path, write_json
-
     with atomic_path(path) as tmp:  # an interrupted save leaves the previous checkpoint (or none), never half of one
         save_file(tensors, str(tmp), metadata={"organism_config": json.dumps(config)})
     digest = sha256(path)
