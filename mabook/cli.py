@@ -41,13 +41,9 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as transformers_logging
-
-from mabook import files, models, sweep
+from mabook import files
 from mabook.config import read_prompts  # noqa: F401  (the CLI's reading of --prompts, as `mabook.cli.read_prompts`)
-from mabook.experiments import SWEEPS, VERBS
+from mabook.experiments import SWEEPS, VERBS, module
 
 EXIT_BAD_INPUT = 2  # a bad value (one line on stderr), as argparse's exit code for a bad command line
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, the shell's convention
@@ -61,6 +57,9 @@ def _quiet_libraries(debug: bool = False):
     if debug:
         yield
         return
+    from diffusers.utils import logging as diffusers_logging  # deferred, as every heavy import here: `mabook --help`
+    from transformers.utils import logging as transformers_logging  # and a bad option answer without loading torch
+
     levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
@@ -74,6 +73,8 @@ def _quiet_libraries(debug: bool = False):
 
 
 def check_device(device: str) -> None:
+    import torch  # deferred: see _quiet_libraries
+
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -86,6 +87,10 @@ def check_device(device: str) -> None:
 
 def load_model(config, verb: str, debug: bool = False):
     """(pipe, adapter) of `config.model` on `config.device` in `config.dtype`; a pipeline is required."""
+    import torch  # deferred: see _quiet_libraries
+
+    from mabook import models
+
     check_device(config.device)
     with _quiet_libraries(debug):
         pipe, adapter = models.load(config.model, device=config.device, dtype=getattr(torch, config.dtype),
@@ -132,6 +137,8 @@ def run_verb(module, args: argparse.Namespace) -> int:
 
 def run_sweep(module, args: argparse.Namespace) -> int:
     """`mabook sweep VERB`: the model on this process's device, the shards; the main process merges and writes."""
+    from mabook import sweep  # deferred: see _quiet_libraries
+
     config = module.Config.from_args(args)
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
@@ -172,34 +179,45 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _verb_parser(commands, module, **defaults) -> argparse.ArgumentParser:
-    """A verb's parser: its config's options, --out, and --debug after the verb too."""
-    doc = (module.__doc__ or "").split("\n\n", 1)
-    verb = commands.add_parser(module.Config.NAME, help=module.Config.HELP, description=doc[0],
-                               epilog=doc[1] if len(doc) > 1 else None, formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.Config.add_arguments(verb, **defaults)
-    verb.add_argument("--out", required=True, help="output directory (created if missing)")
+def _verb_parser(commands, verb: str, run, complete: bool, **defaults) -> argparse.ArgumentParser:
+    """A verb's parser: its config's options (`complete`: else only its name and help, so that
+    `mabook --help` imports no experiment), --out, and --debug after the verb too."""
+    if not complete:
+        return commands.add_parser(verb, help=VERBS[verb])
+    mod = module(verb)
+    doc = (mod.__doc__ or "").split("\n\n", 1)
+    parser = commands.add_parser(verb, help=VERBS[verb], description=doc[0], epilog=doc[1] if len(doc) > 1 else None,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    mod.Config.add_arguments(parser, **defaults)
+    parser.add_argument("--out", required=True, help="output directory (created if missing)")
     # SUPPRESS: never resets the top-level flag
-    verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    return verb
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    parser.set_defaults(func=functools.partial(run, mod))
+    return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `mabook` parser; with `argv`, only the verb it names is built in full (None: every verb)."""
+    words = [a for a in (argv or []) if not a.startswith("-")]
+    wanted = set(words[:2]) if argv is not None else set(VERBS)
     parser = _Parser(prog="mabook", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in VERBS.values():
-        _verb_parser(commands, module).set_defaults(func=functools.partial(run_verb, module))
+    for verb in VERBS:
+        _verb_parser(commands, verb, run_verb, verb in wanted and (argv is None or words[0] == verb))
     names = ", ".join(SWEEPS)
     sweeps = commands.add_parser("sweep", help=f"run {names} as shards over accelerate's processes; merge",
                                  description=f"mabook sweep {{{names}}} [the verb's options] --out DIR [--shards DIR] "
                                  "[--stop-after N]: the verb's computation as shards (mabook.sweep)")
     experiments = sweeps.add_subparsers(dest="experiment", required=True, metavar="{" + ",".join(SWEEPS) + "}")
-    for module in SWEEPS.values():
-        verb = _verb_parser(experiments, module, device="auto")
-        verb.add_argument("--shards", default=None, help="shard directory (default OUT/shards; several machines: a shared one)")
-        verb.add_argument("--stop-after", type=int, default=None, help="test hook: stop after this process wrote N shards")
-        verb.set_defaults(func=functools.partial(run_sweep, module))
+    for verb in SWEEPS:
+        complete = argv is None or (words[:1] == ["sweep"] and verb in wanted)
+        parser_ = _verb_parser(experiments, verb, run_sweep, complete, device="auto")
+        if complete:
+            parser_.add_argument("--shards", default=None, help="shard directory (default OUT/shards; several machines: "
+                                 "a shared one)")
+            parser_.add_argument("--stop-after", type=int, default=None, help="test hook: stop after this process wrote N "
+                                 "shards")
     return parser
 
 
@@ -223,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(words) > 1 and words[0] == "sweep" and not words[1].startswith("-") and words[1] not in SWEEPS:
         print(f"mabook sweep: error: unknown experiment {words[1]!r}; allowed: {list(SWEEPS)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     args.command_line = files.command_line(argv, "mabook")
     if args.debug:
         return args.func(args)

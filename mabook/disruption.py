@@ -33,7 +33,8 @@ import torch
 
 from mabook import discovery, images, probe, world
 from mabook.models import Adapter
-from mabook.probe import Edit, Statistics
+from mabook.probe import Edit
+from mabook.statistics import Statistics
 from mabook.stats import bootstrap_ci, paired_ratio_ci
 
 OPS = ("zero", "mean", "token_mean", "scale")  # mean: the channel's dataset mean at that step (from Statistics)
@@ -378,9 +379,14 @@ def damage(table: Sequence[dict], metric: str, **where) -> dict[tuple, float]:
     return {u: base[u] - v for u, v in values.items()}
 
 
-def summary(table: Sequence[dict], metrics: Sequence[str] | None = None) -> list[dict]:
+CLUSTER = "prompt"  # the CIs resample prompts: the seeds of one prompt are not independent draws (stats.bootstrap_ci)
+
+
+def summary(table: Sequence[dict], metrics: Sequence[str] | None = None, cluster: str | None = CLUSTER) -> list[dict]:
     """One row per (kind, k, op, window): mean of each metric over units with a bootstrap 95 % CI.
-    Random sets are averaged per unit first, so units stay the independent draws."""
+    Random sets are averaged per unit first; the bootstrap resamples whole prompts (`cluster`
+    "prompt"; None: every (prompt, seed) unit as an independent draw, as results made before
+    2026-12-02 were computed)."""
     if not table:
         raise ValueError("the table is empty: nothing to summarise (pass disruption.run(...).table)")
     if metrics is None:
@@ -395,19 +401,36 @@ def summary(table: Sequence[dict], metrics: Sequence[str] | None = None) -> list
     for kind, k, op, win in groups:
         entry = {"kind": kind, "k": k, "op": op, "window": win}
         for m in metrics:
-            vals = list(unit_values(table, m, kind=kind, k=k, op=op, window=win).values())
+            per_unit = unit_values(table, m, kind=kind, k=k, op=op, window=win)
+            vals = list(per_unit.values())
             entry[m] = float(np.mean(vals))
-            entry[f"{m}_ci"] = bootstrap_ci(vals) if len(vals) > 1 else (float("nan"), float("nan"))
+            entry[f"{m}_ci"] = _ci(per_unit, cluster)
         entry["n_units"] = len(vals)
+        if cluster:
+            entry["n_prompts"] = len({p for p, _ in per_unit})
         out.append(entry)
     return out
 
 
+def _groups(units: Sequence[tuple], cluster: str | None) -> list | None:
+    return [p for p, _ in units] if cluster == "prompt" and len({p for p, _ in units}) > 1 else None
+
+
+def _ci(per_unit: dict[tuple, float], cluster: str | None) -> tuple[float, float]:
+    """95 % CI of the mean over units, resampling prompts (`cluster`="prompt") or units; NaN for one unit."""
+    if len(per_unit) < 2:
+        return float("nan"), float("nan")
+    if cluster not in (None, "prompt"):
+        raise ValueError(f"unknown cluster {cluster!r}; allowed: 'prompt' or None")
+    return bootstrap_ci(list(per_unit.values()), groups=_groups(list(per_unit), cluster))
+
+
 def paired_ratios(table: Sequence[dict], metric: str = "pixel_mse", controls: Sequence[str] = ("bottom_abs_mean", "bottom_rms", "random"),
-                  op: str = "zero", window: str = "all layers, all steps", treated: str = "top") -> list[dict]:
+                  op: str = "zero", window: str = "all layers, all steps", treated: str = "top",
+                  cluster: str | None = CLUSTER) -> list[dict]:
     """Per k: mean damage of the `treated` kind (top-k here; sink keys in chapter 6) / mean control
-    damage over the same units, with a paired bootstrap CI. Rows: k, control, metric,
-    f"{treated}_damage", control_damage, ratio, ci, n_units."""
+    damage over the same units, with a paired bootstrap CI (resampling prompts; `cluster` as in
+    `summary`). Rows: k, control, metric, f"{treated}_damage", control_damage, ratio, ci, n_units."""
     out = []
     for k in sorted({r["k"] for r in table if r["kind"] == treated and r["op"] == op and r["window"] == window}):
         top = damage(table, metric, kind=treated, k=k, op=op, window=window)
@@ -418,7 +441,8 @@ def paired_ratios(table: Sequence[dict], metric: str = "pixel_mse", controls: Se
                 continue
             a, b = np.array([top[u] for u in units]), np.array([ctrl[u] for u in units])
             ratio = float(a.mean() / b.mean()) if b.mean() != 0 else float("inf")
-            low, high = paired_ratio_ci(a, b) if len(units) > 1 else (float("nan"), float("nan"))
+            low, high = paired_ratio_ci(a, b, groups=_groups(units, cluster)) if len(units) > 1 else (float("nan"),
+                                                                                                       float("nan"))
             out.append({"k": k, "control": control, "metric": metric, f"{treated}_damage": float(a.mean()),
                         "control_damage": float(b.mean()), "ratio": ratio, "ci": (low, high), "n_units": len(units)})
     return out

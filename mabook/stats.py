@@ -1,7 +1,10 @@
 """Uncertainty for every experiment in the book: bootstrap confidence intervals.
 
-One function, so that every chapter's "95 % CI" means the same thing: a percentile bootstrap
-(scipy.stats.bootstrap) of the mean over independent units (images, prompts, objects), seeded.
+One function, so that every chapter's "95 % CI" means the same thing: a percentile bootstrap of the
+mean over independent draws, seeded. Units that share a prompt (two seeds of one caption) are not
+independent draws: with `groups` (one label per value, e.g. the prompt) whole groups are resampled
+-- the cluster bootstrap -- so the interval reflects how many prompts were tested, not how many
+images. Without `groups` every value is its own draw (scipy.stats.bootstrap).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import bootstrap
 
 
 def _numbers(values, who: str) -> np.ndarray:
@@ -32,14 +36,32 @@ def _check_confidence(confidence, n_resamples) -> None:
         raise ValueError(f"n_resamples must be an int >= 1, got {n_resamples!r}")
 
 
-def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap CI of the mean of independent values (e.g. a ratio per prompt)."""
-    from scipy.stats import bootstrap
+def _clustered(sums: Sequence[np.ndarray], groups, confidence: float, n_resamples: int, seed: int, who: str):
+    """Percentile interval of sum(sums[0]) / sum(sums[1]) over groups resampled with replacement."""
+    labels = list(groups)
+    if len(labels) != len(sums[0]):
+        raise ValueError(f"{who}: groups has {len(labels)} labels for {len(sums[0])} values; allowed: one label per value")
+    order = {g: i for i, g in enumerate(dict.fromkeys(labels))}
+    if len(order) < 2:
+        raise ValueError(f"{who} needs at least 2 groups to resample, got {len(order)}")
+    index = np.array([order[g] for g in labels])
+    per_group = [np.bincount(index, weights=v, minlength=len(order)) for v in sums]
+    draws = np.random.default_rng(seed).integers(0, len(order), size=(n_resamples, len(order)))
+    stat = per_group[0][draws].sum(1) / per_group[1][draws].sum(1)
+    alpha = (1 - confidence) / 2
+    return float(np.percentile(stat, 100 * alpha)), float(np.percentile(stat, 100 * (1 - alpha)))
 
+
+def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
+                 groups: Sequence | None = None) -> tuple[float, float]:
+    """Percentile-bootstrap CI of the mean of `values`; with `groups` (one label per value) whole
+    groups are resampled and the mean is over every value of the drawn groups."""
     values = _numbers(values, "bootstrap_ci")
     _check_confidence(confidence, n_resamples)
     if values.size < 2:
         raise ValueError(f"bootstrap_ci needs at least 2 values, got {values.size}")
+    if groups is not None:
+        return _clustered((values, np.ones_like(values)), groups, confidence, n_resamples, seed, "bootstrap_ci")
     if np.ptp(values) == 0:  # scipy's percentile interval is degenerate on constant data
         return float(values[0]), float(values[0])
     kwargs = dict(confidence_level=confidence, n_resamples=n_resamples, method="percentile")
@@ -51,14 +73,16 @@ def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples:
 
 
 def paired_ratio_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000,
-                    seed: int = 0) -> tuple[float, float]:
+                    seed: int = 0, groups: Sequence | None = None) -> tuple[float, float]:
     """Percentile-bootstrap CI of mean(a) / mean(b) for paired values (a[i], b[i] measured on the same unit):
-    units are resampled together, so what they share cancels (e.g. top-k vs control damage per image)."""
+    units are resampled together, so what they share cancels (e.g. top-k vs control damage per image);
+    with `groups`, whole groups of units (e.g. every seed of one prompt) are resampled together."""
     a, b = _numbers(a, "paired_ratio_ci"), _numbers(b, "paired_ratio_ci")
     _check_confidence(confidence, n_resamples)
     if a.shape != b.shape or a.ndim != 1 or a.size < 2:
         raise ValueError(f"paired_ratio_ci needs two 1-D arrays of the same length >= 2, got {a.shape} and {b.shape}")
-    from scipy.stats import bootstrap
+    if groups is not None:
+        return _clustered((a, b), groups, confidence, n_resamples, seed, "paired_ratio_ci")
 
     def ratio(x, y, axis=-1):
         return x.mean(axis) / y.mean(axis)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import mabook
-from mabook import disruption, organism, probe, world
-from mabook.probe import Statistics, Tap
+from mabook import disruption, organism, probe, stats, world
+from mabook.probe import Tap
+from mabook.statistics import Statistics
 
 torch.set_num_threads(1)
 PROMPTS = world.heldout_captions(3, 1, seed=0)
@@ -132,6 +133,42 @@ def test_paired_ratio_and_summary_against_numpy():
     assert rows["top"]["pixel_mse"] == pytest.approx(top.mean()) and rows["top"]["n_units"] == 10
     low, high = rows["top"]["pixel_mse_ci"]
     assert low < top.mean() < high
+
+
+def test_cis_resample_prompts_not_the_seeds_of_one_prompt():
+    """Two seeds of one prompt are not two independent draws. A table whose two seeds per prompt
+    give equal values carries the information of its 16 prompts: the prompt-clustered CI has the
+    width of a plain bootstrap over the 16 prompt means (an independent computation); the old
+    per-unit CI is ~1/sqrt(2) as wide -- over-confident."""
+    rng = np.random.default_rng(3)
+    per_prompt = rng.gamma(2.0, 1.0, 16)
+    table = [{"prompt": f"p{i}", "seed": seed, "kind": kind, "k": 0 if kind == "baseline" else 4, "op": "zero",
+              "window": "all", "condition": kind, "pixel_mse": value * (3.0 if kind == "top" else 1.0)}
+             for i, value in enumerate(per_prompt) for seed in (0, 1) for kind in ("baseline", "top", "random")]
+    rows = {r["kind"]: r for r in disruption.summary(table, ["pixel_mse"])}
+    width = np.subtract(*rows["random"]["pixel_mse_ci"][::-1])
+    low, high = stats.bootstrap_ci(per_prompt, n_resamples=2000)
+    assert rows["random"]["n_prompts"] == 16 and rows["random"]["n_units"] == 32
+    assert width == pytest.approx(high - low, rel=0.15)
+    unit_rows = {r["kind"]: r for r in disruption.summary(table, ["pixel_mse"], cluster=None)}
+    assert np.subtract(*unit_rows["random"]["pixel_mse_ci"][::-1]) / width == pytest.approx(2 ** -0.5, rel=0.15)
+    # the paired ratio: every prompt's top/random ratio is exactly 3, so any resample of prompts gives 3
+    (ratio,) = disruption.paired_ratios(table, "pixel_mse", controls=["random"], window="all")
+    assert ratio["ratio"] == pytest.approx(3.0) and ratio["ci"] == pytest.approx((3.0, 3.0))
+
+
+def test_cluster_bootstrap_against_a_loop():
+    """stats' cluster bootstrap against a plain loop over resamples (numpy, one draw of groups at a time)."""
+    rng = np.random.default_rng(0)
+    values, groups = rng.normal(size=12), [i // 3 for i in range(12)]
+    got = stats.bootstrap_ci(values, groups=groups, n_resamples=500, seed=7)
+    draws = np.random.default_rng(7).integers(0, 4, size=(500, 4))
+    means = [np.concatenate([values[np.array(groups) == g] for g in row]).mean() for row in draws]
+    assert got == pytest.approx((np.percentile(means, 2.5), np.percentile(means, 97.5)))
+    with pytest.raises(ValueError, match="needs at least 2 groups"):
+        stats.bootstrap_ci(values, groups=[0] * 12)
+    with pytest.raises(ValueError, match="groups has 3 labels for 12 values"):
+        stats.bootstrap_ci(values, groups=[0, 1, 2])
 
 
 def test_decomposition_separates_prompt_from_timestep(base):

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from mabook import cli, disruption, files, organism, reproduce, world
-from mabook.probe import Statistics
+from mabook.statistics import Statistics
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).resolve().parents[1] / "mabook" / "results"
@@ -252,7 +252,7 @@ def test_rederive_chapter2_big_run_decomposition_and_baseline(adapter):
     reproduce.assert_agrees(disruption.decomposition(base, top), full["decomposition_top"], "decomposition_top")
     reproduce.assert_agrees(disruption.decomposition(base, rand), full["decomposition_random"], "decomposition_random")
     rows = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"} for m in base.metrics]
-    (mine,) = disruption.summary(rows)
+    (mine,) = disruption.summary(rows, cluster=full.get("ci_cluster"))  # the CI method the big run used (None: by unit)
     (committed,) = [r for r in full["summary"] if r["kind"] == "baseline"]
     reproduce.assert_agrees(json.loads(json.dumps(mine)), committed, "the baseline row of disruption_full.json")
 

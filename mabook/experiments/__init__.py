@@ -11,10 +11,27 @@ Every module here has the same three parts, top to bottom:
 - ``write(config, result, out, record)``: the files in ``--out`` (the summary JSON last) and the
   lines the verb prints.
 
-`VERBS` maps a verb to its module; `mabook.cli` only parses, loads the model and reports errors.
+`VERBS` names each verb with its one-line help; `module(verb)` imports its module (only the verb a
+command line names is imported, so ``mabook --help`` starts without torch). `mabook.cli` only
+parses, loads the model and reports errors.
 """
 
-from mabook.experiments import cluster, discover, disrupt, sinks, transport
+from __future__ import annotations
 
-VERBS = {m.Config.NAME: m for m in (discover, disrupt, cluster, sinks, transport)}
-SWEEPS = {name: m for name, m in VERBS.items() if getattr(m.Config, "SWEEP", False)}  # what `mabook sweep` runs
+import importlib
+
+VERBS = {  # verb -> its one-line help; the module mabook.experiments.<verb> holds the rest
+    "discover": "find massive channels: statistics + top-k table",
+    "disrupt": "edit top-k vs control channels during generation; table of what changes",
+    "cluster": "K-means masks from one tap and step (mask PNGs, IoU JSON)",
+    "sinks": "find attention sinks; suppress them vs equal-budget random and bottom keys",
+    "transport": "copy top-k channels of a source generation into a target; alpha strip",
+}
+SWEEPS = ("discover", "disrupt", "sinks")  # what `mabook sweep` runs (mabook.sweep: statistics, or baselines + conditions)
+
+
+def module(verb: str):
+    """The verb's module (`mabook.experiments.<verb>`)."""
+    if verb not in VERBS:
+        raise ValueError(f"unknown verb {verb!r}; allowed: {list(VERBS)}")
+    return importlib.import_module(f"mabook.experiments.{verb}")

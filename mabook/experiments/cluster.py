@@ -26,7 +26,6 @@ COLORS = np.array([[0, 0, 0], [255, 255, 255], [230, 40, 40], [40, 190, 60], [50
 @dataclass
 class Config(Units):
     NAME: ClassVar[str] = "cluster"
-    HELP: ClassVar[str] = "K-means masks from one tap and step (mask PNGs, IoU JSON)"
 
     tap: str | None = option(None, "an image tap, e.g. single_transformer_blocks.1.img (default: the middle one)", type=str)
     step: int | None = option(None, "denoising step (default: the middle one)", type=int)

@@ -18,8 +18,6 @@ from mabook.config import Generation, option
 @dataclass
 class Config(Generation):
     NAME: ClassVar[str] = "discover"
-    HELP: ClassVar[str] = "find massive channels: statistics + top-k table"
-    SWEEP: ClassVar[bool] = True
 
     prompts: list = option(["16"], "a file, an integer N (held-out captions), or the prompts themselves")
     batch_size: int = option(8, "images per pipeline call (one shard of a sweep)")

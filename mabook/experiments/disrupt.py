@@ -20,8 +20,6 @@ from mabook.config import Units, check_choice, check_positive, option
 @dataclass
 class Config(Units):
     NAME: ClassVar[str] = "disrupt"
-    HELP: ClassVar[str] = "edit top-k vs control channels during generation; table of what changes"
-    SWEEP: ClassVar[bool] = True
 
     k: list = option(list(disruption.DEFAULT_KS), "channel-set sizes")
     kinds: list = option(list(disruption.KINDS), "the channel sets: top and its controls", choices=disruption.KINDS)

@@ -22,8 +22,6 @@ from mabook.config import Units, check_positive, option
 @dataclass
 class Config(Units):
     NAME: ClassVar[str] = "sinks"
-    HELP: ClassVar[str] = "find attention sinks; suppress them vs equal-budget random and bottom keys"
-    SWEEP: ClassVar[bool] = True
     CAPTURE_ATTENTION: ClassVar[bool] = True  # the baselines' shards keep their attention mass
 
     k: list = option([1, 2, 5, 10], "keys suppressed per (sample, head)")

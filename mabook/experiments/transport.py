@@ -31,7 +31,6 @@ ATTRIBUTES = ("color", "shape", "size", "position")
 @dataclass
 class Config(Units):
     NAME: ClassVar[str] = "transport"
-    HELP: ClassVar[str] = "copy top-k channels of a source generation into a target; alpha strip"
 
     source: str | None = option(None, "the source prompt (or --reference)", type=str)
     reference: str | None = option(None, "instead of --source: an RGB image of the generation's size (organism: 32x32), "
