@@ -38,7 +38,9 @@ from mabook.statistics import Statistics
 from mabook.stats import bootstrap_ci, paired_ratio_ci
 
 OPS = ("zero", "mean", "token_mean", "scale")  # mean: the channel's dataset mean at that step (from Statistics)
-KINDS = ("top", "bottom_abs_mean", "bottom_rms", "random")
+KINDS = ("top", "bottom_abs_mean", "bottom_rms", "random", "energy")
+CONTROLS = KINDS[1:]  # top-k's controls: count-matched (bottom by |mean|, bottom by RMS, random) and energy-matched
+ENERGY_OPS = ("zero", "mean", "scale")  # the ops whose expected displacement the energy-matched control matches
 DEFAULT_KS = (1, 2, 4, 8, 16)
 PARTS = ("early", "mid", "late")  # window thirds, of the image-stream layers and of the steps
 ATTRIBUTES = world.ATTRIBUTES
@@ -147,6 +149,7 @@ class Condition:
     value: float | None = None  # the factor of "scale"
     window: str = "all layers, all steps"
     seed: int | None = None  # the random set's seed
+    matched: tuple[tuple[str, tuple[int, ...]], ...] = ()  # kind "energy": the top-k set whose edit size it matches
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -158,9 +161,14 @@ class Condition:
         for tap, channels in self.channels:
             if len(channels) != self.k:
                 raise ValueError(f"condition {self.name!r} has {len(channels)} channels at {tap}, expected k={self.k}")
+        if self.kind == "energy" and (self.op not in ENERGY_OPS or len(self.matched) != len(self.channels)):
+            raise ValueError(f"an energy-matched control needs op in {list(ENERGY_OPS)} (got {self.op!r}) and the matched "
+                             "top-k set at each of its layers")
 
     def edits(self, stats: Statistics) -> list[Edit]:
         """The `probe.Edit`s that carry this condition out."""
+        if self.kind == "energy":
+            return self._energy_edits(stats)
         out = []
         for tap, channels in self.channels:
             if self.op == "zero":
@@ -173,6 +181,25 @@ class Condition:
                 for step in self.steps if self.steps is not None else stats.steps:
                     value = stats.get("mean", tap, step)[list(channels)].float()
                     out.append(Edit(tap, list(channels), "set", value=value, steps=[step]))
+        return out
+
+    def _energy_edits(self, stats: Statistics) -> list[Edit]:
+        """Shift this set's channels by one constant vector per (layer, step) whose length is the
+        top-k edit's root-mean-square displacement per token there (from the baselines' per-step mean
+        and std: zeroing moves a token by sqrt(sum mean^2 + std^2), mean-replacement by sqrt(sum std^2),
+        scaling by |1 - value| sqrt(sum mean^2 + std^2)), in a seeded random direction: a perturbation
+        as large as the top-k edit, on channels that are not massive."""
+        generator = torch.Generator().manual_seed(self.seed or 0)
+        out = []
+        for (tap, channels), (_, top) in zip(self.channels, self.matched):
+            direction = torch.randn(self.k, generator=generator, dtype=torch.float64)
+            direction /= direction.norm()
+            for step in self.steps if self.steps is not None else stats.steps:
+                mean = stats.get("mean", tap, step)[list(top)].double()
+                var = stats.get("std", tap, step)[list(top)].double() ** 2
+                energy = {"zero": mean**2 + var, "mean": var, "scale": (1 - (self.value or 0)) ** 2 * (mean**2 + var)}[self.op]
+                shift = (direction * energy.sum().sqrt()).float()
+                out.append(Edit(tap, list(channels), lambda x, shift=shift: x + shift.to(x.device, x.dtype), steps=[step]))
         return out
 
 
@@ -192,7 +219,7 @@ def channel_set(stats: Statistics, k: int, kind: str, stream: str = "img", seed:
         elif kind == "bottom_rms":  # RMS over tokens = sqrt(mean^2 + std^2): small only if the channel is quiet
             rms = np.sqrt(stats.get("mean", tap).cpu().numpy() ** 2 + stats.get("std", tap).cpu().numpy() ** 2)
             chosen = discovery.bottom_k(rms, k)
-        else:
+        else:  # random, and energy (random channels, moved as far as the top-k edit moves the top-k)
             chosen = discovery.random_k(len(abs_mean), k, seed=seed, exclude=top)
         out[str(tap)] = [int(c) for c in chosen]
     return out
@@ -233,19 +260,23 @@ def conditions(base: Baseline, ks: Sequence[int] = DEFAULT_KS, kinds: Sequence[s
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown channel set kind {kind!r}; allowed: {list(KINDS)}")
-    if "random" in kinds and (not isinstance(n_random, int) or n_random < 1):
+    if "energy" in kinds and op not in ENERGY_OPS:
+        kinds = [kind for kind in kinds if kind != "energy"]  # no displacement to match for a per-token mean
+    if {"random", "energy"} & set(kinds) and (not isinstance(n_random, int) or n_random < 1):
         raise ValueError(f"n_random must be an int >= 1, got {n_random!r}")
     layers, steps, label = window(base.layers, base.num_inference_steps, layer_part, step_part)
     out = []
     for k in ks:
         discovery.check_k(k, base.adapter.width)
         for kind in kinds:
-            seeds = [random_seed + i for i in range(n_random)] if kind == "random" else [None]
+            seeds = [random_seed + i for i in range(n_random)] if kind in ("random", "energy") else [None]
+            top = channel_set(base.stats, k, "top")
             for seed in seeds:
                 sets = channel_set(base.stats, k, kind, seed=seed or 0)
                 channels = tuple((tap, tuple(sets[tap])) for tap in layers)
+                matched = tuple((tap, tuple(top[tap])) for tap in layers) if kind == "energy" else ()
                 name = f"{kind}-{k}" + (f"#{seed}" if seed is not None else "")
-                out.append(Condition(name, kind, int(k), op, channels, steps, value, label, seed))
+                out.append(Condition(name, kind, int(k), op, channels, steps, value, label, seed, matched))
     return out
 
 
@@ -425,7 +456,7 @@ def _ci(per_unit: dict[tuple, float], cluster: str | None) -> tuple[float, float
     return bootstrap_ci(list(per_unit.values()), groups=_groups(list(per_unit), cluster))
 
 
-def paired_ratios(table: Sequence[dict], metric: str = "pixel_mse", controls: Sequence[str] = ("bottom_abs_mean", "bottom_rms", "random"),
+def paired_ratios(table: Sequence[dict], metric: str = "pixel_mse", controls: Sequence[str] = CONTROLS,
                   op: str = "zero", window: str = "all layers, all steps", treated: str = "top",
                   cluster: str | None = CLUSTER) -> list[dict]:
     """Per k: mean damage of the `treated` kind (top-k here; sink keys in chapter 6) / mean control

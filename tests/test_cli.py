@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mabook import cli, organism
-from mabook.probe import Statistics
+from mabook.statistics import Statistics
 
 torch.set_num_threads(1)
 
@@ -88,10 +88,10 @@ def test_disrupt_writes_table_summary_and_grid(checkpoint, tmp_path, capsys):
                      "--n-random", "2", "--num-inference-steps", "2"])
     assert code == 0
     rows = list(csv.DictReader(open(out / "table.csv")))
-    assert len(rows) == 2 * (1 + 2 * (3 + 2))  # units x (baseline + k x (top, 2 bottoms, 2 random))
+    assert len(rows) == 2 * (1 + 2 * (3 + 2 + 2))  # units x (baseline + k x (top, 2 bottoms, 2 random, 2 energy-matched))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["checkpoint_sha256"] == organism.sha256(checkpoint)
-    assert {r["control"] for r in summary["paired_ratios"]} == {"bottom_abs_mean", "bottom_rms", "random"}
+    assert {r["control"] for r in summary["paired_ratios"]} == {"bottom_abs_mean", "bottom_rms", "random", "energy"}
     from PIL import Image
 
     assert Image.open(out / "grid.png").size[0] > 0

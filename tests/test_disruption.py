@@ -135,6 +135,33 @@ def test_paired_ratio_and_summary_against_numpy():
     assert low < top.mean() < high
 
 
+def test_energy_control_moves_random_channels_as_far_as_the_top_edit(adapter):
+    """The energy-matched control's shift, against numpy on the hidden states themselves: at a
+    (tap, step), zeroing the top-4 moves a token by sqrt(mean over tokens of sum_c x_c^2); the control
+    moves its 4 random channels by a constant vector of that length (same for mean-replacement with
+    the per-step variance). Checked on a 2-prompt generation whose statistics are the same tokens."""
+    tap, step = "transformer_blocks.1.img", 2
+    with probe.collect(adapter, cfg="both", capture=[(tap, step)]) as run:
+        adapter.generate([(p, 0) for p in PROMPTS[:2]], STEPS)
+    hidden = run.captured[(tap, step)].double().numpy()  # (samples, tokens, channels)
+    top = disruption.channel_set(run.stats, 4, "top")[tap]
+    rand = disruption.channel_set(run.stats, 4, "energy", seed=3)[tap]
+    assert rand == disruption.channel_set(run.stats, 4, "random", seed=3)[tap] and not set(rand) & set(top)
+    x = hidden[..., top]
+    expected = {"zero": np.sqrt((x ** 2).sum(-1).mean()), "mean": np.sqrt(((x - x.mean((0, 1))) ** 2).sum(-1).mean())}
+    for op, length in expected.items():
+        cond = disruption.Condition("energy-4#3", "energy", 4, op, ((tap, tuple(rand)),), seed=3, matched=((tap, tuple(top)),))
+        (edit,) = [e for e in cond.edits(run.stats) if e.steps == [step]]
+        h = torch.from_numpy(hidden).float()
+        moved = edit.apply(h, torch.tensor(rand)) - h
+        shift = moved[..., rand].double().numpy()
+        assert np.allclose(shift, shift[0, 0], atol=1e-5)  # one constant vector for every token
+        assert np.linalg.norm(shift[0, 0]) == pytest.approx(length, rel=1e-4), op
+        assert np.abs(np.delete(moved.numpy(), rand, axis=-1)).max() == 0  # no other channel moves
+    with pytest.raises(ValueError, match="energy-matched control needs op in"):
+        disruption.Condition("e", "energy", 4, "token_mean", ((tap, tuple(rand)),), matched=((tap, tuple(top)),))
+
+
 def test_cis_resample_prompts_not_the_seeds_of_one_prompt():
     """Two seeds of one prompt are not two independent draws. A table whose two seeds per prompt
     give equal values carries the information of its 16 prompts: the prompt-clustered CI has the

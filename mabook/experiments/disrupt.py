@@ -66,8 +66,8 @@ def write(config: Config, result: sweep.SweepResult, out: Path, record: dict) ->
     summary = {**record, "summary": disruption.summary(table), "paired_ratios": ratios,
                "decomposition": disruption.decomposition(result.base, disruption.channel_set(result.stats, k, "top")),
                "table": table}
-    names = ["baseline"] + [n for n in result.images if n.startswith(tuple(f"{kind}-{k}{sep}" for kind in disruption.KINDS
-                                                                           for sep in (" ", "#")))][:4]
+    names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{kind}-{k} ", f"{kind}-{k}#")))
+                            for kind in config.kinds]  # one row per kind (the first random / energy draw)
     mosaic, names = disruption.grid(result.result(), names)
     images.save(mosaic, out / "grid.png")
     files.write_json(out / "summary.json", summary)  # last: a complete summary means a complete run
