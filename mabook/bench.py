@@ -282,8 +282,8 @@ def train(args: argparse.Namespace) -> int:
 def spatial(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from mabook import linear_probes, world
     from mabook import spatial as spatial_mod
-    from mabook import world
 
     if args.umap_points < 0:
         raise ValueError(f"--umap-points must be >= 0, got {args.umap_points}")
@@ -315,7 +315,7 @@ def spatial(args: argparse.Namespace) -> int:
         seconds = []
         for _ in range(2):
             start = time.perf_counter()
-            spatial_mod.embed(x, n_neighbors=10, n_epochs=100)
+            linear_probes.embed(x, n_neighbors=10, n_epochs=100)
             seconds.append(time.perf_counter() - start)
         print(f"UMAP on {len(x)} tokens: import {import_s:.2f} s, first call {seconds[0]:.2f} s, second call "
               f"{seconds[1]:.2f} s (first-call compile cost {seconds[0] - seconds[1]:.2f} s)")
@@ -336,7 +336,7 @@ def _attention_variant(variant: str, heads: int, image: int, text: int, head_dim
     import torch
     import torch.nn.functional as F
 
-    from mabook import attention
+    from mabook import softmax
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, text + image, head_dim, device=device) for _ in range(3))
@@ -347,10 +347,10 @@ def _attention_variant(variant: str, heads: int, image: int, text: int, head_dim
             return F.scaled_dot_product_attention(q, k, v)
         if variant == "capture":  # the stock output, plus the mass on the side
             out = F.scaled_dot_product_attention(q, k, v)
-            attention.image_query_mass(q, k, image_slice, chunk_elements)
+            softmax.image_query_mass(q, k, image_slice, chunk_elements)
             return out
-        mass = attention.image_query_mass(q, k, image_slice, chunk_elements)  # "intervene": sinks, then explicit softmax
-        return attention.attend(q, k, v, mass.topk(1, -1).indices, "score", 0.0, chunk_elements)
+        mass = softmax.image_query_mass(q, k, image_slice, chunk_elements)  # "intervene": sinks, then explicit softmax
+        return softmax.attend(q, k, v, mass.topk(1, -1).indices, "score", 0.0, chunk_elements)
 
     if device != "cpu":
         torch.cuda.synchronize()
@@ -381,10 +381,10 @@ def attention_bench(args: argparse.Namespace) -> int:
     import subprocess
     import sys
 
-    from mabook import attention
+    from mabook import softmax
 
     heads = args.heads or (24 if args.device != "cpu" else 4)
-    chunk = args.chunk_elements or attention.CHUNK_ELEMENTS
+    chunk = args.chunk_elements or softmax.CHUNK_ELEMENTS
     print(f"random q, k, v: 1 x {heads} heads x ({args.text_tokens} text + {args.image_tokens} image) tokens x "
           f"{args.head_dim}; chunk {chunk} score elements; {args.device}"
           + ("" if heads == 24 else " (FLUX.1 has 24 heads: time scales ~linearly with heads, memory too)"))

@@ -1,4 +1,4 @@
-"""Which channels are massive, how massive, and how stable: computed from `probe.Statistics`.
+"""Which channels are massive, how massive, and how stable: computed from `mabook.statistics.Statistics`.
 
 At each layer, channels are ranked by a per-channel statistic (by default the paper's
 |mean over image tokens|, `abs_mean`). The top-k are the candidate massive channels; every claim
@@ -21,7 +21,8 @@ import torch
 
 from mabook import probe
 from mabook.models import Adapter
-from mabook.probe import Statistics, Tap
+from mabook.probe import Tap
+from mabook.statistics import Statistics
 from mabook.stats import bootstrap_ci  # noqa: F401  (re-exported: discovery.bootstrap_ci)
 
 # Sun et al. 2024, "Massive Activations in Large Language Models", sec. 2: "activations with
@@ -125,7 +126,7 @@ class LayerReport:
     random: list[int]  # control: k seeded random channels, disjoint from `top`
     ratio_to_median: float  # statistic of the top channel / median statistic over channels
     max_abs: float  # largest |x| seen at this tap (any channel, token, sample, step pooled)
-    median_abs: float  # median over channels of the per-channel median |x| (per sample, averaged: see probe.Statistics)
+    median_abs: float  # median over channels of the per-channel median |x| (per sample, averaged: see statistics.Statistics)
     sun_massive: bool  # max_abs > 100 and max_abs / median_abs >= 1000
     norm_share: float = float("nan")  # the top channel's share of the LayerNorm variance (probe's "norm_share")
     norm_share_top_k: float = float("nan")  # the same summed over the top-k channels

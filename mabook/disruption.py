@@ -471,7 +471,7 @@ def paired_ratios(table: Sequence[dict], metric: str = "pixel_mse", controls: Se
             if not units:
                 continue
             a, b = np.array([top[u] for u in units]), np.array([ctrl[u] for u in units])
-            ratio = float(a.mean() / b.mean()) if b.mean() != 0 else float("inf")
+            ratio = float(a.mean() / b.mean()) if b.mean() != 0 else float("inf") if a.mean() > 0 else float("nan")  # 0/0: no ratio
             low, high = paired_ratio_ci(a, b, groups=_groups(units, cluster)) if len(units) > 1 else (float("nan"),
                                                                                                        float("nan"))
             out.append({"k": k, "control": control, "metric": metric, f"{treated}_damage": float(a.mean()),

@@ -17,7 +17,8 @@ import torch
 
 from mabook import judge, world
 from mabook.files import write_text
-from mabook.organism import load, to_uint8
+from mabook.images import to_uint8
+from mabook.organism import load
 
 
 def generate(pipe, captions: list[str], num_inference_steps: int = 20, guidance_scale: float = 4.0,

@@ -12,8 +12,9 @@ from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from PIL import Image
 from plotly.subplots import make_subplots
+
+from mabook.images import enlarged
 
 
 def show(fig: go.Figure) -> None:
@@ -227,8 +228,7 @@ def image_slider_png(mosaics: dict[str, np.ndarray], title: str, prefix: str = "
     names = list(mosaics)
     fig = go.Figure()
     for i, name in enumerate(names):
-        im = Image.fromarray(np.asarray(mosaics[name], dtype=np.uint8))
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        im = enlarged(mosaics[name], scale)
         buffer = io.BytesIO()
         im.save(buffer, format="PNG")
         fig.add_trace(go.Image(source="data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),

@@ -29,6 +29,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from mabook import world
+from mabook.images import to_uint8
 from mabook.stats import bootstrap_ci
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background beyond which a pixel is foreground
@@ -93,7 +94,7 @@ def _as_uint8_rgb(image) -> np.ndarray:
     if img.dtype != np.uint8:
         if img.min() < -1e-3 or img.max() > 1 + 1e-3:
             raise ValueError(f"float images must lie in [0, 1], got range [{img.min():.3f}, {img.max():.3f}]")
-        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+        img = to_uint8(img)
     if img.shape[:2] != (world.IMAGE_SIZE, world.IMAGE_SIZE):
         raise ValueError(f"image must be {world.IMAGE_SIZE}x{world.IMAGE_SIZE}, got {img.shape[:2]}")
     return img

@@ -57,6 +57,17 @@ class Family:
     # module whose output is the AdaLN conditioning `temb` (timestep + pooled text embedding), read by
     # every block's modulation and the final norm_out; None where it is not one tensor (PixArt, SANA)
     conditioning: str | None = None
+    # the image self-/joint-attention: "softmax" (a probability mass over keys: attention sinks apply)
+    # or "linear" (SANA: no softmax, so no mass for a sink to hold)
+    attention: str = "softmax"
+    # the pipeline samples with FlowMatchEulerDiscreteScheduler (Euler steps on a predicted velocity),
+    # the ODE `mabook.inversion` runs backwards (`INVERTIBLE`); False for PixArt (noise prediction,
+    # DPM-Solver) and SANA (a flow model, but SanaPipeline samples with DPMSolverMultistepScheduler)
+    flow_match_euler: bool = False
+    # pipeline attribute of the tokenizer whose tokens are the transformer's text keys, padding
+    # included (`Adapter.text_tokenizer`); None where the text keys are not one tokenizer's (SD3 joins
+    # CLIP and T5) or text enters by cross-attention only (PixArt, SANA)
+    text_tokenizer: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -64,16 +75,20 @@ FAMILIES: dict[str, Family] = {
     for f in (
         # The organism is a FluxTransformer2DModel behind its own pipeline (pixels, no VAE).
         Family("organism", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", True, "organism",
-               conditioning="time_text_embed"),
-        # FLUX.1-dev is guidance-distilled: one call per step, no CFG batch.
+               conditioning="time_text_embed", flow_match_euler=True, text_tokenizer="tokenizer"),
+        # FLUX.1-dev is guidance-distilled: one call per step, no CFG batch. Its text keys are T5's.
         Family("flux", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", False,
-               "black-forest-labs/FLUX.1-dev", separate_uncond_call=True, conditioning="time_text_embed"),
+               "black-forest-labs/FLUX.1-dev", separate_uncond_call=True, conditioning="time_text_embed", flow_match_euler=True,
+               text_tokenizer="tokenizer_2"),
         Family("sd3", "SD3Transformer2DModel", ("transformer_blocks",), "txt_img", True, "stabilityai/stable-diffusion-3.5-medium",
-               conditioning="time_text_embed"),
+               conditioning="time_text_embed", flow_match_euler=True),
         Family("pixart", "PixArtTransformer2DModel", ("transformer_blocks",), "img", True, "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
-        Family("sana", "SanaTransformer2DModel", ("transformer_blocks",), "img", True, "Efficient-Large-Model/Sana_600M_1024px_diffusers"),
+        Family("sana", "SanaTransformer2DModel", ("transformer_blocks",), "img", True, "Efficient-Large-Model/Sana_600M_1024px_diffusers",
+               attention="linear"),
     )
 }
+# the families `mabook.inversion` can run a reference image backwards in (flow matching, Euler steps)
+INVERTIBLE = tuple(f.name for f in FAMILIES.values() if f.flow_match_euler)
 
 
 class UnsupportedModelError(ValueError):
@@ -220,6 +235,19 @@ class Adapter:
             images = result.images
             out.append(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
         return np.concatenate(out).astype(np.float32)
+
+    def text_tokenizer(self, call: dict):
+        """(tokenizer, max_length): the tokenizer whose tokens are the transformer's text keys in a running
+        pipeline call (`call`: its local variables, `pipeline_call()`) and the length they are padded to.
+        Only for families with a `Family.text_tokenizer` and a pipeline."""
+        if self.pipe is None:
+            raise ValueError("text_tokenizer() needs a pipeline; this adapter wraps a bare transformer")
+        if self.family.text_tokenizer is None:
+            raise ValueError(f"family {self.family.name!r} has no one tokenizer whose tokens are its text keys")
+        tokenizer = getattr(self.pipe, self.family.text_tokenizer)
+        if self.family.name == "organism":
+            return tokenizer, self.pipe.organism_config.max_text_length
+        return tokenizer, int(call.get("max_sequence_length") or 512)  # FLUX's T5: padded to max_sequence_length
 
     def attention_modules(self) -> dict[str, nn.Module]:
         """Module path -> attention module (anything with a diffusers attention processor)."""

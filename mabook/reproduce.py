@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from mabook.images import to_uint8
+
 RTOL = 1e-5  # ~100x the float32 reordering error measured across thread counts and machines
 ATOL = 1e-6  # for values that are ~0 (a damage of 0, a CI bound at 0)
 MAX_LEVELS = 1  # an image value rounds to the neighbouring uint8 level when the float sits near x.5
@@ -69,17 +71,10 @@ def assert_agrees(mine: Any, committed: Any, what: str, rtol: float = RTOL, atol
 def images_agree(mine: np.ndarray, committed: np.ndarray) -> tuple[bool, str]:
     """(agree, how far): uint8 images (any shape, same for both) within MAX_LEVELS on at most
     MAX_PIXEL_FRACTION of their values. Float images in [0, 1] are rounded to uint8 first."""
-    a, b = (_uint8(x) for x in (mine, committed))
+    a, b = (to_uint8(np.asarray(x)) for x in (mine, committed))
     if a.shape != b.shape:
         return False, f"shapes {a.shape} vs {b.shape}"
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
     changed = float((diff > 0).mean())
     report = f"max {int(diff.max())} level(s), {changed:.4%} of values changed"
     return bool(diff.max() <= MAX_LEVELS and changed <= MAX_PIXEL_FRACTION), report
-
-
-def _uint8(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)

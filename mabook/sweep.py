@@ -82,7 +82,7 @@ from safetensors.torch import save_file
 
 from mabook import attention, discovery, disruption, probe
 from mabook.files import atomic_path
-from mabook.probe import Statistics
+from mabook.statistics import Statistics
 
 PHASES = ("discover", "baseline", "baseline-stats", "disrupt", "sinks")
 FORMAT = 3  # the shard layout; bump it when a shard's content or spec changes meaning (3: baselines may hold attention)

@@ -18,7 +18,7 @@ import torch
 from test_models import built, tiny_sd3
 
 import mabook
-from mabook import attention, sinks, world
+from mabook import attention, sinks, softmax, world
 from mabook.attention import KeyIntervention
 
 torch.set_num_threads(1)
@@ -297,6 +297,8 @@ def test_tiny_family_captures_and_intervenes(family):
     assert torch.equal(images, base) and processors(adapter) == before
     layout = cap.keys(layers[0])
     assert (layout.text, layout.image) == (text, image)
+    # FLUX's text keys are T5's tokens, padding found with tokenizer_2; SD3's join CLIP's and T5's (not labelled)
+    assert layout.pad_from == (len(pipe.tokenizer_2("a red circle")["input_ids"]) if family == "flux" else None)
     assert layout.positions is not None and len(set(layout.positions)) == image
     for layer, step in cap.captured:
         np.testing.assert_allclose(cap.mass(layer, step).sum(-1).numpy(), 1, atol=1e-5)
@@ -552,7 +554,7 @@ def independent_qkv(attn, inputs):
     return tuple(t.permute(0, 2, 1, 3).double().numpy() for t in (q, k, v))
 
 
-def softmax(scores):
+def np_softmax(scores):
     p = np.exp(scores - scores.max(-1, keepdims=True))
     return p / p.sum(-1, keepdims=True)
 
@@ -630,7 +632,7 @@ def test_post_intervention_probabilities_and_output_match_an_independent_computa
     with torch.no_grad():
         q, k, v = independent_qkv(module, seen[STEP])
     B, H, S, D = k.shape
-    p = softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(D))  # (B, H, queries, keys)
+    p = np_softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(D))  # (B, H, queries, keys)
     image = cap.keys(layer).image_slice
     mass = p[:, :, image].mean(2)
     expected_p, expected_v, hit = p, v.copy(), np.zeros((B, H, 1, S), bool)
@@ -713,12 +715,12 @@ def test_a_query_with_all_its_mass_on_the_suppressed_key_gives_no_nan(dose, gap)
     k[:, :, 0, 0] = gap * D**0.5  # key 0's logit is `gap` above the others' (|logit| < 0.5)
     v = torch.randn(B, H, S, D)
     chosen = torch.zeros(B, H, 1, dtype=torch.long)
-    p = softmax((q.double() @ k.double().transpose(-1, -2)).numpy() / D**0.5)
+    p = np_softmax((q.double() @ k.double().transpose(-1, -2)).numpy() / D**0.5)
     assert p[..., 0].min() > 1 - 1e-12
     for eta in (0.0, 0.01, 0.5):
-        out = attention.attend(q, k, v, chosen, "score", eta, dose=dose)
-        edit = attention._Edit(chosen, "score", eta, dose)
-        _, mass, probs = attention._attention(q, k, v, [edit], image=slice(0, S), keep=True)
+        out = softmax.attend(q, k, v, chosen, "score", eta, dose=dose)
+        edit = softmax.Edit(chosen, "score", eta, dose)
+        _, mass, probs = softmax.attention(q, k, v, [edit], image=slice(0, S), keep=True)
         assert torch.isfinite(out).all() and torch.isfinite(probs).all() and torch.isfinite(mass).all()
         expected = expected_probabilities(p, one_hot(chosen.numpy(), S), eta, dose)
         np.testing.assert_allclose(probs.double().numpy(), expected, rtol=1e-5, atol=1e-12)
@@ -736,8 +738,8 @@ def test_one_two_and_many_chunks_give_the_same_mass_and_outputs(organism, monkey
     keys = 96
     heads = adapter.transformer.config.num_attention_heads
     sizes = []
-    scores = attention._scores
-    monkeypatch.setattr(attention, "_scores", lambda q, k: sizes.append(q.shape[2]) or scores(q, k))
+    logits = softmax.logits
+    monkeypatch.setattr(softmax, "logits", lambda q, k: sizes.append(q.shape[2]) or logits(q, k))
     iv = KeyIntervention("sink", k=2, eta=0.01, layers=layer)
 
     def once(chunk_elements):
@@ -752,7 +754,7 @@ def test_one_two_and_many_chunks_give_the_same_mass_and_outputs(organism, monkey
 
     one = once(None)  # CHUNK_ELEMENTS = 2**24: one chunk
     two = once(heads * keys * 32)  # 32 of the 64 image queries of the conditional sample per chunk
-    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 1)  # read at call time: one query per chunk
+    monkeypatch.setattr(softmax, "CHUNK_ELEMENTS", 1)  # read at call time: one query per chunk
     many = once(None)
     assert one[0] == [64] * STEPS and two[0] == [32, 32] * STEPS and many[0] == [1] * 64 * STEPS
     # the same up to float rounding: chunk sums add in another order, and a one-query chunk runs BLAS's

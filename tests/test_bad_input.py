@@ -22,9 +22,26 @@ import numpy as np
 import pytest
 import torch
 
-from mabook import attention, cli, discovery, disruption, judge, models, organism, probe, sinks, spatial, stats, transport, world
+from mabook import (
+    attention,
+    cli,
+    discovery,
+    disruption,
+    judge,
+    linear_probes,
+    models,
+    organism,
+    probe,
+    sinks,
+    spatial,
+    stats,
+    transport,
+    world,
+)
 from mabook.attention import KeyIntervention
-from mabook.probe import Edit, Statistics
+from mabook.probe import Edit
+from mabook.processors import Processor
+from mabook.statistics import Statistics
 
 torch.set_num_threads(1)
 CAPTION = "a large red circle at the top left on a black background"
@@ -211,9 +228,9 @@ FUNCTION_ROWS = [
         ValueError, "K=64 is out of range"),
     row("summary-unknown-metric", lambda c: spatial.summary([{"set": "a"}], metrics=["dice"]), ValueError, "unknown metric 'dice'"),
     row("summary-no-rows", lambda c: spatial.summary([]), ValueError, "no rows to summarise"),
-    row("split-prompts-one-prompt", lambda c: spatial.split_prompts(["a", "a"]), ValueError, "at least 2 distinct prompts"),
-    row("split-prompts-bad-fraction", lambda c: spatial.split_prompts(["a", "b"], 1.5), ValueError, "test_fraction must be in (0, 1)"),
-    row("embed-too-few-samples", lambda c: spatial.embed(np.zeros((5, 3)), n_neighbors=10), ValueError, "n_neighbors=10 is out of range"),
+    row("split-prompts-one-prompt", lambda c: linear_probes.split_prompts(["a", "a"]), ValueError, "at least 2 distinct prompts"),
+    row("split-prompts-bad-fraction", lambda c: linear_probes.split_prompts(["a", "b"], 1.5), ValueError, "test_fraction must be in (0, 1)"),
+    row("embed-too-few-samples", lambda c: linear_probes.embed(np.zeros((5, 3)), n_neighbors=10), ValueError, "n_neighbors=10 is out of range"),
     # -- attention ------------------------------------------------------------------------------------------
     row("key-intervention-unknown-keys", lambda c: KeyIntervention("heaviest"), ValueError, "unknown keys 'heaviest'"),
     row("key-intervention-unknown-path", lambda c: KeyIntervention(path="logit"), ValueError, "unknown path 'logit'"),
@@ -338,7 +355,7 @@ def test_function_rejects_bad_input_clearly(ctx, call, error, fragment):
     # every hook and processor is gone after a refused call
     assert not any(getattr(m, a) for m in ctx.adapter.transformer.modules()
                    for a in ("_forward_hooks", "_forward_pre_hooks"))
-    assert not any(isinstance(m.processor, attention._Processor) for m in ctx.adapter.attention_modules().values())
+    assert not any(isinstance(m.processor, Processor) for m in ctx.adapter.attention_modules().values())
 
 
 # -- the CLI: every verb, one line, exit code 2, no traceback -------------------------------------------------------

@@ -6,7 +6,8 @@ import torch
 
 import mabook
 from mabook import discovery
-from mabook.probe import Statistics, Tap
+from mabook.probe import Tap
+from mabook.statistics import Statistics
 
 C = 32
 MASSIVE = 7  # the planted channel

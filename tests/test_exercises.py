@@ -16,7 +16,8 @@ import torch
 
 from mabook import exercises, world
 from mabook.exercises import registry
-from mabook.probe import Statistics, Tap
+from mabook.probe import Tap
+from mabook.statistics import Statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 # Chapters written while the exercises were added in other branches of work: they get theirs by

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 import mabook
-from mabook import models, organism, probe
+from mabook import inversion, models, organism, probe, processors
 
 torch.set_num_threads(1)
 WORDS = ["[PAD]", "[UNK]", "[EOS]", "[BOS]", "a", "red", "circle"]
@@ -179,6 +179,29 @@ def test_organism_adapter_matches_flux_layout():
     assert adapter.width == 128
     assert [b.path for b in adapter.blocks][:1] == ["transformer_blocks.0"]
     assert [b.path for b in adapter.blocks][-1] == "single_transformer_blocks.3"
+
+
+def test_the_family_table_holds_which_families_have_softmax_attention_invert_and_tokenize_their_text_keys():
+    assert [f.attention for f in models.FAMILIES.values()] == ["softmax"] * 4 + ["linear"]  # SANA's is linear
+    assert processors.SOFTMAX_FAMILIES == ("organism", "flux", "sd3", "pixart")
+    assert models.INVERTIBLE == inversion.FAMILIES == ("organism", "flux", "sd3")
+    assert {f.name: f.text_tokenizer for f in models.FAMILIES.values() if f.text_tokenizer} == {
+        "organism": "tokenizer", "flux": "tokenizer_2"}
+
+
+def test_text_tokenizer_is_the_one_whose_tokens_are_the_text_keys():
+    pipe = organism.build_pipeline()
+    tokenizer, max_length = mabook.adapter_for(pipe).text_tokenizer({})
+    assert tokenizer is pipe.tokenizer and max_length == pipe.organism_config.max_text_length
+    pipe, call = tiny_flux()
+    adapter = mabook.adapter_for(pipe)
+    tokenizer, max_length = adapter.text_tokenizer({"max_sequence_length": call["max_sequence_length"]})
+    assert tokenizer is pipe.tokenizer_2 and max_length == TEXT_LEN  # T5's, padded to the call's max_sequence_length
+    assert adapter.text_tokenizer({})[1] == 512  # FluxPipeline's default
+    with pytest.raises(ValueError, match="bare transformer"):
+        models.Adapter(adapter.family, pipe.transformer).text_tokenizer({})
+    with pytest.raises(ValueError, match="'sd3' has no one tokenizer"):
+        mabook.adapter_for(tiny_sd3()[0]).text_tokenizer({})
 
 
 def test_load_organism_from_checkpoint_path(tmp_path):

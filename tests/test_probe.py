@@ -1,4 +1,4 @@
-"""mabook.probe: taps, streaming statistics, captures, edits, and hook hygiene on the organism."""
+"""mabook.probe and mabook.statistics: taps, streaming statistics, captures, edits, and hook hygiene on the organism."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 import mabook
-from mabook import organism, probe
+from mabook import organism, probe, statistics
 from mabook.probe import Edit, Tap
 
 torch.set_num_threads(1)
@@ -126,7 +126,7 @@ def massive_hidden_states(batch, tokens=64, C=8, seed=0):
 
 def test_std_is_stable_for_massive_channels():
     calls = [massive_hidden_states(b, seed=i) for i, b in enumerate((1, 3, 2))]  # three calls, mixed batching
-    stats = probe.Statistics()
+    stats = statistics.Statistics()
     for x in calls:
         stats.update(Tap("transformer_blocks.0", "img"), 0, x)
     ref = numpy_statistics([x.numpy() for x in calls])
@@ -142,13 +142,13 @@ def test_pooled_and_merged_statistics_match_numpy_on_raw_hidden_states():
             for run in range(3) for step in range(2)}
     runs = []
     for run in range(3):
-        s = probe.Statistics()
+        s = statistics.Statistics()
         for step in range(2):
             for x in data[(run, step)]:
                 s.update(tap, step, x)
         s.timesteps = {0: 1000.0, 1: 500.0}
         runs.append(s)
-    merged = probe.Statistics.merge(runs)
+    merged = statistics.Statistics.merge(runs)
     for step in range(2):
         chunks = [x.numpy() for run in range(3) for x in data[(run, step)]]
         assert_statistics_close(merged, tap, step, numpy_statistics(chunks), atol=1e-6)
@@ -169,7 +169,7 @@ def test_median_abs_does_not_depend_on_batching_or_cfg_mode(adapter):
         with probe.collect(adapter, taps=[tap]) as one:
             generate(adapter, prompts=[p], latents=latents[i:i + 1])
         singles.append(one.stats)
-    merged = probe.Statistics.merge(singles)
+    merged = statistics.Statistics.merge(singles)
     np.testing.assert_allclose(together.stats.get("median_abs", tap).numpy(), merged.get("median_abs", tap).numpy(),
                                rtol=1e-5, atol=1e-6)
     # "both" holds the conditional samples' medians plus the unconditional ones': a mean over all samples
@@ -180,10 +180,10 @@ def test_median_abs_does_not_depend_on_batching_or_cfg_mode(adapter):
 
 
 def test_median_abs_over_long_sequences_reads_a_fixed_token_subset():
-    x = massive_hidden_states(3, tokens=probe.MEDIAN_TOKENS * 4, seed=5)
-    idx = probe.median_tokens(x.shape[1])
-    assert idx is not None and len(idx) == probe.MEDIAN_TOKENS and torch.equal(idx, probe.median_tokens(x.shape[1]))
-    one, split = probe.Statistics(), probe.Statistics()
+    x = massive_hidden_states(3, tokens=statistics.MEDIAN_TOKENS * 4, seed=5)
+    idx = statistics.median_tokens(x.shape[1])
+    assert idx is not None and len(idx) == statistics.MEDIAN_TOKENS and torch.equal(idx, statistics.median_tokens(x.shape[1]))
+    one, split = statistics.Statistics(), statistics.Statistics()
     tap = Tap("transformer_blocks.0", "img")
     one.update(tap, 0, x)
     for i in range(3):
@@ -202,13 +202,13 @@ def test_norm_share_of_a_massive_channel_at_a_real_model_width():
     x[..., 11] += 3e3
     x[..., 12] -= 1e3 * torch.rand(5, 32, generator=g)  # a second large channel, varying over tokens
     tap = Tap("transformer_blocks.0", "img")
-    one, two, first, second = probe.Statistics(), probe.Statistics(), probe.Statistics(), probe.Statistics()
+    one, two, first, second = statistics.Statistics(), statistics.Statistics(), statistics.Statistics(), statistics.Statistics()
     one.update(tap, 0, x)
     two.update(tap, 0, x[:2])
     two.update(tap, 0, x[2:])
     first.update(tap, 0, x[:3])
     second.update(tap, 0, x[3:])
-    merged = probe.Statistics.merge([first, second])
+    merged = statistics.Statistics.merge([first, second])
     expected = numpy_norm_share(x.reshape(-1, width).numpy())
     share = one.get("norm_share", tap, 0).numpy()
     assert share[11] > 0.9 and expected[11] > 0.9 and share.sum() == pytest.approx(1.0, rel=1e-12)
@@ -216,7 +216,7 @@ def test_norm_share_of_a_massive_channel_at_a_real_model_width():
     for other in (two, merged):
         np.testing.assert_allclose(other.get("norm_share", tap, 0).numpy(), share, rtol=1e-10, atol=1e-15)
     # uniform channels: each holds about 1 / width
-    flat = probe.Statistics()
+    flat = statistics.Statistics()
     flat.update(tap, 0, torch.randn(4, 64, width, generator=g))  # 256 tokens: each share within +-50 % of 1 / width
     assert flat.get("norm_share", tap, 0).numpy() == pytest.approx(np.full(width, 1 / width), rel=0.5)
 
@@ -226,10 +226,10 @@ def test_norm_share_pools_steps_and_runs_like_numpy():
     tap = Tap("transformer_blocks.0", "img")
     small = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(1))
     big = massive_hidden_states(3, tokens=8, seed=2)
-    a, b = probe.Statistics(), probe.Statistics()
+    a, b = statistics.Statistics(), statistics.Statistics()
     a.update(tap, 0, small)
     b.update(tap, 1, big)
-    merged = probe.Statistics.merge([a, b])
+    merged = statistics.Statistics.merge([a, b])
     expected = numpy_norm_share(torch.cat([small, big]).reshape(-1, 8).numpy())
     np.testing.assert_allclose(merged.get("norm_share", tap).numpy(), expected, rtol=1e-6)
     mean_of_shares = (numpy_norm_share(small.reshape(-1, 8).numpy()) + numpy_norm_share(big.reshape(-1, 8).numpy())) / 2
@@ -243,8 +243,8 @@ def test_merge_refuses_runs_with_different_schedules(adapter):
             generate(adapter, prompts=PROMPTS[:1], num_inference_steps=steps)
         runs.append(run.stats)
     with pytest.raises(ValueError, match="different schedules: step 1 ran at timestep"):
-        probe.Statistics.merge(runs)
-    assert probe.Statistics.merge([runs[1], runs[1]]).steps == list(range(5))
+        statistics.Statistics.merge(runs)
+    assert statistics.Statistics.merge([runs[1], runs[1]]).steps == list(range(5))
     with pytest.raises(ValueError, match="step 1 ran at timestep .* in an earlier generation"):
         with probe.collect(adapter, taps=["transformer_blocks.0.img"]):
             generate(adapter, prompts=PROMPTS[:1], num_inference_steps=3)
@@ -300,13 +300,13 @@ def test_statistics_save_load_roundtrip(adapter, tmp_path):
         generate(adapter, prompts=PROMPTS[:1])
         generate(adapter, prompts=PROMPTS)
     run.stats.save(tmp_path / "stats.safetensors")
-    loaded = probe.Statistics.load(tmp_path / "stats.safetensors")
+    loaded = statistics.Statistics.load(tmp_path / "stats.safetensors")
     assert loaded.taps == run.stats.taps and loaded.timesteps == run.stats.timesteps
     for tap in run.stats.taps:
         for step in run.stats.steps:
             assert loaded.counts(tap, step) == run.stats.counts(tap, step) == {"samples": 3, "tokens": 3 * (
                 64 if tap.stream == "img" else 32), "calls": 2}
-            for name in probe.STATISTICS:
+            for name in statistics.STATISTICS:
                 assert torch.equal(loaded.get(name, tap, step), run.stats.get(name, tap, step)), (name, tap, step)
 
 
@@ -316,17 +316,17 @@ def test_statistics_of_another_format_are_refused(tmp_path):
     save_file({"0/transformer_blocks.0.img": torch.zeros(5, 4, dtype=torch.float64)}, str(tmp_path / "old.safetensors"),
               metadata={"mabook_statistics": '{"taps": [["transformer_blocks.0", "img"]]}'})
     with pytest.raises(ValueError, match="format 1, this mabook reads format 3: collect them again"):
-        probe.Statistics.load(tmp_path / "old.safetensors")
+        statistics.Statistics.load(tmp_path / "old.safetensors")
     # format 2: five rows, no norm_var_sum (a file written before norm_share)
     meta = ('{"format": 2, "taps": [["transformer_blocks.0", "img"]], "counts": {"0/transformer_blocks.0.img": 1}, '
             '"tokens": {"0/transformer_blocks.0.img": 4}, "calls": {"0/transformer_blocks.0.img": 1}, "timesteps": {}}')
     save_file({"0/transformer_blocks.0.img": torch.zeros(5, 4, dtype=torch.float64)}, str(tmp_path / "v2.safetensors"),
               metadata={"mabook_statistics": meta})
     with pytest.raises(ValueError, match="holds statistics in format 2, this mabook reads format 3"):
-        probe.Statistics.load(tmp_path / "v2.safetensors")
+        statistics.Statistics.load(tmp_path / "v2.safetensors")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a mabook statistics file"):
-        probe.Statistics.load(tmp_path / "other.safetensors")
+        statistics.Statistics.load(tmp_path / "other.safetensors")
 
 
 def test_unknown_capture_step_error_names_steps_that_ran(adapter):
@@ -343,7 +343,7 @@ def test_bad_arguments_give_clear_errors(adapter):
     with pytest.raises(TypeError, match="guidance_batch"):
         probe.collect(adapter, guidance_batch="yes")
     with pytest.raises(ValueError, match="unknown statistic 'avg'"):
-        probe.Statistics().get("avg", "transformer_blocks.0.img")
+        statistics.Statistics().get("avg", "transformer_blocks.0.img")
 
 
 def test_odd_batch_in_guidance_mode_is_an_error(adapter):
@@ -687,7 +687,7 @@ def check_device_statistics(runs, device="cuda", tap="single_transformer_blocks.
         acc = next(iter(stats._acc.values()))
         assert acc.device.type == device and acc.dtype == torch.float64  # accumulated in float64 on the device
         assert x.device.type == device and x.dtype == dtype
-        for name in probe.STATISTICS:
+        for name in statistics.STATISTICS:
             ref, got = cpu.array(name), stats.array(name)  # (layers, channels)
             assert got.shape == ref.shape == (len(stats.layers()), 128)
             scale = np.abs(ref).max(1, keepdims=True)
@@ -711,7 +711,7 @@ def test_merged_runs_equal_one_run_over_all_prompts(adapter):
         runs.append(run.stats)
     with probe.collect(adapter) as together:
         generate(adapter, latents=latents)  # same prompts and noise in one batch
-    merged = probe.Statistics.merge(runs)
+    merged = statistics.Statistics.merge(runs)
     assert merged.taps == together.stats.taps and merged.steps == together.stats.steps
     for name in ("abs_mean", "mean", "std", "max_abs", "norm_share"):
         np.testing.assert_allclose(merged.array(name), together.stats.array(name), rtol=1e-4, atol=1e-5, err_msg=name)

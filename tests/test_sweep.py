@@ -21,7 +21,7 @@ import torch
 from mabook import attention, cli, discovery, disruption, sinks, sweep, world
 from mabook.experiments import discover, disrupt
 from mabook.experiments import sinks as sinks_verb
-from mabook.probe import STATISTICS, Statistics
+from mabook.statistics import STATISTICS, Statistics
 
 torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): the same kernels, the same bits
 

@@ -20,7 +20,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import tokenizers
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -31,6 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from mabook import world
 from mabook.files import atomic_path, write_json
+from mabook.images import to_uint8  # noqa: F401  (re-exported: organism.to_uint8 is how the chapters name it)
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 CHECKPOINT = CHECKPOINT_DIR / "organism.safetensors"
@@ -271,8 +271,20 @@ class OrganismPipeline(DiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
     ):
-        cfg = self.organism_config
-        # 0. check inputs
+        prompt = self._check_call(prompt, num_inference_steps, output_type, prompt_embeds, pooled_prompt_embeds)
+        self._guidance_scale = guidance_scale  # read by probes through do_classifier_free_guidance
+        prompt_embeds, pooled, batch_size = self._text_condition(prompt, prompt_embeds, pooled_prompt_embeds,
+                                                                 num_images_per_prompt)
+        latents = self._initial_latents(batch_size, generator, latents)
+        latents = self._denoise(latents, prompt_embeds, pooled, num_inference_steps, guidance_scale)
+        images = self._decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _check_call(self, prompt, num_inference_steps, output_type, prompt_embeds, pooled_prompt_embeds) -> list[str] | None:
+        """Raise on arguments `__call__` cannot use; the prompt as a list of str (None with embeddings)."""
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass prompt, or prompt_embeds with pooled_prompt_embeds")
         if prompt is not None and (prompt_embeds is not None or pooled_prompt_embeds is not None):
@@ -288,11 +300,13 @@ class OrganismPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        device, dtype = self.transformer.device, self.transformer.dtype
-        self._guidance_scale = guidance_scale  # read by probes through do_classifier_free_guidance
-        do_cfg = self.do_classifier_free_guidance
+        return prompt
 
-        # 1. encode prompt (and the empty prompt for classifier-free guidance)
+    def _text_condition(self, prompt, prompt_embeds, pooled_prompt_embeds, num_images_per_prompt: int):
+        """(prompt_embeds, pooled, batch_size) for the transformer: each prompt `num_images_per_prompt`
+        times (batch_size images), and with classifier-free guidance the encoded empty prompt first
+        ([uncond; cond], 2 * batch_size rows)."""
+        device, dtype = self.transformer.device, self.transformer.dtype
         if prompt is not None:
             prompt = [p for p in prompt for _ in range(num_images_per_prompt)]
             prompt_embeds, pooled = self.encode_prompt(prompt)
@@ -300,12 +314,16 @@ class OrganismPipeline(DiffusionPipeline):
             prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
             pooled = pooled_prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
         batch_size = prompt_embeds.shape[0]
-        if do_cfg:
+        if self.do_classifier_free_guidance:
             neg_embeds, neg_pooled = self.encode_prompt([""] * batch_size)
             prompt_embeds = torch.cat([neg_embeds, prompt_embeds])
             pooled = torch.cat([neg_pooled, pooled])
+        return prompt_embeds, pooled, batch_size
 
-        # 2. prepare latents: Gaussian noise in patch space
+    def _initial_latents(self, batch_size: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
+        """Gaussian noise in patch space (batch_size, grid*grid, in_channels), float32 on the transformer's
+        device; or the given `latents`, checked."""
+        cfg = self.organism_config
         shape = (batch_size, cfg.grid * cfg.grid, cfg.in_channels)
         if isinstance(generator, list):  # one generator per image, as in diffusers: noise independent of batching
             if len(generator) != batch_size:
@@ -317,14 +335,17 @@ class OrganismPipeline(DiffusionPipeline):
             latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=torch.float32)
+        return latents.to(device=self.transformer.device, dtype=torch.float32)
+
+    def _denoise(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                 num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
+        """The sampling loop, sigma from 1 to 1/N as in FLUX.1's pipeline: one transformer call per
+        step (a classifier-free guidance batch is one call)."""
+        cfg, do_cfg = self.organism_config, self.do_classifier_free_guidance
+        device, dtype = self.transformer.device, self.transformer.dtype
         img_ids = image_ids(cfg.grid, device).to(dtype)
         txt_ids = torch.zeros(cfg.max_text_length, 3, device=device, dtype=dtype)
-
-        # 3. timesteps (sigma from 1 to 1/N, as FLUX.1's pipeline)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-
-        # 4. denoising loop: one transformer call per step (a CFG batch is one call)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             timestep = (t / 1000).expand(model_input.shape[0]).to(dtype)
@@ -341,27 +362,18 @@ class OrganismPipeline(DiffusionPipeline):
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        return latents
 
-        # 5. tokens -> pixels
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        """Tokens -> images in [0, 1]: (B, 3, H, W) for "pt", (B, H, W, 3) floats for "np", PIL for "pil"."""
+        cfg = self.organism_config
         images = unpatchify(latents, cfg.patch_size, cfg.grid).clamp(-1, 1)
         images = (images + 1) / 2  # (B, 3, H, W) in [0, 1]
         if output_type == "np" or output_type == "pil":
             images = images.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
-
-
-def to_uint8(images) -> np.ndarray:
-    """Pipeline output ("np" (B,H,W,3) floats, "pt" (B,3,H,W) or PIL list) -> (B,H,W,3) uint8."""
-    if isinstance(images, list):
-        return np.stack([np.asarray(im) for im in images])
-    if isinstance(images, torch.Tensor):
-        images = images.permute(0, 2, 3, 1).cpu().numpy()
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        return images
 
 
 def build_pipeline(config: OrganismConfig = OrganismConfig()) -> OrganismPipeline:
