@@ -23,6 +23,7 @@ test the same question by training.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,9 +219,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-prompts", type=int, default=16)
     p.add_argument("--num-inference-steps", type=int, default=10)
+    p.add_argument("--add", action="store_true", help="keep the organisms already in --out; measure and add (or replace) these")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    organisms = {}
+    command = files.command_line(argv, "python -m mabook.origins")
+    organisms = json.loads(a.out.read_text())["organisms"] if a.add and a.out.is_file() else {}
     for item in a.checkpoints:
         name, _, path = item.partition("=")
         pipe = organism.load(path)
@@ -228,10 +231,10 @@ def main(argv=None) -> None:
         organisms[name] = {"checkpoint_sha256": pipe.card["sha256"], "file": str(path),
                            "organism_config": pipe.card["organism_config"], "train_config": pipe.card.get("train_config"),
                            "emergence": emergence(pipe.card), "quality": quality(pipe),
-                           **measure(pipe, a.n_prompts, a.num_inference_steps)}
+                           **measure(pipe, a.n_prompts, a.num_inference_steps), "command": command}
         print(f"{name}: measured", flush=True)
     payload = {"checkpoint_sha256": organism.sha256(organism.CHECKPOINT), "organisms": organisms}
-    files.write_json(a.out, files.with_provenance(payload, files.command_line(argv, "python -m mabook.origins")))
+    files.write_json(a.out, files.with_provenance(payload, command))  # each organism also records its own command
     print(f"wrote {a.out}")
 
 
