@@ -12,7 +12,7 @@ list of *shards*, each a batch of the single-process run:
    named by the hash of its content spec: the phase, the settings that change its numbers, its
    units, the checkpoint's hash (`shard_name`). A killed sweep run again skips the finished shards;
    a changed setting never reuses a stale one;
-3. the main process merges: statistics with `probe.Statistics.merge` in the single-process order,
+3. the main process merges: statistics with `statistics.Statistics.merge` in the single-process order,
    table rows concatenated in the single-process order; bootstrap CIs are computed once, on the
    merged table (`disruption.summary`, `disruption.paired_ratios`, `sinks.paired_ratios`).
 

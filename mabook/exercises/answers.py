@@ -3,7 +3,7 @@
 The ``as_*`` readers turn an answer into a number, a set of ints or an array, or None when it is
 not one (a check then says what type it wanted); `number_answer`, `channels_answer` and `array_answer` read one and
 return the Verdict when it is missing or of the wrong type or size; `close` and `matches` compare with tolerances;
-`abs_mean`, `top` and `bottom` rank the channels of a `mabook.probe.Statistics` as chapters 1 and 2 do.
+`abs_mean`, `top` and `bottom` rank the channels of a `mabook.statistics.Statistics` as chapters 1 and 2 do.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`mabook discover`: find the massive channels -- the streaming statistics and the top-k table (chapter 1).
 
-Writes into --out: stats.safetensors (`probe.Statistics.load` reads it back), topk.csv (one row
+Writes into --out: stats.safetensors (`statistics.Statistics.load` reads it back), topk.csv (one row
 per layer: top-k, controls, ratios, the LayerNorm share, Sun's criterion) and topk.json (settings,
 provenance and the same rows; written last).
 """

@@ -1,0 +1,741 @@
+"""The claims scorecard: one row per claim, computed from the committed results JSONs.
+
+Every claim the book puts to the test -- from the two 2026 papers (massive activations, Turri et
+al., arXiv 2605.13974; attention sinks, arXiv 2605.09313) and from the two rival readings (Sun et
+al. 2024: the massive activations are constants, so mean-replacement is harmless; Detail Guidance,
+arXiv 2510.11538: they are timestep-driven and carry detail, not semantics) -- is one row of
+`CLAIMS`: who claims it, the claim in one sentence, our test in one sentence, the results file and
+the fields it reads, and the chapter section that runs the test. `rows` reads the numbers with
+their 95 % confidence intervals as the big runs stored them and gives each claim a verdict by the
+thresholds below, which are fixed before any number is read. `load` reads every
+``mabook/results/*.json``, `markdown` renders the rows as a table, and the page
+``book/scorecard.ipynb`` shows it.
+
+Verdicts (`VERDICTS`):
+
+- ``holds`` / ``fails``: the stored CI clears the claim's line in its direction / in the other.
+- ``unclear``: the CI straddles the line (or the data cannot decide).
+- ``not testable here``: the organism cannot measure what the paper measured (CLIP-T, HPS-v2 and
+  LPIPS need network weights mabook does not load; a claim about named real models needs those
+  models). The row then reports a named *proxy* and the proxy's own verdict (`PROXY_VERDICTS`),
+  never as if it were the paper's measure: a pixel-MSE ratio is not an LPIPS ratio.
+- ``no current result``: the results file is missing, lacks a field the row reads, or was made on
+  another checkpoint than the committed organism's (its ``checkpoint_sha256`` is not the sha256 in
+  the committed card, as ``tests/test_robustness.py`` checks the big runs).
+- ``no test yet``: nothing in the results speaks to the claim.
+
+What this is not: an experiment. Nothing is generated; every number is read from a committed big
+run, and importing this module imports neither torch nor the organism.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+RESULTS_DIR = Path(__file__).parent / "results"
+# The committed organism's card, `mabook.organism.card_path(mabook.organism.CHECKPOINT)`: named here so
+# that the scorecard reads the hash without importing torch (tests/test_scorecard.py checks the two agree).
+CARD = Path(__file__).parent / "organism" / "checkpoints" / "organism.json"
+
+HOLDS, FAILS, UNCLEAR = "holds", "fails", "unclear"
+NOT_TESTABLE, NO_RESULT, NO_TEST = "not testable here", "no current result", "no test yet"
+VERDICTS = (HOLDS, FAILS, UNCLEAR, NOT_TESTABLE, NO_RESULT, NO_TEST)
+PROXY_VERDICTS = (HOLDS, FAILS, UNCLEAR)
+
+# ---------------------------------------------------------------------------------------------
+# Thresholds, fixed before reading the numbers. Every CI in the results files is a bootstrap 95 %
+# interval over the independent unit (the prompt, or the pair); the verdicts read them as stored.
+# ---------------------------------------------------------------------------------------------
+
+RATIO_LINE = 1.0  # a paired damage ratio (claimed set / control) holds when its CI's lower bound is above 1 (more
+#   damage than the control beyond the CI), fails when its upper bound is below 1 (the effect goes the other way)
+DIFFERENCE_LINE = 0.0  # a paired difference (claimed set minus control) likewise: lower bound > 0 holds, upper < 0 fails
+KEEP_MARGIN = 0.05  # "unchanged" (an accuracy drop): holds when the drop's CI upper bound is <= 0.05 (about 3 of 64
+#   units), fails when its lower bound is above 0.05; a wide CI that merely includes 0 is unclear, not "unchanged"
+BREAK_DROP = 0.1  # chapter 2's line: a kind of damage "breaks" at the smallest k where its drop from the baseline
+#   reaches 0.1 (judge cleanliness for detail; any attribute's accuracy for semantics)
+STEP_DRIVEN = 0.5  # prompt vs step split: "timestep-driven" where the prompt explains less than half the variance
+#   (the step explains the majority); chapter 2c's STEP_DRIVEN
+EMBEDDING_DRIVEN = 0.5  # timestep swap: the channel "follows the embedding" (or "the input") in a layer where that
+#   factor explains at least half of the table's variance, a majority; chapter 2c's EMBEDDING_DRIVEN
+PRESENT_FACTOR = 10  # a massive channel is "present" when its LayerNorm share (max over layers) is >= 10x the
+#   uniform share 1 / width: an order of magnitude above "share near the uniform"; chapter 2c's PRESENT_FACTOR
+SHARE_MARGIN = 0.20  # a share "shrinks" when its max AND mean over layers are more than 20 % below the control's
+#   (one checkpoint's share moves up to ~12 % between two caption batches); chapter 2c's SHARE_MARGIN
+K_DISRUPTION = 4  # chapter 2's K_FOCUS: the k of its ops (zero, mean) and of its prompt-vs-step split
+K_SINK = 1  # the sinks paper's headline k (one key per head)
+HPS_K = 10  # the sinks paper: HPS-v2 drops only from k = 10 on
+ALPHA = 1.0  # transport strength at which chapters 4-5 state their verdicts (full replacement of the channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The claims, as data
+# ---------------------------------------------------------------------------------------------
+
+MA = "Turri et al. 2026 (massive activations)"
+SINKS = "Attention sinks, arXiv 2605.09313"
+SUN = "Sun et al. 2024 (rival reading)"
+DG = "Detail Guidance, arXiv 2510.11538 (rival reading)"
+
+CHAPTERS = {  # notebook -> how the table names it
+    "02_disruption.ipynb": "Ch. 2",
+    "02c_origins.ipynb": "Interlude 2c",
+    "03_spatial_organization.ipynb": "Ch. 3",
+    "04_text_transport.ipynb": "Ch. 4",
+    "05_image_transport.ipynb": "Ch. 5",
+    "06_attention_sinks.ipynb": "Ch. 6",
+}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One row's fixed part. `heading` is the text of the chapter section that runs the test
+    (without the leading #s; "" links to the chapter); `proxy` names what we report instead when
+    the paper's measure is not available here ("" when we measure the claim itself)."""
+
+    id: str
+    paper: str
+    claim: str
+    test: str
+    file: str
+    fields: tuple[str, ...]
+    chapter: str
+    heading: str = ""
+    proxy: str = ""
+
+    @property
+    def section(self) -> str:
+        """Relative link from a page under book/ to the section, e.g. ``../notebooks/02_disruption.ipynb#anchor``."""
+        return f"../notebooks/{self.chapter}" + (f"#{anchor(self.heading)}" if self.heading else "")
+
+
+def anchor(heading: str) -> str:
+    """The heading's anchor as MyST writes it (``myst_heading_anchors`` in ``_config.yml``; GitHub's
+    notebook view uses the same): lower case, spaces to hyphens, other punctuation dropped --
+    ``"2. Zeroing the top-k"`` gives ``"2-zeroing-the-top-k"``."""
+    return re.sub(r"[^\w\u4e00-\u9fff\- ]", "", heading.lower().replace(" ", "-"))
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("ma-critical-random", MA,
+          "Zeroing the few massive channels collapses generation; an equal number of other channels does not.",
+          f"Zero the top-{K_DISRUPTION} channels by |mean| at every image layer and step vs {K_DISRUPTION} random ones "
+          "(five sets); paired ratio of pixel MSE to each unit's baseline.",
+          "disruption_full.json", (f"paired_ratios[metric=pixel_mse, control=random, k={K_DISRUPTION}].ratio, ci", "units"),
+          "02_disruption.ipynb", "2. Zeroing the top-k against three controls"),
+    Claim("ma-critical-bottom", MA,
+          "Zeroing the massive channels collapses generation; zeroing the bottom-k (lowest |mean|) is marginal.",
+          f"As above, against the paper's control: the bottom-{K_DISRUPTION} channels by |mean|.",
+          "disruption_full.json", (f"paired_ratios[metric=pixel_mse, control=bottom_abs_mean, k={K_DISRUPTION}]"
+                                   ".ratio, ci, top_damage, control_damage",),
+          "02_disruption.ipynb", "4. Is the paper's control a fair null?"),
+    Claim("ma-spatial", MA,
+          "K-means (K = 2) on the image tokens restricted to the massive channels separates the subject from the background.",
+          "Token IoU of the K-means mask with the rendered object mask, top-k channels minus random-k (paired over "
+          "generations), all layers x steps.",
+          "spatial_full.json", ("differences[where=all layers x steps, control=random-k].difference, ci",
+                                "summary[source=rendered, set=top-k | random-k | all].token_iou, token_iou_ci", "k_channels"),
+          "03_spatial_organization.ipynb", "3. Measured alignment: massive vs all vs bottom vs random"),
+    Claim("ma-transport-text", MA,
+          "Copying the massive channels from a source prompt's trajectory into a target's moves the output toward the "
+          "source's semantics (text-conditioned transport).",
+          f"Share of the source's differing attributes the output takes, top-k minus random-k channels at alpha = {ALPHA:g}, "
+          "every image layer and step, pairs differing in one or two attributes.",
+          "text_transport_full.json", (f"differences[alpha={ALPHA:g}, other=random-k_main, metric=took_source].difference, ci",
+                                       "k_sweep_summary[set, k_set].took_source, took_source_ci", "k_main"),
+          "04_text_transport.ipynb", "5. The table: what each method takes and keeps"),
+    Claim("ma-transport-image", MA,
+          "A reference image's massive channels, brought onto a trajectory by inversion, carry its subject into a new "
+          "prompt's generation (image-conditioned transport).",
+          f"Share of pairs whose output takes the reference's differing attribute, top-k minus random-k channels, "
+          f"fixed-point inversion, alpha = {ALPHA:g}.",
+          "image_transport_full.json", (f"differences[trajectory=invert, alpha={ALPHA:g}, other=random-k].difference, ci",
+                                        f"summary[trajectory=invert, alpha={ALPHA:g}, method=top-k | random-k].took_source",
+                                        "reconstruction[start=fixed-point inversion].mae", "k"),
+          "05_image_transport.ipynb", "5. The table: what the output takes from the reference"),
+    Claim("sinks-text-alignment", SINKS,
+          "Suppressing the top-1 attention sink per head leaves text alignment unchanged (CLIP-T, at every k).",
+          f"Suppress the top-{K_SINK} key per head (-1e4 logit bias) at one block, all steps; the judge's "
+          "all-attributes-correct accuracy, drop from the baseline.",
+          "attention_full.json", (f"summary[kind=sink, k={K_SINK}, op=score eta=0, window=<layer>, all steps].all_correct, "
+                                  "all_correct_ci", "summary[kind=baseline].all_correct, all_correct_ci", "layer"),
+          "06_attention_sinks.ipynb", "6. Content or appearance?",
+          proxy="CLIP-T needs CLIP weights; proxy: the shapes judge's all-attributes-correct accuracy (exact on the "
+                "shapes world, not CLIP-T)"),
+    Claim("sinks-perceptual-shift", SINKS,
+          "Suppressing the sinks shifts the image far more than suppressing equal-budget random keys (LPIPS 0.347 vs "
+          "0.053 at k = 1, about 6.5x, SD3 layer 12).",
+          f"Sink / random-key paired ratio of the shift to the baseline at k = {K_SINK}, one block, all steps, on pixel "
+          "metrics (not LPIPS).",
+          "attention_full.json", (f"paired_ratios[control=random, k={K_SINK}, op=score eta=0, window=<layer>, all steps]"
+                                  ".ratio, ci", "paired_ratios_linear[pixel_mae] (when stored)",
+                                  "summary[kind=sink | random, same k and window].pixel_mae"),
+          "06_attention_sinks.ipynb", "3. Suppressing the sinks: score path vs equal-budget controls",
+          proxy="LPIPS needs ImageNet backbone weights; proxy: pixel-space shift (mean |difference| or MSE, which squares "
+                "the change), whose ratios are not on LPIPS's scale: only the direction compares with the paper's"),
+    Claim("sinks-hps", SINKS,
+          "Human preference (HPS-v2) drops only when k >= 10 sinks per head are suppressed.",
+          "Judge cleanliness (the share of clean pixels, the book's image-quality reading) of sink-suppressed images at one "
+          "block, per k, against the baseline's; a drop is one the two CIs resolve.",
+          "attention_full.json", ("summary[kind=sink, op=score eta=0, window=<layer>, all steps, k=each].cleanliness, "
+                                  "cleanliness_ci", "summary[kind=baseline].cleanliness, cleanliness_ci", "ks"),
+          "06_attention_sinks.ipynb", "6. Content or appearance?",
+          proxy="HPS-v2 needs its reward-model weights; proxy: judge cleanliness (image quality on the shapes world, "
+                "not human preference)"),
+    Claim("sinks-where", SINKS,
+          "Where sinks sit depends on the model: in FLUX.1 on text padding tokens (PixArt-alpha: corner image tokens; "
+          "Qwen-Image: text tokens).",
+          "Attention mass each kind of key (prompt text, padding, image) receives over its share of the keys, per layer, in "
+          "the organism: FLUX's architecture with padded text.",
+          "attention_full.json", ("mass_by_kind[layer].text, pad, image", "mass_by_kind[(share of keys)]",
+                                  "movement[layer].most common top-1 kind"),
+          "06_attention_sinks.ipynb", "2. Where attention goes",
+          proxy="the claim is about named real models; proxy: does a miniature FLUX put its sinks where FLUX.1 does "
+                "(padding)?"),
+    Claim("sinks-differ", SINKS,
+          "Where sinks sit depends on the model.",
+          "The top-1 sink's most common kind of key at one block, in three organisms of one architecture that differ in one "
+          "training factor (control, no timestep embedding, LayerNorm affine).",
+          "origins.json", ("organisms[*].sinks.top1_kind, mass, layer",),
+          "02c_origins.ipynb", "2.4 Prompt vs step, and where the attention sinks sit"),
+    Claim("sun-zero-vs-mean", SUN,
+          "Zeroing the massive activations destroys the model; replacing them by their mean leaves it intact (they act "
+          "as constants).",
+          f"Top-{K_DISRUPTION} channels zeroed vs replaced by their per-step dataset mean, every image layer and step: "
+          "pixel MSE to the baseline (CIs compared) and the judge's all-attributes-correct accuracy after mean-replacement.",
+          "disruption_full.json", (f"summary[kind=top, k={K_DISRUPTION}, op=zero | mean | token_mean].pixel_mse, pixel_mse_ci, "
+                                   "all_correct, all_correct_ci", "summary[kind=baseline].all_correct"),
+          "02_disruption.ipynb", "5. Four ways to remove a channel"),
+    Claim("sun-explicit-constants", SUN,
+          "Massive activations act as implicit parameters: a network given explicit learnable constants needs them less "
+          "(Sun et al. 2024 with attention biases; Sun, Canziani, LeCun & Zhu 2026).",
+          "The norm-affine organism (every LayerNorm gets a learnable scale and bias) vs the control: the top channel's "
+          "LayerNorm share, max and mean over image layers.",
+          "origins.json", ("organisms[control | norm-affine].layers[*].norm_share", "organism_config"),
+          "02c_origins.ipynb", "2.5 Verdicts"),
+    Claim("dg-timestep-split", DG,
+          "The massive channels are driven by the timestep, not by the prompt.",
+          f"Split the variance of the top-{K_DISRUPTION} channels' per-image mean during sampling into prompt (at a fixed "
+          "step) and step (for a fixed image), per image layer; random channels for reference.",
+          "disruption_full.json", ("decomposition_top[layer].prompt_share", "decomposition_random[layer].prompt_share"),
+          "02_disruption.ipynb", "7. Semantics or detail?"),
+    Claim("dg-timestep-swap", DG,
+          "The massive channels follow the timestep embedding.",
+          "Timestep swap on the committed organism: scenes noised to level t_input while the AdaLN sees t_embed; share of "
+          "the top channel's variance that follows the embedding vs the input, per image layer.",
+          "origins.json", ("organisms[control].timestep_swap[tap].embedding, input, interaction",),
+          "02c_origins.ipynb", "2.3 The timestep swap: does the channel follow the embedding or the input?"),
+    Claim("dg-no-timestep", DG,
+          "The timestep embedding creates the massive channel: without it there is none (share near the uniform 1/width).",
+          "The no-timestep organism (its AdaLN always sees one constant t, same recipe otherwise): the top channel's "
+          "LayerNorm share, max over image layers, against the 'present' line PRESENT_FACTOR / width.",
+          "origins.json", ("organisms[no-timestep].layers[*].norm_share", "organisms[no-timestep].organism_config",
+                           "organisms[no-timestep].quality"),
+          "02c_origins.ipynb", "2.1 The channel, its LayerNorm share, and whether the organism draws well"),
+    Claim("dg-detail-not-semantics", DG,
+          "The massive channels carry local detail, not semantics: removing them dirties the image while its content "
+          "survives.",
+          "Zero the top-k at every image layer and step for k = 1 ... 16: the smallest k where judge cleanliness drops by "
+          f"{BREAK_DROP:g} (detail) vs where any attribute's accuracy does (semantics).",
+          "disruption_full.json", ("summary[kind=top | random, op=zero, k=each].cleanliness, color, shape, size, position "
+                                   "(with _ci)", "summary[kind=baseline]"),
+          "02_disruption.ipynb", "7. Semantics or detail?"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the files
+# ---------------------------------------------------------------------------------------------
+
+
+def load(results_dir: str | Path | None = None) -> dict[str, dict]:
+    """{file name: parsed JSON} for every ``*.json`` in `results_dir` (default: the committed
+    ``mabook/results``). NaN and Infinity, which the big runs write, parse as floats."""
+    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def committed_checkpoint(card: str | Path | None = None) -> str:
+    """The committed organism's sha256, as its card records it (`mabook.organism.load` checks the
+    weights against the same card)."""
+    return json.loads(Path(card or CARD).read_text())["sha256"]
+
+
+def provenance(results: dict[str, dict], checkpoint: str | None = None) -> list[dict]:
+    """Per file: its checkpoint hash, mabook version and command, and whether it is current
+    (made on the committed organism)."""
+    checkpoint = checkpoint or committed_checkpoint()
+    return [{"file": name, "checkpoint_sha256": data.get("checkpoint_sha256"), "mabook_version": data.get("mabook_version"),
+             "command": data.get("command"), "current": data.get("checkpoint_sha256") == checkpoint}
+            for name, data in results.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict rules and formatting
+# ---------------------------------------------------------------------------------------------
+
+
+class Reading(NamedTuple):
+    """What a check computes: the result in words, the verdict, the proxy's verdict (None when
+    the claim is measured directly), one sentence of reading, and the headline number with its CI."""
+
+    result: str
+    verdict: str
+    proxy_verdict: str | None
+    reading: str
+    value: float | None = None
+    ci: tuple[float, float] | None = None
+
+
+def num(x) -> str:
+    """How the scorecard prints a number: three significant digits."""
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def with_ci(value, ci, unit: str = "") -> str:
+    """``value [low, high]``, each with `num`; `unit` follows the value (``4.68x [3.99, 5.36]``)."""
+    return f"{num(value)}{unit} [{num(ci[0])}, {num(ci[1])}]"
+
+
+def _finite(ci) -> bool:
+    return ci is not None and all(isinstance(c, (int, float)) and math.isfinite(c) for c in ci)
+
+
+def ratio_verdict(ci) -> str:
+    """RATIO_LINE: holds above 1, fails below 1, unclear across (or without a finite CI)."""
+    if not _finite(ci):
+        return UNCLEAR
+    return HOLDS if ci[0] > RATIO_LINE else FAILS if ci[1] < RATIO_LINE else UNCLEAR
+
+
+def difference_verdict(ci) -> str:
+    """DIFFERENCE_LINE: holds above 0, fails below 0, unclear across."""
+    if not _finite(ci):
+        return UNCLEAR
+    return HOLDS if ci[0] > DIFFERENCE_LINE else FAILS if ci[1] < DIFFERENCE_LINE else UNCLEAR
+
+
+def drop_interval(baseline: dict, row: dict, metric: str) -> tuple[float, float, float]:
+    """(drop, low, high) of `metric` from the baseline row to `row`. The interval is the difference
+    of the two stored CIs; it is the drop's own CI when every unit's baseline is the same (a CI of
+    zero width, e.g. accuracy 1 [1, 1]), and wider -- conservative -- otherwise."""
+    b, (b_lo, b_hi) = baseline[metric], baseline[f"{metric}_ci"]
+    v, (v_lo, v_hi) = row[metric], row[f"{metric}_ci"]
+    return b - v, b_lo - v_hi, b_hi - v_lo
+
+
+def keep_verdict(drop_lo: float, drop_hi: float) -> str:
+    """KEEP_MARGIN: "unchanged" holds when the drop's CI stays at or under the margin, fails above it."""
+    return HOLDS if drop_hi <= KEEP_MARGIN else FAILS if drop_lo > KEEP_MARGIN else UNCLEAR
+
+
+def _one(items, what: str, **match) -> dict:
+    found = [r for r in items if all(r.get(k) == v for k, v in match.items())]
+    if len(found) != 1:
+        raise LookupError(f"{what}: {len(found)} rows match {match}")
+    return found[0]
+
+
+def _median(values) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def _ks_where(verdicts: dict, word: str) -> str:
+    ks = [str(k) for k, v in verdicts.items() if v == word]
+    return ", ".join(ks) if ks else "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks, one per claim (registered by claim id)
+# ---------------------------------------------------------------------------------------------
+
+CHECKS: dict[str, Callable[[dict], Reading]] = {}
+
+
+def _check(claim_id: str):
+    def register(f):
+        CHECKS[claim_id] = f
+        return f
+    return register
+
+
+def _paired_row(data: dict, control: str, k: int) -> dict:
+    return _one(data["paired_ratios"], "paired_ratios", metric="pixel_mse", control=control, k=k)
+
+
+@_check("ma-critical-random")
+def _ma_critical_random(data: dict) -> Reading:
+    r = _paired_row(data, "random", K_DISRUPTION)
+    by_k = {p["k"]: ratio_verdict(p["ci"]) for p in data["paired_ratios"] if p["control"] == "random" and p["metric"] == "pixel_mse"}
+    return Reading(f"top-{K_DISRUPTION} / random-{K_DISRUPTION} pixel MSE: {with_ci(r['ratio'], r['ci'], 'x')} ({r['n_units']} units)",
+                   ratio_verdict(r["ci"]), None,
+                   f"CI above 1 at k = {_ks_where(by_k, HOLDS)}; straddles 1 at k = {_ks_where(by_k, UNCLEAR)}; "
+                   f"below 1 at k = {_ks_where(by_k, FAILS)}.", r["ratio"], tuple(r["ci"]))
+
+
+@_check("ma-critical-bottom")
+def _ma_critical_bottom(data: dict) -> Reading:
+    r = _paired_row(data, "bottom_abs_mean", K_DISRUPTION)
+    by_k = {p["k"]: ratio_verdict(p["ci"]) for p in data["paired_ratios"]
+            if p["control"] == "bottom_abs_mean" and p["metric"] == "pixel_mse"}
+    share = r["control_damage"] / r["top_damage"]
+    return Reading(f"top-{K_DISRUPTION} / bottom-{K_DISRUPTION} (|mean|) pixel MSE: {with_ci(r['ratio'], r['ci'], 'x')}",
+                   ratio_verdict(r["ci"]), None,
+                   f"More damage than the bottom-k at k = {_ks_where(by_k, HOLDS)} (straddles 1 at k = {_ks_where(by_k, UNCLEAR)}); "
+                   f"but the bottom-{K_DISRUPTION} is not marginal: its damage is {share:.0%} of the top-{K_DISRUPTION}'s "
+                   f"({num(r['control_damage'])} vs {num(r['top_damage'])}).", r["ratio"], tuple(r["ci"]))
+
+
+@_check("ma-spatial")
+def _ma_spatial(data: dict) -> Reading:
+    k = data["k_channels"]
+    where = "all layers x steps"
+    d = _one(data["differences"], "differences", where=where, control=f"random-{k}")
+    s = {r["set"]: r for r in data["summary"] if r["source"] == "rendered"}
+    d_all = _one(data["differences"], "differences", where=where, control="all")
+    focus = _one(data["differences"], "differences", where="focus", control=f"random-{k}")
+    vs_all = ("all channels outline the subject better" if d_all["ci"][1] < 0 else
+              "the top-k beat all channels" if d_all["ci"][0] > 0 else "all channels do about as well")
+    return Reading(f"token IoU top-{k} {with_ci(s[f'top-{k}']['token_iou'], s[f'top-{k}']['token_iou_ci'])} vs random-{k} "
+                   f"{with_ci(s[f'random-{k}']['token_iou'], s[f'random-{k}']['token_iou_ci'])}; difference "
+                   f"{with_ci(d['difference'], d['ci'])} ({d['n_units']} generations)",
+                   difference_verdict(d["ci"]), None,
+                   f"At the focus layer and step the difference is {with_ci(focus['difference'], focus['ci'])}. Top-{k} minus all "
+                   f"channels: {with_ci(d_all['difference'], d_all['ci'])}: {vs_all}.", d["difference"], tuple(d["ci"]))
+
+
+@_check("ma-transport-text")
+def _ma_transport_text(data: dict) -> Reading:
+    k = data["k_main"]
+    d = _one(data["differences"], "differences", alpha=ALPHA, other=f"random-{k}", metric="took_source")
+    sweep = {(r["set"], r["k_set"]): r for r in data["k_sweep_summary"]}
+    took = lambda kind, kk: sweep[(kind, kk)]["took_source"]
+    smaller = "; ".join(f"k = {kk}: {num(took('top', kk))} vs {num(took('random', kk))}" for kk in data["k_sweep"] if kk < k)
+    top = sweep[("top", k)]
+    return Reading(f"took the source: top-{k} {with_ci(top['took_source'], top['took_source_ci'])} vs random-{k} "
+                   f"{num(took('random', k))}; difference {with_ci(d['difference'], d['ci'])} ({d['n_pairs']} pairs)",
+                   difference_verdict(d["ci"]), None,
+                   f"Only at k = {k} of 128 channels; the smaller sets move nothing (top vs random: {smaller}). Top-{k} keeps "
+                   f"the target's other attributes in {num(top['kept_target'])} of pairs.", d["difference"], tuple(d["ci"]))
+
+
+@_check("ma-transport-image")
+def _ma_transport_image(data: dict) -> Reading:
+    k = data["k"]
+    d = _one(data["differences"], "differences", trajectory="invert", alpha=ALPHA, other=f"random-{k}")
+    kind = data["pair_kinds"][0]
+    top = _one(data["summary"], "summary", kind=kind, trajectory="invert", method=f"top-{k}", alpha=ALPHA)
+    rnd = _one(data["summary"], "summary", kind=kind, trajectory="invert", method=f"random-{k}", alpha=ALPHA)
+    recon = _one(data["reconstruction"], "reconstruction", start="fixed-point inversion")
+    return Reading(f"took the reference, top-{k} minus random-{k}: {with_ci(d['difference'], d['ci'])} ({d['n']} pairs)",
+                   difference_verdict(d["ci"]), None,
+                   f"In {kind.replace('_', '-')} pairs top-{k} took it in {with_ci(top['took_source'], top['took_source_ci'])} "
+                   f"(random-{k} {num(rnd['took_source'])}); the inversion itself is faithful (reconstruction |error| "
+                   f"{num(recon['mae'])}, {recon['attributes_right']:.0%} of references right).", d["difference"], tuple(d["ci"]))
+
+
+def _sink_window(data: dict) -> str:
+    return f"{data['layer']}, all steps"  # chapter 6's one-block window (the paper's single layer)
+
+
+def _sink_rows(data: dict, window: str) -> dict:
+    return {r["k"]: r for r in data["summary"] if r["kind"] == "sink" and r["op"] == "score eta=0" and r["window"] == window}
+
+
+@_check("sinks-text-alignment")
+def _sinks_text_alignment(data: dict) -> Reading:
+    base = _one(data["summary"], "summary", kind="baseline")
+    one = _sink_rows(data, _sink_window(data))
+    drop, lo, hi = drop_interval(base, one[K_SINK], "all_correct")
+    every = {w: {k: keep_verdict(*drop_interval(base, r, "all_correct")[1:]) for k, r in sorted(_sink_rows(data, w).items())}
+             for w in (_sink_window(data), "all layers, all steps")}
+    words = "; ".join(f"{'one block' if w == _sink_window(data) else 'all blocks'}: kept at k = {_ks_where(v, HOLDS)}, lost at "
+                      f"k = {_ks_where(v, FAILS)}, unclear at k = {_ks_where(v, UNCLEAR)}" for w, v in every.items())
+    return Reading(f"proxy: all-attributes-correct drop at k = {K_SINK}, one block: {num(drop)} [{num(lo)}, {num(hi)}] "
+                   f"({one[K_SINK]['n_units']} units)", NOT_TESTABLE, keep_verdict(lo, hi),
+                   f"Proxy over k ({words}).", drop, (lo, hi))
+
+
+@_check("sinks-perceptual-shift")
+def _sinks_perceptual_shift(data: dict) -> Reading:
+    window = _sink_window(data)
+    mse = _one(data["paired_ratios"], "paired_ratios", control="random", k=K_SINK, op="score eta=0", window=window,
+               metric="pixel_mse")
+    linear = [r for r in data.get("paired_ratios_linear", {}).get("pixel_mae", [])
+              if r["control"] == "random" and r["k"] == K_SINK and r["op"] == "score eta=0" and r["window"] == window]
+    if linear:  # a paired ratio on a metric linear in the change: the closest to LPIPS's scale we have
+        mae = linear[0]
+        result = (f"proxy: mean |difference| sink / random {with_ci(mae['ratio'], mae['ci'], 'x')} (paired); pixel MSE "
+                  f"{with_ci(mse['ratio'], mse['ci'], 'x')}")
+        value, ci = mae["ratio"], tuple(mae["ci"])
+    else:
+        sink = _one(data["summary"], "summary", kind="sink", k=K_SINK, op="score eta=0", window=window)
+        rnd = _one(data["summary"], "summary", kind="random", k=K_SINK, op="score eta=0", window=window)
+        result = (f"proxy: pixel MSE sink / random {with_ci(mse['ratio'], mse['ci'], 'x')} (paired, {mse['n_units']} units); "
+                  f"mean |difference| {num(sink['pixel_mae'] / rnd['pixel_mae'])}x (ratio of means, no CI stored)")
+        value, ci = mse["ratio"], tuple(mse["ci"])
+    return Reading(result, NOT_TESTABLE, ratio_verdict(ci),
+                   "The direction is the paper's (sink-specific when the CI is above 1); the size is not comparable with "
+                   "its LPIPS 6.5x, nor is a squared metric's ratio with a linear one's.", value, ci)
+
+
+@_check("sinks-hps")
+def _sinks_hps(data: dict) -> Reading:
+    base = _one(data["summary"], "summary", kind="baseline")
+    one = _sink_rows(data, _sink_window(data))
+    # a drop the CIs resolve: the sink-suppressed CI lies wholly below the baseline's (the paper counts HPS -0.005 as one)
+    dropped = {k: r["cleanliness_ci"][1] < base["cleanliness_ci"][0] for k, r in sorted(one.items())}
+    early = [k for k, d in dropped.items() if d and k < HPS_K]
+    late_kept = [k for k, d in dropped.items() if not d and k >= HPS_K]
+    late = [k for k in dropped if k >= HPS_K]
+    proxy = FAILS if early or late_kept else HOLDS if late else UNCLEAR
+    first = min((k for k, d in dropped.items() if d), default=None)
+    r = one[first] if first is not None else one[max(one)]
+    return Reading(f"proxy: cleanliness {with_ci(base['cleanliness'], base['cleanliness_ci'])} at baseline; "
+                   f"{with_ci(r['cleanliness'], r['cleanliness_ci'])} at k = {r['k']}",
+                   NOT_TESTABLE, proxy,
+                   f"Cleanliness drops (CIs apart) at k = {', '.join(str(k) for k, d in dropped.items() if d) or 'none'} of "
+                   f"{', '.join(str(k) for k in dropped)}" + (f", before k = {HPS_K}" if early else "") + "; the drop is "
+                   + ", ".join(f"{num(base['cleanliness'] - r['cleanliness'])} at k = {k}" for k, r in sorted(one.items())) + ".",
+                   r["cleanliness"], tuple(r["cleanliness_ci"]))
+
+
+@_check("sinks-where")
+def _sinks_where(data: dict) -> Reading:
+    kinds = ("text", "pad", "image")
+    share = _one(data["mass_by_kind"], "mass_by_kind", layer="(share of keys)")
+    layers = [r for r in data["mass_by_kind"] if r["layer"] != "(share of keys)"]
+    most = [max(kinds, key=lambda kind: r[kind] / share[kind]) for r in layers]
+    counts = {kind: most.count(kind) for kind in kinds}
+    top1 = [r["most common top-1 kind"] for r in data["movement"]]
+    majority = len(layers) / 2
+    proxy = HOLDS if counts["pad"] > majority else FAILS if max(counts["text"], counts["image"]) > majority else UNCLEAR
+    median_pad = _median([r["pad"] / share["pad"] for r in layers])
+    return Reading(f"proxy: most over-attended kind (mass / share of keys) is padding in {counts['pad']}, image in "
+                   f"{counts['image']}, text in {counts['text']} of {len(layers)} layers",
+                   NOT_TESTABLE, proxy,
+                   f"Padding is {share['pad']:.0%} of the keys and gets {num(median_pad)}x its share (median layer); the top-1 "
+                   f"sink's most common kind is image in {top1.count('image')}, padding in {top1.count('pad')}, text in "
+                   f"{top1.count('text')} layers.", counts["pad"] / len(layers), None)
+
+
+@_check("sinks-differ")
+def _sinks_differ(data: dict) -> Reading:
+    orgs = data["organisms"]
+    kind = {n: max(o["sinks"]["top1_kind"], key=o["sinks"]["top1_kind"].get) for n, o in orgs.items()}
+    differ = len(set(kind.values())) > 1
+    return Reading("top-1 sink mostly on: " + "; ".join(f"{n} {k} ({orgs[n]['sinks']['top1_kind'][k]:.0%})" for n, k in kind.items()),
+                   HOLDS if differ else FAILS, None,
+                   f"At {orgs['control']['sinks']['layer']}, {len(orgs)} organisms of one architecture: "
+                   + ("the kind changes with one training factor." if differ else "every organism puts them on the same kind.")
+                   + " Organisms, not the paper's real models.")
+
+
+@_check("sun-zero-vs-mean")
+def _sun_zero_vs_mean(data: dict) -> Reading:
+    top = {r["op"]: r for r in data["summary"] if r["kind"] == "top" and r["k"] == K_DISRUPTION}
+    base = _one(data["summary"], "summary", kind="baseline")
+    zero, mean = top["zero"], top["mean"]
+    _, lo, hi = drop_interval(base, mean, "all_correct")
+    intact = keep_verdict(lo, hi)
+    # zeroing clearly worse: the two CIs apart (unpaired, so conservative)
+    order = HOLDS if zero["pixel_mse_ci"][0] > mean["pixel_mse_ci"][1] else (
+        FAILS if mean["pixel_mse_ci"][0] > zero["pixel_mse_ci"][1] else UNCLEAR)
+    verdict = HOLDS if order == HOLDS and intact == HOLDS else FAILS if FAILS in (order, intact) else UNCLEAR
+    token = f"; per-token mean {num(top['token_mean']['pixel_mse'])}" if "token_mean" in top else ""
+    return Reading(f"pixel MSE, top-{K_DISRUPTION} zeroed {with_ci(zero['pixel_mse'], zero['pixel_mse_ci'])} vs mean-replaced "
+                   f"{with_ci(mean['pixel_mse'], mean['pixel_mse_ci'])}",
+                   verdict, None,
+                   f"Zeroing moves pixels {zero['pixel_mse'] / mean['pixel_mse']:.0f}x as much{token}; after mean-replacement "
+                   f"all attributes are right in {with_ci(mean['all_correct'], mean['all_correct_ci'])} (zeroed: "
+                   f"{num(zero['all_correct'])}).", zero["pixel_mse"] / mean["pixel_mse"], None)
+
+
+def _shares(organism: dict) -> list[float]:
+    return [r["norm_share"] for r in organism["layers"]]
+
+
+@_check("sun-explicit-constants")
+def _sun_explicit_constants(data: dict) -> Reading:
+    orgs = data["organisms"]
+    control, affine = _shares(orgs["control"]), _shares(orgs["norm-affine"])
+    mx, mn = max(affine) / max(control), (sum(affine) / len(affine)) / (sum(control) / len(control))
+    below = mx < 1 - SHARE_MARGIN and mn < 1 - SHARE_MARGIN
+    not_below = mx >= 1 - SHARE_MARGIN and mn >= 1 - SHARE_MARGIN
+    return Reading(f"LayerNorm share, max / mean over layers: norm-affine {num(max(affine))} / {num(sum(affine) / len(affine))} "
+                   f"vs control {num(max(control))} / {num(sum(control) / len(control))}",
+                   HOLDS if below else FAILS if not_below else UNCLEAR, None,
+                   f"norm-affine / control: max {mx:.2f}x, mean {mn:.2f}x (shrinks = both below {1 - SHARE_MARGIN:.2f}x). "
+                   "No CI stored: one draw of 16 prompts.", mx, None)
+
+
+@_check("dg-timestep-split")
+def _dg_timestep_split(data: dict) -> Reading:
+    top = [r["prompt_share"] for r in data["decomposition_top"]]
+    rnd = [r["prompt_share"] for r in data["decomposition_random"]]
+    verdict = HOLDS if max(top) < STEP_DRIVEN else FAILS if min(top) >= STEP_DRIVEN else UNCLEAR
+    return Reading(f"prompt share of the top-{K_DISRUPTION}'s variance: median {num(_median(top))} (layers {num(min(top))}-"
+                   f"{num(max(top))}); random-{K_DISRUPTION} {num(_median(rnd))}",
+                   verdict, None,
+                   f"The step explains the majority in {sum(s < STEP_DRIVEN for s in top)} of {len(top)} layers; the prompt still "
+                   f"a quarter or more in {sum(s >= 0.25 for s in top)}. No CI stored.", _median(top), None)
+
+
+@_check("dg-timestep-swap")
+def _dg_timestep_swap(data: dict) -> Reading:
+    swap = data["organisms"]["control"]["timestep_swap"]
+    emb, inp = [r["embedding"] for r in swap], [r["input"] for r in swap]
+    verdict = (HOLDS if min(emb) >= EMBEDDING_DRIVEN else FAILS if all(e < EMBEDDING_DRIVEN for e in emb) else UNCLEAR)
+    return Reading(f"embedding share {num(min(emb))}-{num(max(emb))}, input {num(min(inp))}-{num(max(inp))} over "
+                   f"{len(swap)} layers (channel {swap[0]['channel']})",
+                   verdict, None,
+                   f"The channel follows the embedding in {sum(e >= EMBEDDING_DRIVEN for e in emb)} of {len(emb)} layers. "
+                   "No CI stored.", min(emb), None)
+
+
+@_check("dg-no-timestep")
+def _dg_no_timestep(data: dict) -> Reading:
+    org = data["organisms"]["no-timestep"]
+    cfg = org["organism_config"]
+    line = PRESENT_FACTOR / (cfg["attention_head_dim"] * cfg["num_attention_heads"])
+    share = max(_shares(org))
+    control = max(_shares(data["organisms"]["control"]))
+    quality = "passes the quality bars" if org["quality"]["passes"] else "fails quality bars (" + "; ".join(org["quality"]["fails"]) + ")"
+    return Reading(f"top channel's LayerNorm share, max over layers: {num(share)} vs the 'present' line {num(line)} "
+                   f"(control {num(control)})",
+                   FAILS if share >= line else HOLDS, None,
+                   f"Without the timestep embedding a massive channel still forms (present in "
+                   f"{sum(s >= line for s in _shares(org))} of {len(org['layers'])} layers). The no-timestep organism {quality}."
+                   if share >= line else "No massive channel without the timestep embedding.", share, None)
+
+
+@_check("dg-detail-not-semantics")
+def _dg_detail_not_semantics(data: dict) -> Reading:
+    attributes = ("color", "shape", "size", "position")
+    base = _one(data["summary"], "summary", kind="baseline")
+    zero = {(r["kind"], r["k"]): r for r in data["summary"] if r["op"] == "zero"}
+    ks = sorted(k for kind, k in zero if kind == "top")
+    detail = next((k for k in ks if base["cleanliness"] - zero[("top", k)]["cleanliness"] >= BREAK_DROP), None)
+    worst = lambda r: max(attributes, key=lambda a: base[a] - r[a])
+    semantics = next((k for k in ks if base[worst(zero[("top", k)])] - zero[("top", k)][worst(zero[("top", k)])] >= BREAK_DROP), None)
+    if detail is None and semantics is None:
+        return Reading(f"nothing breaks by {BREAK_DROP:g} up to k = {max(ks)}", UNCLEAR, None, "Neither kind of damage reaches the line.")
+    verdict = (HOLDS if semantics is None or (detail is not None and detail < semantics) else
+               FAILS if detail is None or semantics < detail else UNCLEAR)
+    parts = []
+    if detail is not None:
+        r = zero[("top", detail)]
+        parts.append(f"cleanliness from k = {detail} ({num(base['cleanliness'])} to {with_ci(r['cleanliness'], r['cleanliness_ci'])})")
+    if semantics is not None:
+        r = zero[("top", semantics)]
+        a = worst(r)
+        parts.append(f"an attribute from k = {semantics} ({a} {num(base[a])} to {with_ci(r[a], r[f'{a}_ci'])})")
+    reading = "Detail breaks first." if verdict == HOLDS else "Content breaks first." if verdict == FAILS else "Both break together."
+    if semantics is not None and ("random", semantics) in zero:
+        r = zero[("random", semantics)]
+        a = worst(r)
+        reading += (f" At k = {semantics}, random-{semantics} loses {a} by {num(base[a] - r[a])}"
+                    + (": the attribute loss is not specific to the massive channels." if base[a] - r[a] >= BREAK_DROP else "."))
+    return Reading("top-k zeroed breaks " + "; ".join(parts), verdict, None, reading,
+                   float(detail) if detail is not None else None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows and the table
+# ---------------------------------------------------------------------------------------------
+
+
+def _stale(name: str, data: dict | None, checkpoint: str) -> str | None:
+    """Why a file gives no current result, or None when it is current."""
+    if data is None:
+        return f"mabook/results/{name} is missing: run the chapter with FULL=1."
+    made_on = data.get("checkpoint_sha256")
+    if made_on != checkpoint:
+        return (f"{name} was made on checkpoint {str(made_on)[:12]}, the committed organism is {checkpoint[:12]}: "
+                f"regenerate it with `{data.get('command', 'its chapter under FULL=1')}`.")
+    return None
+
+
+def rows(results: dict[str, dict], checkpoint: str | None = None) -> list[dict]:
+    """One dict per claim of `CLAIMS`, in order: the claim's fixed fields (id, paper, claim, test,
+    file, fields, section, proxy) and what the results give it (result, verdict, proxy_verdict,
+    reading, value, ci). `checkpoint`: the sha256 the files must have been made on (default: the
+    committed organism's card)."""
+    checkpoint = checkpoint or committed_checkpoint()
+    out = []
+    for claim in CLAIMS:
+        row = {"id": claim.id, "paper": claim.paper, "claim": claim.claim, "test": claim.test, "file": claim.file,
+               "fields": list(claim.fields), "section": claim.section, "proxy": claim.proxy}
+        data = results.get(claim.file)
+        why = _stale(claim.file, data, checkpoint)
+        check = CHECKS.get(claim.id)
+        if why is None and check is None:
+            reading = Reading("", NO_TEST, None, "Nothing in the results speaks to this claim yet.")
+        elif why is None:
+            try:
+                reading = check(data)
+            except (KeyError, LookupError, IndexError, TypeError, ZeroDivisionError) as e:  # a file without a field it needs
+                reading = Reading("", NO_RESULT, None, f"{claim.file} lacks what this row reads ({type(e).__name__}: {e}).")
+        else:
+            reading = Reading("", NO_RESULT, None, why)
+        out.append(row | reading._asdict())
+    return out
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table: claim (and who claims it), our test (file and fields), result
+    with 95 % CI, verdict (with the proxy's, when the paper's measure is not available), reading,
+    and a link to the chapter section."""
+    header = ["claim", "our test", "result [95 % CI]", "verdict", "reading", "section"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        claim = next(c for c in CLAIMS if c.id == r["id"])
+        verdict = f"**{r['verdict']}**" + (f" (proxy: **{r['proxy_verdict']}**)" if r["proxy_verdict"] else "")
+        test = f"{r['test']} `{r['file']}`: " + "; ".join(f"`{f}`" for f in r["fields"]) + (f". *{r['proxy']}*" if r["proxy"] else "")
+        where = f"{CHAPTERS.get(claim.chapter, claim.chapter)}: [{claim.heading or 'the chapter'}]({r['section']})"
+        lines.append("| " + " | ".join(_cell(x) for x in (f"*{r['paper']}*: {r['claim']} (`{r['id']}`)", test, r["result"] or "-",
+                                                         verdict, r["reading"], where)) + " |")
+    return "\n".join(lines)
+
+
+THRESHOLDS = ("RATIO_LINE", "DIFFERENCE_LINE", "KEEP_MARGIN", "BREAK_DROP", "STEP_DRIVEN", "EMBEDDING_DRIVEN", "PRESENT_FACTOR",
+              "SHARE_MARGIN", "K_DISRUPTION", "K_SINK", "HPS_K", "ALPHA")
+
+
+def thresholds() -> dict[str, tuple[float, str]]:
+    """{name: (value, why)} for every threshold of `THRESHOLDS`; the why is the constant's comment
+    in this file, read from the source so that the page and the code cannot disagree."""
+    source = Path(__file__).read_text()
+    out = {}
+    for name in THRESHOLDS:
+        m = re.search(rf"^{name} = [^#\n]+#\s*(.+(?:\n#   .+)*)", source, flags=re.M)
+        if m is None:
+            raise LookupError(f"threshold {name} has no comment saying why")
+        out[name] = (globals()[name], " ".join(line.lstrip("# ").strip() for line in m.group(1).splitlines()))
+    return out
+
+
+def thresholds_markdown() -> str:
+    """The thresholds as a Markdown list: name, value, why."""
+    return "\n".join(f"- `{name} = {value:g}`: {why}." for name, (value, why) in thresholds().items())
+
+
+def provenance_markdown(results: dict[str, dict], checkpoint: str | None = None) -> str:
+    """Where each results file came from, as a Markdown table: checkpoint hash (and whether it is
+    the committed organism's), mabook version, command."""
+    checkpoint = checkpoint or committed_checkpoint()
+    lines = ["| file | checkpoint | mabook | command |", "|---|---|---|---|"]
+    for p in provenance(results, checkpoint):
+        made = f"`{str(p['checkpoint_sha256'])[:12]}`" + (" (committed organism)" if p["current"] else " (**another checkpoint**)")
+        lines.append("| " + " | ".join(_cell(x) for x in (f"`{p['file']}`", made, p["mabook_version"], f"`{p['command']}`")) + " |")
+    return f"The committed organism's checkpoint: `{checkpoint[:12]}`.\n\n" + "\n".join(lines)
