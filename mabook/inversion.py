@@ -22,8 +22,8 @@ image that no prompt generated. Two ways to make one, both on the pipeline's own
 (the pipeline regenerates from the inverted noise; for noising, a `NoisingScheduler` swapped in for
 the call makes the pipeline step along x_i instead of its own prediction), and
 `mabook.transport.transport(rec, target_prompts, ...)` moves them into a new prompt's generation,
-which starts from the same noise (the record's `latents`). `compare` runs chapter 5's table on
-shapes-world pairs: trajectories x `transport.Method`s (channel sets, the pixel blend) x alphas.
+which starts from the same noise (the record's `latents`). Chapter 5's table on shapes-world pairs
+(trajectories x methods x alphas) is `mabook.image_transport`.
 
 Latents are what the pipeline's `latents=` takes. Per family:
 
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -58,11 +57,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from PIL import Image
 
-from mabook import probe, transport, world
-from mabook.models import Adapter
+from mabook import transport
+from mabook.images import to_uint8
+from mabook.models import INVERTIBLE, Adapter
 
 METHODS = ("invert", "noise")
-FAMILIES = ("organism", "flux", "sd3")  # flow-matching families whose transformer call this module knows
+FAMILIES = INVERTIBLE  # the families sampled with the flow-matching Euler scheduler (the Family table says which)
 PIPE_KWARGS = ("height", "width", "guidance_scale", "max_sequence_length")  # what invert/noise pass on
 
 
@@ -132,7 +132,8 @@ def _as_array(image, index: int, size: tuple[int, int], resize: bool) -> np.ndar
 
 
 def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
-    return array if array.dtype == np.uint8 else (np.clip(_to_unit(array, what), 0, 1) * 255).round().astype(np.uint8)
+    """uint8 as is; floats checked to lie in [0, 1] (`_to_unit`), then `images.to_uint8`."""
+    return to_uint8(array if array.dtype == np.uint8 else _to_unit(array, what))
 
 
 def _to_unit(array: np.ndarray, what: str) -> np.ndarray:
@@ -530,118 +531,3 @@ def record(traj: Trajectory, taps: Sequence[str] | None = None, steps: Sequence[
     labels = list(captions) if captions is not None else prompts
     rec.units = [(label, seed) for label, seed in zip(labels, traj.seeds)]
     return rec
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. The chapter's comparison: trajectories x methods x alphas on shapes-world pairs
-# ---------------------------------------------------------------------------------------------
-
-
-def render_references(pairs: Sequence[transport.Pair]) -> np.ndarray:
-    """(pairs, 32, 32, 3) float32 in [0, 1]: each pair's source caption drawn by the world -- the reference."""
-    return np.stack([world.render(world.parse_caption(p.source)).image for p in pairs]).astype(np.float32) / 255
-
-
-@dataclass
-class Comparison:
-    """`compare`'s result: `rows` (one per pair x trajectory x method x alpha, and per pair x trajectory
-    the "reference image", its "reconstruction" (the record's own image) and the "target image"),
-    `images[(trajectory, method name, seed, alpha)]` (pairs, H, W, 3), the `references`, and per
-    trajectory the unedited `targets`, the `reconstructions` and the `trajectories` (one per chunk);
-    `pairs` is [(kind, index, Pair)]."""
-
-    rows: list[dict]
-    images: dict[tuple, np.ndarray]
-    references: np.ndarray
-    targets: dict[str, np.ndarray]
-    reconstructions: dict[str, np.ndarray]
-    trajectories: dict[str, list[Trajectory]]
-    pairs: list[tuple[str, int, transport.Pair]]
-    seconds: float = 0.0
-
-
-def _targets(adapter: Adapter, units, latents: torch.Tensor, num_inference_steps: int, batch_size: int) -> np.ndarray:
-    return np.concatenate([adapter.generate(units[a:a + batch_size], num_inference_steps, batch_size,
-                                           latents=latents[a:a + batch_size])
-                           for a in range(0, len(units), batch_size)])
-
-
-def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[transport.Pair]], methods: Sequence[transport.Method],
-            trajectories: Sequence[str] = METHODS, alphas: Sequence[float] = (1.0,), num_inference_steps: int = 20,
-            fixed_point_iterations: int = 20, tolerance: float = 1e-3, batch_size: int = 16, chunk: int = 64,
-            first_seed: int = 0) -> Comparison:
-    """Image-conditioned transport on shapes-world pairs: the reference is the pair's source caption
-    drawn by the world (`render_references`), the target its target caption; pair i's noising uses
-    seed first_seed + i.
-
-    Per chunk of pairs and trajectory ("invert", "noise"): the references are brought onto the
-    trajectory, recorded once with every image-stream channel and the conditioning (a record of all
-    channels serves every channel set, as a subset), the targets are generated once from the same
-    noise, then every `transport.Method` ("channels" or "pixel"; no masks, no text embeddings) runs
-    at every alpha (or at its own `alphas`). Rows carry `transport.score(pair, output, target image)` (took_source: the
-    output shows the reference's attributes) and the trajectory."""
-    start_time = time.perf_counter()
-    flat = [(kind, i, p) for kind, ps in pairs_by_kind.items() for i, p in enumerate(ps)]
-    if not flat:
-        raise ValueError("pairs_by_kind holds no pair")
-    if not methods:
-        raise ValueError("methods must be a non-empty list of transport.Method")
-    for m in methods:
-        if m.kind not in ("channels", "pixel") or m.mask is not None:
-            raise ValueError(f"method {m.name!r}: chapter 5 runs channel transport and the pixel blend, without masks "
-                             f"(kind {m.kind!r}, mask {m.mask!r}); a reference has no text to blend")
-    bad = [t for t in trajectories if t not in METHODS]
-    if bad or not trajectories:
-        raise ValueError(f"unknown trajectories {bad}; allowed: {list(METHODS)}")
-    alphas = [transport.check_alpha(a) for a in alphas]
-    taps = [str(t) for t in probe.taps(adapter, ["img"])]
-    rows: list[dict] = []
-    images: dict[tuple, list[np.ndarray]] = {}
-    references = render_references([p for _, _, p in flat])
-    targets: dict[str, list] = {t: [] for t in trajectories}
-    reconstructions: dict[str, list] = {t: [] for t in trajectories}
-    kept: dict[str, list[Trajectory]] = {t: [] for t in trajectories}
-
-    def add(part, outs, target_images, **labels):
-        for j, (kind, i, pair) in enumerate(part):
-            rows.append({"kind": kind, "pair": i, **labels, **transport.score(pair, outs[j], target_images[j])})
-
-    for c0 in range(0, len(flat), chunk):
-        part = flat[c0:c0 + chunk]
-        refs, seeds = references[c0:c0 + len(part)], [first_seed + c0 + j for j in range(len(part))]
-        units = [(p.target, s) for (_, _, p), s in zip(part, seeds)]
-        for name in trajectories:
-            # 1. the references on their trajectory, recorded once; 2. the targets from the same noise
-            if name == "invert":
-                traj = invert(adapter, refs, num_inference_steps=num_inference_steps,
-                              fixed_point_iterations=fixed_point_iterations, tolerance=tolerance, batch_size=batch_size)
-            else:
-                traj = noise(adapter, refs, seeds, num_inference_steps=num_inference_steps)
-            rec = record(traj, taps=taps, channels="all", conditioning=True, batch_size=batch_size,
-                         captions=[p.source for _, _, p in part])
-            target_images = _targets(adapter, units, traj.noise, num_inference_steps, batch_size)
-            kept[name].append(traj)
-            targets[name].append(target_images)
-            reconstructions[name].append(rec.images)
-            # 3. every method at every alpha
-            for m in methods:
-                for alpha in (alphas if m.alphas is None else m.alphas):
-                    if alpha == 0:
-                        out = target_images
-                    elif m.kind == "pixel":
-                        out = transport.pixel_blend(refs, target_images, alpha)
-                    else:
-                        out = transport.transport(
-                            rec, [u for u, _ in units], alpha, stream="img",
-                            channels=None if m.channels == "all" else m.channels, steps=m.steps, batch_size=batch_size,
-                            target_images=target_images,
-                            conditioning=(m.channels == "all") if m.conditioning is None else m.conditioning).images
-                    images.setdefault((name, m.name, m.seed, alpha), []).append(out)
-                    add(part, out, target_images, trajectory=name, method=m.name, method_kind=m.kind, seed=m.seed,
-                        alpha=alpha)
-            for label, ims in (("reference image", refs), ("reconstruction", rec.images), ("target image", target_images)):
-                add(part, ims, target_images, trajectory=name, method=label, method_kind="reference", seed=None,
-                    alpha=None)
-    return Comparison(rows, {k: np.concatenate(v) for k, v in images.items()}, references,
-                      {t: np.concatenate(v) for t, v in targets.items()},
-                      {t: np.concatenate(v) for t, v in reconstructions.items()}, kept, flat, time.perf_counter() - start_time)

@@ -11,16 +11,16 @@ are known, so this module measures it:
    and by RMS), seeded random-k, and all channels;
 3. `kmeans` / `threshold` turn one image's token features (image_tokens, channels in the set) into
    a label per token, laid out on the adapter's token grid (`adapter.grid()`) and upsampled to
-   pixels by the patch size;
+   pixels by the patch size (`images.upsample`);
 4. `truth` gives the ground-truth segments [background, object 1, (object 2)] of a shapes-world
    caption -- the caption's rendering, or the judge's mask of the generated image -- and `score`
    matches clusters to segments (Hungarian assignment on IoU, the extra clusters by majority) and
    returns the foreground IoU and each object's IoU at token and pixel level;
 5. `measure` runs 3-4 over units x channel sets x taps x steps into one tidy table, `summary`
    gives means with bootstrap 95 % CIs over generations, `layer_step_map` the layer x step view;
-6. `probes` fits linear probes (logistic regression, split by prompt) on the same token features:
-   is the token on an object, and that object's colour, shape, size and position;
-7. `embed` is a small UMAP of token features for the chapter's scatter plots.
+   `foreground_tokens` / `foreground_maps` give the masks themselves (also `transport.kmeans_mask`'s).
+
+What the same token features encode -- linear probes and a UMAP view -- is `mabook.linear_probes`.
 
 Cluster-to-object matching uses the ground truth, so an IoU here is the best any labelling of the
 clusters can do: `measure` reports a "chance" row (the same clusters with token positions
@@ -41,14 +41,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from mabook import discovery, disruption, judge, probe, world
+from mabook.images import upsample
 from mabook.models import Adapter
-from mabook.probe import Statistics
+from mabook.statistics import Statistics
 from mabook.stats import bootstrap_ci
 
 KINDS = ("top", "bottom_abs_mean", "bottom_rms", "random", "all")
 SOURCES = ("rendered", "judged")  # ground truth: the caption's rendering, or the judge's mask of the generated image
 THRESHOLDS = ("otsu", "median")
-TARGETS = ("on_object", "color", "shape", "size", "position")
 METRICS = ("token_iou", "pixel_iou", "object_iou")
 
 
@@ -296,14 +296,6 @@ def label_map(labels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return labels.reshape(h, w)
 
 
-def upsample(token_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) token map -> (H, W) pixel map, each token covering its patch (nearest neighbour)."""
-    h, w = token_map.shape
-    H, W = size
-    rows, cols = (np.arange(H) * h) // H, (np.arange(W) * w) // W
-    return token_map[rows][:, cols]
-
-
 def downsample(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """(H, W) bool pixel mask -> (h, w) bool token mask by majority: a token is on the mask when at
     least half of its patch is."""
@@ -533,170 +525,32 @@ def layer_step_map(rows: Sequence[dict], metric: str = "token_iou", **where) -> 
     return np.where(n > 0, acc / np.maximum(n, 1), np.nan), taps, steps
 
 
-def foreground_maps(cap: Capture, tap: str, step: int, channels: Sequence[int], n_clusters: int = 2, seed: int = 0,
-                    source: str | None = "rendered", n_init: int = 1) -> np.ndarray:
-    """(units, h, w) bool: the tokens the clusters call foreground, per unit.
+def foreground_tokens(features: np.ndarray, prompts: Sequence[str], grid: tuple[int, int], images: np.ndarray,
+                      n_clusters: int = 2, seed: int = 0, source: str | None = "rendered", n_init: int = 1) -> np.ndarray:
+    """(units, image_tokens) bool: per unit, the tokens its K-means clusters call foreground.
 
-    With a ground-truth source the clusters are matched to objects as in `score`; with source None
-    (real models: no truth) the smallest cluster is called foreground -- a display convention, not
-    a measurement (a subject usually covers less of the image than its background)."""
-    x = cap.features(tap, step, channels)
+    features: (units, image_tokens, channels), clustered unit by unit (`kmeans`). With a ground-truth
+    source the clusters are matched to the caption's objects as in `score` (images: the generated
+    ones, for source "judged"); with source None (real models: no truth) the smallest cluster is
+    called foreground -- a display convention, not a measurement (a subject usually covers less of
+    the image than its background)."""
     out = []
-    for u, (prompt, _) in enumerate(cap.units):
-        labels = kmeans(x[u], n_clusters, seed=seed, n_init=n_init)
+    for u, prompt in enumerate(prompts):
+        labels = kmeans(features[u], n_clusters, seed=seed, n_init=n_init)
         if source is None:
             counts = np.bincount(labels, minlength=n_clusters).astype(float)
             counts[counts == 0] = np.inf  # an empty cluster is not the smallest
-            fg = labels == int(np.argmin(counts))
+            out.append(labels == int(np.argmin(counts)))
         else:
-            t = truth(prompt, cap.grid, cap.images[u], source)
-            fg = assign(labels, t.tokens.reshape(len(t.tokens), -1))[labels] >= 1
-        out.append(label_map(fg, cap.grid))
+            t = truth(prompt, grid, images[u], source)
+            out.append(assign(labels, t.tokens.reshape(len(t.tokens), -1))[labels] >= 1)
     return np.stack(out)
 
 
-def overlay(images: np.ndarray, masks: np.ndarray, color=(255, 0, 255), alpha: float = 0.55) -> np.ndarray:
-    """(B, H, W, 3) images (uint8, or floats in [0, 1]) with (B, h, w) or (B, H, W) masks tinted in:
-    uint8 (B, H, W, 3). Token masks are upsampled to pixels."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-    masks = np.asarray(masks, dtype=bool)
-    if masks.shape[1:] != images.shape[1:3]:
-        masks = np.stack([upsample(m, images.shape[1:3]) for m in masks])
-    out = images.astype(np.float32)
-    out[masks] = (1 - alpha) * out[masks] + alpha * np.asarray(color, np.float32)
-    return out.round().astype(np.uint8)
-
-
-def mosaic(rows: Sequence[np.ndarray], pad: int = 2, fill: int = 200) -> np.ndarray:
-    """Rows of uint8 images (each (n, H, W, 3), same H and W) -> one uint8 mosaic on grey (white
-    backgrounds stay visible)."""
-    n = max(len(r) for r in rows)
-    H, W = rows[0].shape[1:3]
-    out = np.full((len(rows) * (H + pad) + pad, n * (W + pad) + pad, 3), fill, dtype=np.uint8)
-    for i, images in enumerate(rows):
-        for j, image in enumerate(images):
-            y, x = pad + i * (H + pad), pad + j * (W + pad)
-            out[y:y + H, x:x + W] = image
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Linear probes: what the channels encode
-# ---------------------------------------------------------------------------------------------
-
-
-def token_labels(cap: Capture) -> dict[str, np.ndarray]:
-    """Per-token targets, (units, image_tokens) each, from the rendered captions.
-
-    "on_object": 0/1. Attributes ("color", ...): the attribute of the object the token lies on
-    (majority of its patch), "" for background tokens -- attribute probes use object tokens only.
-    """
-    n_tokens = cap.grid[0] * cap.grid[1]
-    out = {"on_object": np.zeros((len(cap.units), n_tokens), dtype=object)}
-    for a in world.ATTRIBUTES:
-        out[a] = np.full((len(cap.units), n_tokens), "", dtype=object)
-    for u, (prompt, _) in enumerate(cap.units):
-        t = truth(prompt, cap.grid, source="rendered")
-        scene = world.parse_caption(prompt)
-        out["on_object"][u] = (~t.tokens[0]).ravel().astype(int)
-        for j, obj in enumerate(scene.objects):
-            on = t.tokens[j + 1].ravel()
-            for a in world.ATTRIBUTES:
-                out[a][u, on] = getattr(obj, a)
-    return out
-
-
-def split_prompts(prompts: Sequence[str], test_fraction: float = 1 / 3, seed: int = 0) -> tuple[set[str], set[str]]:
-    """(train, held-out) prompt sets, seeded: every unit of a prompt falls on one side."""
-    distinct = list(dict.fromkeys(prompts))
-    if len(distinct) < 2:
-        raise ValueError(f"a probe needs at least 2 distinct prompts to hold one out, got {len(distinct)}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    order = np.random.default_rng(seed).permutation(len(distinct))
-    n_test = min(max(1, round(test_fraction * len(distinct))), len(distinct) - 1)
-    test = {distinct[i] for i in order[:n_test]}
-    return set(distinct) - test, test
-
-
-def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0) -> float:
-    """Balanced accuracy on the held-out samples of a standardised logistic regression (chance:
-    1 / number of classes). NaN when training has a single class."""
-    # deferred: scikit-learn adds 1-4 s to importing this module; only the linear probe needs it
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if len(set(y_train)) < 2 or len(y_test) == 0:
-        return float("nan")
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, random_state=seed))
-    with warnings.catch_warnings():  # held-out classes unseen in training, slow convergence on tiny sets
-        warnings.simplefilter("ignore")
-        model.fit(x_train, y_train)
-        return float(balanced_accuracy_score(y_test, model.predict(x_test)))
-
-
-def probes(cap: Capture, sets: dict[str, dict], taps: Sequence[str] | None = None, steps: Sequence[int] | None = None,
-           targets: Sequence[str] = TARGETS, test_fraction: float = 1 / 3, seed: int = 0, position_only: bool = True) -> list[dict]:
-    """One row per (tap, step, set, target): held-out balanced accuracy of a linear probe on token
-    features restricted to the set. Samples are tokens: all of them for "on_object", the tokens on
-    an object (labelled with that object's attribute) for the attributes. Train and test are split
-    by prompt (`split_prompts`). position_only adds a reference "token (row, col)" set: the
-    token's grid position one-hot, no hidden state -- what where-the-token-is alone predicts."""
-    for t in targets:
-        if t not in TARGETS:
-            raise ValueError(f"unknown probe target {t!r}; allowed: {list(TARGETS)}")
-    taps = cap.taps if taps is None else [str(t) for t in ([taps] if isinstance(taps, str) else taps)]
-    steps = cap.steps if steps is None else ([steps] if isinstance(steps, (int, np.integer)) else list(steps))
-    labels = token_labels(cap)
-    train_prompts, _ = split_prompts(cap.prompts, test_fraction, seed)
-    is_train = np.array([p in train_prompts for p in cap.prompts])
-    n_tokens = cap.grid[0] * cap.grid[1]
-    layer_index = {t: i for i, t in enumerate(str(t) for t in cap.stats.layers("img"))}
-    rows = []
-
-    def fit(x, target):  # x: (units, tokens, d)
-        y = labels[target]
-        keep = np.ones_like(y, dtype=bool) if target == "on_object" else (y != "")
-        train, test = keep & is_train[:, None], keep & ~is_train[:, None]
-        acc = linear_probe(x[train], y[train].astype(str), x[test], y[test].astype(str), seed)
-        return acc, int(train.sum()), int(test.sum()), len(set(y[keep]))
-
-    for tap in taps:
-        for step in steps:
-            x = cap.features(tap, step)
-            feature_sets = [(set_label(n), s["kind"], s["k"], x[..., check_channels(s["channels"][tap], x.shape[-1])])
-                            for n, s in sets.items()]
-            if position_only:
-                onehot = np.broadcast_to(np.eye(n_tokens)[None], (len(cap.units), n_tokens, n_tokens))
-                feature_sets.append(("token (row, col)", "position_only", n_tokens, onehot))
-            for name, kind, k, features in feature_sets:
-                for target in targets:
-                    acc, n_train, n_test, n_classes = fit(features, target)
-                    rows.append({"tap": tap, "layer": layer_index.get(tap, -1), "step": step, "set": name, "kind": kind,
-                                 "channels": k, "target": target, "balanced_accuracy": acc, "chance": 1 / max(n_classes, 1),
-                                 "n_train": n_train, "n_test": n_test})
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. UMAP
-# ---------------------------------------------------------------------------------------------
-
-
-def embed(features: np.ndarray, n_neighbors: int = 10, n_epochs: int = 100, seed: int = 0) -> np.ndarray:
-    """(samples, channels) -> (samples, 2) UMAP embedding (umap-learn, seeded; its first call in a
-    process compiles numba kernels: ~10 s on a CPU). Raw features, as for K-means."""
-    import umap  # deferred: umap-learn (numba) takes 2 s to import, over a minute on a cold cache; only this plot needs it
-
-    features = np.asarray(features, dtype=np.float32)
-    if features.ndim != 2 or features.shape[1] == 0:
-        raise ValueError(f"features must be (samples, channels >= 1), got shape {features.shape}")
-    if not 2 <= n_neighbors < len(features):
-        raise ValueError(f"n_neighbors={n_neighbors} is out of range; allowed: 2 <= n_neighbors < {len(features)} (samples)")
-    with warnings.catch_warnings():  # "n_jobs overridden by random_state": seeded runs are single-threaded
-        warnings.simplefilter("ignore")
-        return umap.UMAP(n_neighbors=n_neighbors, n_epochs=n_epochs, random_state=seed, n_components=2).fit_transform(features)
+def foreground_maps(cap: Capture, tap: str, step: int, channels: Sequence[int], n_clusters: int = 2, seed: int = 0,
+                    source: str | None = "rendered", n_init: int = 1) -> np.ndarray:
+    """(units, h, w) bool: the tokens the clusters call foreground, per unit (`foreground_tokens` on
+    the captured features at (tap, step), restricted to `channels`)."""
+    x = cap.features(tap, step, channels)
+    fg = foreground_tokens(x, cap.prompts, cap.grid, cap.images, n_clusters, seed, source, n_init)
+    return np.stack([label_map(f, cap.grid) for f in fg])

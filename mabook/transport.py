@@ -15,9 +15,9 @@ image moves toward the source while keeping the target's content. Two steps:
    organism captions, says per attribute whether it took the source's value (`took_source_<a>`)
    and kept the target's (`kept_target_<a>`).
 
-Masks: `kmeans_mask(rec, tap, step)` is chapter 3's K-means foreground of each recorded unit (from
-`spatial.kmeans`, on the recorded channels); the target's comes from a record of the targets, the
-union is `a | b`.
+Masks: `kmeans_mask(rec, tap, step)` is chapter 3's K-means foreground of each recorded unit
+(`spatial.foreground_tokens`, on the recorded channels); the target's comes from a record of the
+targets, the union is `a | b` (`MASKS` names the three).
 
 Baselines: `pixel_blend` (the two final images mixed at the same alpha), `embedding_blend` (the
 two prompts' text embeddings mixed, same noise; organism), all-channel transport
@@ -37,11 +37,9 @@ alone suffices). Without the conditioning every block output is still the source
 is not: `norm_out` modulates the source's hidden states with the target's pooled text. The tests
 pin all three facts.
 
-Chapter 4 on the shapes world: `pairs(kind, n)` draws caption pairs (one attribute differs, two
-differ, or one object of a two-object scene differs); `compare` runs a list of `Method`s (channel
-sets, masks, step windows, the baselines) at several alphas on them; `score` judges one output
-against both captions (took the source's attributes? kept the target's others? changed pixels
-outside the region the captions disagree on?); `summary` gives means with bootstrap 95 % CIs.
+Chapters 4 and 5 run this on shapes-world caption pairs: `mabook.text_transport` (pairs, methods,
+scores, the comparison of text-conditioned transport) and `mabook.image_transport` (the same on
+references brought onto a trajectory by `mabook.inversion`).
 
 What this is not: image-conditioned transport (inversion of a reference image) -- `mabook.inversion`, chapter 5 --
 nor a general hook library (it uses `probe.hooks` and `probe.edit` only).
@@ -49,23 +47,19 @@ nor a general hook library (it uses `probe.hooks` and `probe.edit` only).
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from mabook import discovery, disruption, judge, probe, spatial, world
 from mabook.models import Adapter
 from mabook.probe import Edit
-from mabook.stats import bootstrap_ci
 
 STREAMS = ("img", "txt", "both")
+MASKS = ("source", "target", "union")  # whose K-means foreground (`kmeans_mask`): the source's, the target's, both
 ATTRIBUTES = world.ATTRIBUTES
 
 
@@ -121,7 +115,8 @@ def check_alpha(alpha) -> float:
     return float(alpha)
 
 
-def _check_stream(stream: str) -> list[str]:
+def check_stream(stream: str) -> list[str]:
+    """"img", "txt" or "both" -> the streams it names."""
     if stream not in STREAMS:
         raise ValueError(f"unknown stream {stream!r}; allowed: {list(STREAMS)}")
     return ["img", "txt"] if stream == "both" else [stream]
@@ -309,27 +304,9 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
     from `latents` starts every target from its unit's latents.
     """
     alpha = check_alpha(alpha)
-    streams = _check_stream(stream)
-    if conditioning is None:
-        conditioning = rec.conditioning and (channels is None or (isinstance(channels, str) and channels == "all"))
-    if not isinstance(conditioning, bool):
-        raise ValueError(f"conditioning must be True, False or None, got {conditioning!r}")
-    if conditioning and not rec.conditioning:
-        raise ValueError("conditioning=True, but this record did not keep the conditioning; record with conditioning=True")
-    if isinstance(target_prompts, str):
-        target_prompts = [target_prompts]
-    seeds = [s for _, s in rec.units] if target_seeds is None else list(target_seeds)
-    if len(target_prompts) != len(rec.units) or len(seeds) != len(rec.units):
-        raise ValueError(f"need one target prompt and seed per source unit ({len(rec.units)}), got "
-                         f"{len(target_prompts)} prompts and {len(seeds)} seeds")
-    for p in target_prompts:
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"every target prompt must be a non-empty str, got {p!r}")
-    units = [(p, int(s)) for p, s in zip(target_prompts, seeds)]
-    n_steps = rec.num_inference_steps if num_inference_steps is None else num_inference_steps
-    if n_steps != rec.num_inference_steps:
-        raise ValueError(f"num_inference_steps {n_steps!r} differs from the source's {rec.num_inference_steps}; "
-                         "source and target must share the schedule")
+    streams = check_stream(stream)
+    conditioning = _check_conditioning(rec, channels, conditioning)
+    units, n_steps = _target_units(rec, target_prompts, target_seeds, num_inference_steps)
     kwargs = {**rec.pipe_kwargs, **pipe_kwargs}
     grid = rec.adapter.grid(kwargs.get("height"), kwargs.get("width"))
     if grid[0] * grid[1] != rec.tokens:
@@ -342,14 +319,7 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
     taps = [t for t in rec.channels if t.rsplit(".", 1)[1] in streams]
     if not taps:
         raise ValueError(f"the record has no tap on stream {stream!r}; recorded taps: {list(rec.channels)[:4]}...")
-    subset = None
-    if channels is not None:
-        subset = _check_channels(rec.adapter, channels, taps)
-        for t in taps:
-            missing = [c for c in subset[t] if c not in rec.channels[t]]
-            if missing:
-                raise ValueError(f"channels {missing[:8]} at {t} were not recorded; allowed: a subset of the "
-                                 f"{len(rec.channels[t])} recorded channels (record with the set you want)")
+    subset = None if channels is None else _check_subset(rec, channels, taps)
     if conditioning:
         taps = taps + [str(probe.conditioning_tap(rec.adapter))]
     if mask is not None:
@@ -374,6 +344,47 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
     k = len((subset or rec.channels)[taps[0]])
     table = _table(rec, units, target_images, images, alpha, stream, mask, k, conditioning)
     return Transport(images, target_images, table, units)
+
+
+def _check_conditioning(rec: Record, channels, conditioning) -> bool:
+    """`transport`'s conditioning: None -> whether the record has it and no channel subset is given."""
+    if conditioning is None:
+        conditioning = rec.conditioning and (channels is None or (isinstance(channels, str) and channels == "all"))
+    if not isinstance(conditioning, bool):
+        raise ValueError(f"conditioning must be True, False or None, got {conditioning!r}")
+    if conditioning and not rec.conditioning:
+        raise ValueError("conditioning=True, but this record did not keep the conditioning; record with conditioning=True")
+    return conditioning
+
+
+def _target_units(rec: Record, target_prompts, target_seeds, num_inference_steps) -> tuple[list[tuple[str, int]], int]:
+    """(the target units, one per source unit; the number of steps, the source's), checked."""
+    if isinstance(target_prompts, str):
+        target_prompts = [target_prompts]
+    seeds = [s for _, s in rec.units] if target_seeds is None else list(target_seeds)
+    if len(target_prompts) != len(rec.units) or len(seeds) != len(rec.units):
+        raise ValueError(f"need one target prompt and seed per source unit ({len(rec.units)}), got "
+                         f"{len(target_prompts)} prompts and {len(seeds)} seeds")
+    for p in target_prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"every target prompt must be a non-empty str, got {p!r}")
+    units = [(p, int(s)) for p, s in zip(target_prompts, seeds)]
+    n_steps = rec.num_inference_steps if num_inference_steps is None else num_inference_steps
+    if n_steps != rec.num_inference_steps:
+        raise ValueError(f"num_inference_steps {n_steps!r} differs from the source's {rec.num_inference_steps}; "
+                         "source and target must share the schedule")
+    return units, n_steps
+
+
+def _check_subset(rec: Record, channels, taps: list[str]) -> dict[str, list[int]]:
+    """`transport`'s channels: per tap, a subset of the recorded ones."""
+    subset = _check_channels(rec.adapter, channels, taps)
+    for t in taps:
+        missing = [c for c in subset[t] if c not in rec.channels[t]]
+        if missing:
+            raise ValueError(f"channels {missing[:8]} at {t} were not recorded; allowed: a subset of the "
+                             f"{len(rec.channels[t])} recorded channels (record with the set you want)")
+    return subset
 
 
 def _table(rec: Record, units, target_images, images, alpha, stream, mask, k, conditioning) -> list[dict]:
@@ -402,8 +413,8 @@ def kmeans_mask(rec: Record, tap: str, step: int, n_clusters: int = 2, seed: int
     -- the source's mask; record the targets with the same channels for theirs, and `a | b` is the
     union.
 
-    source: "rendered" or "judge" match clusters to the caption's objects (`spatial.truth`); None
-    calls the smallest cluster foreground (real models: no truth)."""
+    source: "rendered" or "judged" match clusters to the caption's objects (`spatial.foreground_tokens`,
+    which this is); None calls the smallest cluster foreground (real models: no truth)."""
     if (tap, step) not in rec.values or not tap.endswith(".img"):
         raise ValueError(f"({tap!r}, {step}) is not a recorded image tap and step; recorded: "
                          f"{sorted({t for t, _ in rec.values if t.endswith('.img')})[:4]}..., steps {rec.steps}")
@@ -417,20 +428,9 @@ def kmeans_mask(rec: Record, tap: str, step: int, n_clusters: int = 2, seed: int
             raise ValueError(f"kmeans_mask channels must be a non-empty subset of the {len(rec.channels[tap])} recorded at "
                              f"{tap}; not recorded: {missing[:8]}")
         x = x[..., [rec.channels[tap].index(int(c)) for c in channels]]
-    out = []
-    for u, (prompt, _) in enumerate(rec.units):
-        labels = spatial.kmeans(x[u], n_clusters, seed=seed)
-        if source is None:
-            counts = np.bincount(labels, minlength=n_clusters).astype(float)
-            counts[counts == 0] = np.inf  # an empty cluster is not the smallest
-            fg = labels == int(np.argmin(counts))
-        else:
-            t = spatial.truth(prompt, grid, rec.images[u], source)
-            fg = spatial.assign(labels, t.tokens.reshape(len(t.tokens), -1))[labels] >= 1
-        if not fg.any():  # a constant map: nothing to call foreground; the whole image stands in
-            fg = np.ones_like(fg)
-        out.append(torch.from_numpy(np.asarray(fg, dtype=bool)))
-    return torch.stack(out)
+    fg = spatial.foreground_tokens(x, [p for p, _ in rec.units], grid, rec.images, n_clusters, seed, source)
+    fg[~fg.any(1)] = True  # a constant map: nothing to call foreground; the whole image stands in
+    return torch.from_numpy(fg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,183 +444,6 @@ def pixel_blend(source_images: np.ndarray, target_images: np.ndarray, alpha: flo
     if source_images.shape != target_images.shape:
         raise ValueError(f"source images {source_images.shape} and target images {target_images.shape} differ in shape")
     return ((1 - alpha) * target_images + alpha * source_images).astype(np.float32)
-
-
-def random_channels(adapter: Adapter, channels: dict[str, Sequence[int]], seed: int = 0) -> dict[str, list[int]]:
-    """Per tap, a seeded random set of the same size excluding the given channels (the control)."""
-    return {tap: [int(c) for c in discovery.random_k(adapter.width, len(cs), seed=seed, exclude=list(cs))]
-            for tap, cs in channels.items()}
-
-
-def bytes_recorded(blocks: int, tokens: int, steps: int, k: int, bytes_per_value: int = 2, halves: int = 2) -> int:
-    """What a record of k channels costs at `blocks` image taps x `tokens` x `steps`, both CFG halves."""
-    return blocks * tokens * steps * k * bytes_per_value * halves
-
-
-# ---------------------------------------------------------------------------------------------
-# Text-conditioned transport on the shapes world (chapter 4): pairs, baselines, scores, summary
-# ---------------------------------------------------------------------------------------------
-
-PAIR_KINDS = ("one_attribute", "two_attributes", "one_object_of_two")
-_VOCABULARY = {"color": list(world.COLORS), "shape": list(world.SHAPES), "size": list(world.SIZES),
-               "position": list(world.POSITIONS)}
-
-
-class Pair(NamedTuple):
-    """A source and a target caption that differ only in `differs` (attributes of one object)."""
-
-    source: str
-    target: str
-    differs: tuple[str, ...]
-
-
-def pairs(kind: str, n: int, seed: int = 0, split: str = "any") -> list[Pair]:
-    """n distinct caption pairs of one kind, seeded. The target is a random scene (`world.sample_scene`);
-    the source is the same scene with the `differs` attributes of one object redrawn:
-
-    one_attribute      one object; one attribute differs, the attributes in turn (color, shape, size, position, color, ...)
-    two_attributes     one object; two differ, the six attribute pairs in turn
-    one_object_of_two  two objects; one attribute of one of them differs (attributes in turn), the other is identical
-
-    The background is shared; two-object scenes keep the world's rules (apart, different colours).
-    split: "any", "train" or "heldout" (both captions on that side of the held-out split).
-    """
-    if kind not in PAIR_KINDS:
-        raise ValueError(f"unknown pair kind {kind!r}; allowed: {list(PAIR_KINDS)}")
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    combos = list(itertools.combinations(ATTRIBUTES, 2)) if kind == "two_attributes" else [(a,) for a in ATTRIBUTES]
-    rng = np.random.default_rng(seed)
-    out: list[Pair] = []
-    seen: set[tuple[str, str]] = set()
-    for _ in range(1000 * n):
-        if len(out) == n:
-            break
-        differs = combos[len(out) % len(combos)]
-        target = world.sample_scene(rng, 2 if kind == "one_object_of_two" else 1, split)
-        i = int(rng.integers(len(target.objects)))
-        obj = target.objects[i]
-        new = dataclasses.replace(obj, **{a: str(rng.choice([v for v in _VOCABULARY[a] if v != getattr(obj, a)]))
-                                          for a in differs})
-        objects = list(target.objects)
-        objects[i] = new
-        if len(objects) == 2 and (world.overlaps(*objects) or objects[0].color == objects[1].color):
-            continue
-        source = world.Scene(tuple(objects), target.background)
-        if split != "any" and world.is_heldout(source.caption) != (split == "heldout"):
-            continue
-        if (source.caption, target.caption) not in seen:
-            seen.add((source.caption, target.caption))
-            out.append(Pair(source.caption, target.caption, tuple(differs)))
-    if len(out) < n:
-        raise ValueError(f"found only {len(out)} distinct {kind} pairs in split {split!r}; ask for fewer")
-    return out
-
-
-def changed_objects(pair: Pair) -> list[int]:
-    """Indices (caption order) of the objects whose attributes differ between source and target."""
-    s, t = world.parse_caption(pair.source), world.parse_caption(pair.target)
-    if len(s.objects) != len(t.objects) or s.background != t.background:
-        raise ValueError(f"source and target must describe the same objects on the same background: {pair}")
-    return [i for i, (a, b) in enumerate(zip(s.objects, t.objects)) if a != b]
-
-
-SCORES = ("took_source", "kept_target", "outside_change", "other_kept", "other_change", "cleanliness", "pixel_mae")
-
-
-def score(pair: Pair, image: np.ndarray, target_image: np.ndarray) -> dict:
-    """What one output image (H, W, 3) in [0, 1] took from each side of a pair, judged exactly
-    (`mabook.judge`) against both captions, and how far it moved from the unedited target image:
-
-    took_source     share of the differing attributes (of the changed object) at the source's value
-    kept_target     share of the other attributes (of every object) still at the target's value
-    took_<a>, kept_<a>  the same per attribute (NaN where the attribute is not in that group)
-    outside_change  mean |image - target_image| over the pixels outside the region the captions
-                    disagree on (the changed object's rendered masks in source and target, grown
-                    by one pixel for edges): a local edit leaves it near 0
-    other_kept      two-object pairs: the unchanged object still has all four of its attributes
-    other_change    two-object pairs: mean |image - target_image| over the unchanged object's mask
-    cleanliness     the judge's share of pixels near a palette colour: a ghosted, half-and-half image is
-                    not clean, whatever it resembles
-    pixel_mae       mean |image - target_image| over the whole image
-    """
-    image, target_image = np.asarray(image, np.float32), np.asarray(target_image, np.float32)
-    if image.shape != target_image.shape:
-        raise ValueError(f"image {image.shape} and target image {target_image.shape} differ in shape")
-    changed = changed_objects(pair)
-    js, jt = judge.judge(image, pair.source), judge.judge(image, pair.target)
-    s_masks, t_masks = world.render(world.parse_caption(pair.source)).masks, world.render(world.parse_caption(pair.target)).masks
-    row = {"took_source": float(np.mean([js.correct[i][a] for i in changed for a in pair.differs])),
-           "kept_target": float(np.mean([jt.correct[j][a] for j in range(len(jt.correct)) for a in ATTRIBUTES
-                                         if not (j in changed and a in pair.differs)]))}
-    for a in ATTRIBUTES:
-        row[f"took_{a}"] = float(np.mean([js.correct[i][a] for i in changed])) if a in pair.differs else float("nan")
-        others = [jt.correct[j][a] for j in range(len(jt.correct)) if not (j in changed and a in pair.differs)]
-        row[f"kept_{a}"] = float(np.mean(others)) if others else float("nan")
-    change = np.abs(image - target_image).mean(-1)  # (H, W)
-    region = ndimage.binary_dilation(s_masks[changed].any(0) | t_masks[changed].any(0))
-    row["outside_change"] = float(change[~region].mean()) if (~region).any() else float("nan")
-    unchanged = [j for j in range(len(t_masks)) if j not in changed]
-    if unchanged:
-        row["other_kept"] = float(all(all(jt.correct[j].values()) for j in unchanged))
-        other = t_masks[unchanged].any(0)
-        row["other_change"] = float(change[other].mean()) if other.any() else float("nan")
-    else:
-        row["other_kept"] = row["other_change"] = float("nan")
-    row["cleanliness"] = float(jt.cleanliness)
-    row["pixel_mae"] = float(change.mean())
-    return row
-
-
-def summary(rows: Sequence[dict], by: Sequence[str] = ("kind", "method", "alpha"),
-            metrics: Sequence[str] = SCORES) -> list[dict]:
-    """One row per group of `by`: each metric's mean over pairs with a bootstrap 95 % CI.
-
-    Rows of one pair within a group (a random set's seeds) are averaged first, so pairs stay the
-    independent draws; NaN values (a metric that does not apply) are left out, `n_<metric>` says
-    how many pairs remain."""
-    if not rows:
-        raise ValueError("summary needs at least one row")
-    missing = [b for b in by if b not in rows[0]]
-    if missing:
-        raise ValueError(f"rows have no column(s) {missing}; they have {sorted(rows[0])}")
-    groups: dict[tuple, dict[tuple, list[dict]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[b] for b in by), {}).setdefault((r["kind"], r["pair"]), []).append(r)
-    out = []
-    for key, by_pair in groups.items():
-        entry = dict(zip(by, key))
-        for m in metrics:
-            values = [float(np.nanmean(v)) for v in ([r.get(m, np.nan) for r in rs] for rs in by_pair.values())
-                      if not np.all(np.isnan(v))]
-            entry[m] = float(np.mean(values)) if values else float("nan")
-            entry[f"{m}_ci"] = bootstrap_ci(values) if len(values) > 1 else (float("nan"), float("nan"))
-            entry[f"n_{m}"] = len(values)
-        entry["n_pairs"] = len(by_pair)
-        out.append(entry)
-    return out
-
-
-def paired_difference(rows: Sequence[dict], a: dict, b: dict, metric: str = "took_source") -> dict:
-    """Mean over pairs of metric(rows matching a) - metric(rows matching b), pairs matched by (kind,
-    pair), with a bootstrap 95 % CI; e.g. a={"method": "top-16", "alpha": 1.0}, b={"method":
-    "random-16", "alpha": 1.0}. Rows of one pair on a side (random seeds) are averaged first; pairs
-    where the metric is NaN on either side are left out."""
-
-    def per_pair(where):
-        acc: dict[tuple, list[float]] = {}
-        for r in rows:
-            if all(r.get(k) == v for k, v in where.items()):
-                acc.setdefault((r["kind"], r["pair"]), []).append(r.get(metric, np.nan))
-        return {key: float(np.nanmean(v)) for key, v in acc.items() if not np.all(np.isnan(v))}
-
-    pa, pb = per_pair(a), per_pair(b)
-    common = [key for key in pa if key in pb]
-    if not common:
-        raise ValueError(f"no pair has {metric!r} under both {a} and {b}")
-    d = np.array([pa[key] - pb[key] for key in common])
-    ci = bootstrap_ci(d) if len(d) > 1 else (float("nan"), float("nan"))
-    return {"metric": metric, "a": a, "b": b, "difference": float(d.mean()), "ci": ci, "n_pairs": len(d)}
 
 
 def embedding_blend(adapter: Adapter, sources: Sequence[str], targets: Sequence[str], alpha: float,
@@ -652,141 +475,12 @@ def embedding_blend(adapter: Adapter, sources: Sequence[str], targets: Sequence[
     return np.concatenate(out).astype(np.float32)
 
 
-MASKS = ("source", "target", "union")
-METHOD_KINDS = ("channels", "pixel", "embedding")
+def random_channels(adapter: Adapter, channels: dict[str, Sequence[int]], seed: int = 0) -> dict[str, list[int]]:
+    """Per tap, a seeded random set of the same size excluding the given channels (the control)."""
+    return {tap: [int(c) for c in discovery.random_k(adapter.width, len(cs), seed=seed, exclude=list(cs))]
+            for tap, cs in channels.items()}
 
 
-@dataclass(frozen=True)
-class Method:
-    """One way of moving a target toward its source at strength alpha (a row label of chapter 4).
-
-    kind "channels": `transport` of `channels` ({tap: ints}, or "all") -- optionally inside a
-    K-means `mask` ("source", "target" or their "union"), in a step window `steps`, with or without
-    the AdaLN `conditioning` (None: only with "all"); "pixel": `pixel_blend`; "embedding":
-    `embedding_blend`. Methods sharing a `name` (random sets, `seed`) are pooled per pair. alphas:
-    this method's own alphas (e.g. a sweep at alpha = 1 only); None: `compare`'s."""
-
-    name: str
-    kind: str = "channels"
-    channels: dict | str | None = None
-    seed: int | None = None
-    mask: str | None = None
-    steps: tuple[int, ...] | None = None
-    conditioning: bool | None = None
-    alphas: tuple[float, ...] | None = None
-
-    def __post_init__(self):
-        if self.kind not in METHOD_KINDS:
-            raise ValueError(f"unknown method kind {self.kind!r}; allowed: {list(METHOD_KINDS)}")
-        if self.alphas is not None:
-            object.__setattr__(self, "alphas", tuple(check_alpha(a) for a in self.alphas))
-        if self.kind == "channels" and self.channels is None:
-            raise ValueError(f"method {self.name!r} transports channels: give channels ({{tap: ints}} or 'all')")
-        if self.mask is not None and self.mask not in MASKS:
-            raise ValueError(f"unknown mask {self.mask!r}; allowed: None (whole image) or {list(MASKS)}")
-
-
-@dataclass
-class Comparison:
-    """`compare`'s result: `rows` (one per pair x method x alpha, plus the unedited source and target
-    as methods "source image" / "target image"), `images[(method name, seed, alpha)]` (pairs, H, W, 3),
-    the unedited `sources` and `targets`, the K-means `masks` {"source", "target", "union"}
-    (pairs, image tokens) when a method used them, and the flat `pairs` [(kind, index, Pair)]."""
-
-    rows: list[dict]
-    images: dict[tuple, np.ndarray]
-    sources: np.ndarray
-    targets: np.ndarray
-    masks: dict[str, torch.Tensor]
-    pairs: list[tuple[str, int, Pair]]
-    seconds: float = 0.0
-
-
-def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[Pair]], methods: Sequence[Method],
-            alphas: Sequence[float] = (0.5, 1.0), num_inference_steps: int = 20, batch_size: int = 16, chunk: int = 64,
-            stream: str = "img", mask_at: tuple[str, int] | None = None, mask_channels: dict | None = None,
-            first_seed: int = 0, **pipe_kwargs) -> Comparison:
-    """Every method at every alpha on the same pairs; pair i of the k-th kind gets the noise of seed
-    first_seed + 1000 k + i (so a prefix of the pairs gets the same noise in another comparison).
-
-    Per chunk of pairs: the sources are recorded once with every channel of `stream` and the
-    conditioning (a record of all channels serves every channel set, as a subset); the targets are
-    generated once (recorded at `mask_at` = (image tap, step) with `mask_channels[tap]` when a
-    method needs K-means masks, which are then clustered on those channels); then each method runs
-    at each alpha. alpha = 0 is the unedited target for every method (`transport` and
-    `embedding_blend` are bitwise exact there; tested), so it is copied, not regenerated.
-    """
-    start_time = time.perf_counter()
-    flat = [(kind, i, p) for kind, ps in pairs_by_kind.items() for i, p in enumerate(ps)]
-    if any(len(ps) > 1000 for ps in pairs_by_kind.values()):
-        raise ValueError("at most 1000 pairs per kind (their seeds would collide)")
-    seed_of = {(kind, i): first_seed + 1000 * k + i for k, (kind, ps) in enumerate(pairs_by_kind.items()) for i in range(len(ps))}
-    if not flat:
-        raise ValueError("pairs_by_kind holds no pair")
-    if not methods or not all(isinstance(m, Method) for m in methods):
-        raise ValueError("methods must be a non-empty list of Method")
-    names = [(m.name, m.seed) for m in methods]
-    if len(set(names)) != len(names):
-        raise ValueError(f"methods must have distinct (name, seed); repeated: {sorted({n for n in names if names.count(n) > 1})}")
-    alphas = [check_alpha(a) for a in alphas]
-    streams = _check_stream(stream)
-    needs_masks = any(m.mask is not None for m in methods)
-    if needs_masks:
-        if mask_at is None or mask_channels is None:
-            raise ValueError("methods with a K-means mask need mask_at=(image tap, step) and mask_channels={tap: ints}")
-        mask_tap, mask_step = str(probe.resolve(adapter, mask_at[0])), int(mask_at[1])
-        if not mask_tap.endswith(".img") or mask_tap not in mask_channels:
-            raise ValueError(f"mask_at needs an image tap with a channel set in mask_channels, got {mask_at!r}")
-        if not 0 <= mask_step < num_inference_steps:
-            raise ValueError(f"mask step {mask_step} outside the {num_inference_steps} steps")
-    stream_taps = [str(t) for t in probe.taps(adapter, streams)]
-    rows: list[dict] = []
-    images: dict[tuple, list[np.ndarray]] = {}
-    sources, targets, masks = [], [], {m: [] for m in MASKS}
-    for c0 in range(0, len(flat), chunk):
-        part = flat[c0:c0 + chunk]
-        seeds = [seed_of[(kind, i)] for kind, i, _ in part]
-        src_prompts, tgt_prompts = [p.source for _, _, p in part], [p.target for _, _, p in part]
-        # 1. the sources, every channel and the conditioning; 2. the targets (and the K-means masks)
-        rec = record(adapter, src_prompts, taps=stream_taps, channels="all", conditioning=True, unit_seeds=seeds,
-                     num_inference_steps=num_inference_steps, batch_size=batch_size, **pipe_kwargs)
-        if needs_masks:
-            trec = record(adapter, tgt_prompts, taps=[mask_tap], steps=[mask_step], channels={mask_tap: mask_channels[mask_tap]},
-                          unit_seeds=seeds, num_inference_steps=num_inference_steps, batch_size=batch_size, **pipe_kwargs)
-            target_images = trec.images
-            chunk_masks = {"source": kmeans_mask(rec, mask_tap, mask_step, channels=mask_channels[mask_tap]),
-                           "target": kmeans_mask(trec, mask_tap, mask_step)}
-            chunk_masks["union"] = chunk_masks["source"] | chunk_masks["target"]
-            for m in MASKS:
-                masks[m].append(chunk_masks[m])
-        else:
-            target_images = adapter.generate(list(zip(tgt_prompts, seeds)), num_inference_steps, batch_size, **pipe_kwargs)
-        sources.append(rec.images)
-        targets.append(target_images)
-        # 3. every method at every alpha
-        for m in methods:
-            for alpha in (alphas if m.alphas is None else m.alphas):
-                if alpha == 0:
-                    out = target_images
-                elif m.kind == "pixel":
-                    out = pixel_blend(rec.images, target_images, alpha)
-                elif m.kind == "embedding":
-                    out = embedding_blend(adapter, src_prompts, tgt_prompts, alpha, seeds, num_inference_steps,
-                                          batch_size, **pipe_kwargs)
-                else:
-                    out = transport(rec, tgt_prompts, alpha, mask=None if m.mask is None else chunk_masks[m.mask],
-                                    stream=stream, channels=None if m.channels == "all" else m.channels,
-                                    steps=m.steps, batch_size=batch_size, target_images=target_images,
-                                    conditioning=(m.channels == "all") if m.conditioning is None else m.conditioning,
-                                    **pipe_kwargs).images
-                images.setdefault((m.name, m.seed, alpha), []).append(out)
-                for j, (kind, i, pair) in enumerate(part):
-                    rows.append({"kind": kind, "pair": i, "method": m.name, "method_kind": m.kind, "seed": m.seed,
-                                 "mask": m.mask, "alpha": alpha, **score(pair, out[j], target_images[j])})
-        for name, ims in (("source image", rec.images), ("target image", target_images)):
-            for j, (kind, i, pair) in enumerate(part):
-                rows.append({"kind": kind, "pair": i, "method": name, "method_kind": "reference", "seed": None,
-                             "mask": None, "alpha": None, **score(pair, ims[j], target_images[j])})
-    return Comparison(rows, {key: np.concatenate(v) for key, v in images.items()}, np.concatenate(sources),
-                      np.concatenate(targets), {m: torch.cat(v) for m, v in masks.items() if v}, flat,
-                      time.perf_counter() - start_time)
+def bytes_recorded(blocks: int, tokens: int, steps: int, k: int, bytes_per_value: int = 2, halves: int = 2) -> int:
+    """What a record of k channels costs at `blocks` image taps x `tokens` x `steps`, both CFG halves."""
+    return blocks * tokens * steps * k * bytes_per_value * halves

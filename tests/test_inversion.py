@@ -1,4 +1,4 @@
-"""mabook.inversion: references onto a trajectory, recorded, transported.
+"""mabook.inversion: references onto a trajectory, recorded, transported (and chapter 5's comparison, mabook.image_transport).
 
 Checked against independent computations: the noising path and the fixed-point step against numpy,
 the schedule against the one the pipeline itself sets, FLUX's 2x2 latent packing against a numpy
@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 import mabook
-from mabook import inversion, probe, transport, world
+from mabook import image_transport, inversion, probe, text_transport, transport, world
 
 torch.set_num_threads(1)
 CAPTIONS = ["a large cyan square at the right on a white background",
@@ -222,10 +222,10 @@ def test_noised_record_holds_the_reference_and_its_channels(adapter, references)
 
 
 def test_compare_rows_cover_every_trajectory_method_and_alpha(adapter):
-    pairs = {"one_attribute": transport.pairs("one_attribute", 2, seed=0)}
+    pairs = {"one_attribute": text_transport.pairs("one_attribute", 2, seed=0)}
     top = {t: [66, 103] for t in [str(t) for t in probe.taps(adapter, ["img"])]}
-    methods = [transport.Method("top-2", channels=top), transport.Method("pixel blend", kind="pixel")]
-    cmp = inversion.compare(adapter, pairs, methods, alphas=(0.5, 1.0), num_inference_steps=2, fixed_point_iterations=2)
+    methods = [text_transport.Method("top-2", channels=top), text_transport.Method("pixel blend", kind="pixel")]
+    cmp = image_transport.compare(adapter, pairs, methods, alphas=(0.5, 1.0), num_inference_steps=2, fixed_point_iterations=2)
     keys = {(r["trajectory"], r["method"], r["alpha"]) for r in cmp.rows}
     for trajectory in inversion.METHODS:
         for name in ("top-2", "pixel blend"):
@@ -237,9 +237,9 @@ def test_compare_rows_cover_every_trajectory_method_and_alpha(adapter):
     blend = cmp.images[("noise", "pixel blend", None, 1.0)]
     np.testing.assert_allclose(blend, cmp.references, atol=1e-6)
     with pytest.raises(ValueError, match="a reference has no text to blend"):
-        inversion.compare(adapter, pairs, [transport.Method("text", kind="embedding")])
+        image_transport.compare(adapter, pairs, [text_transport.Method("text", kind="embedding")])
     with pytest.raises(ValueError, match=r"unknown trajectories \['sideways'\]"):
-        inversion.compare(adapter, pairs, methods, trajectories=("sideways",))
+        image_transport.compare(adapter, pairs, methods, trajectories=("sideways",))
 
 
 # ---------------------------------------------------------------------------------------------

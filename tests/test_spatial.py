@@ -1,4 +1,4 @@
-"""mabook.spatial: K-means masks, ground truth, IoU, assignment, probes, on any adapter with a token grid.
+"""mabook.spatial: K-means masks, ground truth, IoU, assignment (and mabook.linear_probes: probes, UMAP), on any adapter with a token grid.
 
 Checked against independent computations: a planted hidden-state tensor whose mask is known,
 numpy IoU and patch majorities, brute-force assignment and Otsu, numpy means for the summary.
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import mabook
-from mabook import spatial, world
-from mabook.probe import Statistics, Tap
+from mabook import images, linear_probes, spatial, world
+from mabook.probe import Tap
+from mabook.statistics import Statistics
 from mabook.stats import bootstrap_ci
 
 torch.set_num_threads(1)
@@ -71,7 +72,7 @@ def test_iou_downsample_upsample_match_numpy():
     expected = np.array([[a[4 * i:4 * i + 4, 4 * j:4 * j + 4].mean() >= 0.5 for j in range(8)] for i in range(8)])
     np.testing.assert_array_equal(spatial.downsample(a, (8, 8)), expected)
     m = rng.integers(0, 3, (8, 8))
-    np.testing.assert_array_equal(spatial.upsample(m, (32, 32)), np.kron(m, np.ones((4, 4), int)))
+    np.testing.assert_array_equal(images.upsample(m, (32, 32)), np.kron(m, np.ones((4, 4), int)))
     np.testing.assert_array_equal(spatial.label_map(np.arange(6), (2, 3)), [[0, 1, 2], [3, 4, 5]])
 
 
@@ -136,10 +137,10 @@ def test_probe_finds_the_planted_object_channel_and_not_a_random_one():
     cap, _ = planted_capture(n_prompts=9)
     sets = {"top-1": {"kind": "top", "k": 1, "channels": {TAP: [PLANTED_CHANNEL]}},
             "random-1": {"kind": "random", "k": 1, "channels": {TAP: [0]}}}
-    rows = spatial.probes(cap, sets, targets=["on_object"])
+    rows = linear_probes.probes(cap, sets, targets=["on_object"])
     acc = {r["set"]: r["balanced_accuracy"] for r in rows}
     assert acc["top-1"] == 1.0 and acc["random-1"] < 0.8 and "token (row, col)" in acc
-    train, test = spatial.split_prompts(cap.prompts, seed=0)
+    train, test = linear_probes.split_prompts(cap.prompts, seed=0)
     assert train.isdisjoint(test) and train | test == set(cap.prompts) and len(test) == 3
 
 
@@ -179,8 +180,8 @@ def test_organism_capture_measure_and_probes(organism_capture):
                           "threshold-median"}
     m, taps, steps = spatial.layer_step_map(rows, set="top-4", source="rendered")
     assert m.shape == (2, 1) and taps == cap.taps[-2:] and steps == [2]
-    probe_rows = spatial.probes(cap, {"top-4": sets["top-4"]}, taps=cap.taps[-1:], steps=[2])
-    assert {r["target"] for r in probe_rows} == set(spatial.TARGETS)
+    probe_rows = linear_probes.probes(cap, {"top-4": sets["top-4"]}, taps=cap.taps[-1:], steps=[2])
+    assert {r["target"] for r in probe_rows} == set(linear_probes.TARGETS)
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
@@ -198,7 +199,7 @@ def test_masks_on_any_adapter_with_an_image_token_grid(family):
     sets = spatial.channel_sets(cap.stats, 2, ["top", "random", "all"], n_random=1)
     fg = spatial.foreground_maps(cap, tap, 1, sets["top-2"]["channels"][tap], source=None)  # no ground truth here
     assert fg.shape == (2, h, w) and fg.any((1, 2)).all() and not fg.all((1, 2)).any()
-    assert spatial.overlay(cap.images, fg).shape == (2, 8, 8, 3)
+    assert images.overlay(cap.images, fg).shape == (2, 8, 8, 3)
     with pytest.raises(ValueError, match="ground truth needs a shapes-world caption, got 'a red circle'"):
         spatial.measure(cap, sets)
 
@@ -235,18 +236,18 @@ def test_bad_input_gives_clear_errors(organism_capture):
     with pytest.raises(ValueError, match="unknown threshold rule 'mean'"):
         spatial.threshold(np.arange(4.0), "mean")
     with pytest.raises(ValueError, match="unknown probe target 'texture'"):
-        spatial.probes(cap, spatial.channel_sets(cap.stats, 1, ["top"]), targets=["texture"])
+        linear_probes.probes(cap, spatial.channel_sets(cap.stats, 1, ["top"]), targets=["texture"])
 
 
-def test_embed_bad_input_gives_a_clear_error():  # its own test: spatial.embed imports umap first (numba, ~20 s)
+def test_embed_bad_input_gives_a_clear_error():  # its own test: linear_probes.embed imports umap first (numba, ~20 s)
     with pytest.raises(ValueError, match="n_neighbors=50 is out of range"):
-        spatial.embed(np.zeros((20, 3)), n_neighbors=50)
+        linear_probes.embed(np.zeros((20, 3)), n_neighbors=50)
 
 
 @pytest.mark.slow  # UMAP's first call compiles numba kernels (~10 s)
 def test_embed_is_seeded_and_two_dimensional():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (30, 4)), rng.normal(8, 1, (30, 4))])
-    a, b = spatial.embed(x, n_neighbors=5, n_epochs=50), spatial.embed(x, n_neighbors=5, n_epochs=50)
+    a, b = linear_probes.embed(x, n_neighbors=5, n_epochs=50), linear_probes.embed(x, n_neighbors=5, n_epochs=50)
     assert a.shape == (60, 2)
     np.testing.assert_allclose(a, b)

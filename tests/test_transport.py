@@ -1,4 +1,4 @@
-"""mabook.transport: record, transport, baselines, pairs, scores and the chapter-4 comparison.
+"""mabook.transport: record, transport, baselines; mabook.text_transport: pairs, scores and the chapter-4 comparison.
 
 The endpoints are checked bitwise: alpha = 0 is the target; alpha = 1 with every channel at every
 step and the AdaLN conditioning is the source's image; without the conditioning every block output
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import mabook
-from mabook import probe, transport, world
-from mabook.transport import Method, Pair
+from mabook import probe, text_transport, transport, world
+from mabook.text_transport import Method, Pair
 
 torch.set_num_threads(1)
 SOURCE = "a large cyan square at the right on a white background"
@@ -341,8 +341,8 @@ def test_embedding_blend_is_the_organisms_only():
 @pytest.mark.parametrize("kind, n_objects, n_differ", [("one_attribute", 1, 1), ("two_attributes", 1, 2),
                                                       ("one_object_of_two", 2, 1)])
 def test_pairs_differ_exactly_in_the_named_attributes(kind, n_objects, n_differ):
-    ps = transport.pairs(kind, 12, seed=3)
-    assert len({(p.source, p.target) for p in ps}) == 12 and ps == transport.pairs(kind, 12, seed=3)
+    ps = text_transport.pairs(kind, 12, seed=3)
+    assert len({(p.source, p.target) for p in ps}) == 12 and ps == text_transport.pairs(kind, 12, seed=3)
     for p in ps:
         s, t = world.parse_caption(p.source), world.parse_caption(p.target)
         assert len(s.objects) == len(t.objects) == n_objects and s.background == t.background
@@ -357,31 +357,31 @@ def test_pairs_differ_exactly_in_the_named_attributes(kind, n_objects, n_differ)
 
 def test_pairs_bad_input():
     with pytest.raises(ValueError, match="unknown pair kind 'three'; allowed"):
-        transport.pairs("three", 2)
+        text_transport.pairs("three", 2)
     with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
-        transport.pairs("one_attribute", 0)
+        text_transport.pairs("one_attribute", 0)
 
 
 def test_score_on_the_worlds_own_renders():
-    pair = transport.pairs("one_object_of_two", 4, seed=0)[1]
+    pair = text_transport.pairs("one_object_of_two", 4, seed=0)[1]
     src, tgt = render(pair.source), render(pair.target)
-    took = transport.score(pair, src, tgt)
+    took = text_transport.score(pair, src, tgt)
     assert took["took_source"] == 1 and took["kept_target"] == 1 and took["other_kept"] == 1
     assert took["outside_change"] == 0 and took["other_change"] == 0  # the renders differ only where the captions do
     assert took["pixel_mae"] == pytest.approx(float(np.abs(src - tgt).mean()), abs=1e-7)
-    kept = transport.score(pair, tgt, tgt)
+    kept = text_transport.score(pair, tgt, tgt)
     assert kept["took_source"] == 0 and kept["kept_target"] == 1 and kept["pixel_mae"] == 0
     assert np.isnan(kept[f"took_{next(a for a in world.ATTRIBUTES if a not in pair.differs)}"])
     # one pixel far from every object changes: outside_change is that change spread over the outside pixels
     s, t = world.parse_caption(pair.source), world.parse_caption(pair.target)
-    i = transport.changed_objects(pair)[0]
+    i = text_transport.changed_objects(pair)[0]
     from scipy import ndimage
     region = ndimage.binary_dilation(world.render(s).masks[i] | world.render(t).masks[i])
     y, x = np.argwhere(~region & ~world.render(t).foreground)[0]
     noisy = tgt.copy()
     noisy[y, x] = 1 - noisy[y, x]
     expected = np.abs(noisy - tgt).mean(-1)[~region].mean()
-    assert transport.score(pair, noisy, tgt)["outside_change"] == pytest.approx(expected, rel=1e-6)
+    assert text_transport.score(pair, noisy, tgt)["outside_change"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_summary_averages_seeds_per_pair_then_bootstraps():
@@ -389,13 +389,13 @@ def test_summary_averages_seeds_per_pair_then_bootstraps():
             for i, vs in enumerate([(0, 1), (1, 1), (0, 0), (1, 0)]) for v in vs]
     rows += [{"kind": "k", "pair": i, "method": "top", "alpha": 1.0, "took_source": float(i % 2), "other_kept": np.nan}
              for i in range(4)]
-    s = {r["method"]: r for r in transport.summary(rows, metrics=("took_source", "other_kept"))}
+    s = {r["method"]: r for r in text_transport.summary(rows, metrics=("took_source", "other_kept"))}
     per_pair = np.array([0.5, 1, 0, 0.5])  # seeds averaged within each pair
     assert s["random"]["took_source"] == pytest.approx(per_pair.mean()) and s["random"]["n_pairs"] == 4
     lo, hi = s["random"]["took_source_ci"]
     assert lo <= per_pair.mean() <= hi and lo >= per_pair.min() and hi <= per_pair.max()
     assert np.isnan(s["top"]["other_kept"]) and s["top"]["n_other_kept"] == 0
-    d = transport.paired_difference(rows, {"method": "top"}, {"method": "random"})
+    d = text_transport.paired_difference(rows, {"method": "top"}, {"method": "random"})
     assert d["difference"] == pytest.approx(np.mean(np.array([0, 1, 0, 1]) - per_pair)) and d["n_pairs"] == 4
 
 
@@ -403,13 +403,13 @@ def test_summary_averages_seeds_per_pair_then_bootstraps():
 
 
 def test_compare_runs_every_method_on_the_same_pairs(adapter):
-    pairs = {kind: transport.pairs(kind, 1, seed=0) for kind in transport.PAIR_KINDS}
+    pairs = {kind: text_transport.pairs(kind, 1, seed=0) for kind in text_transport.PAIR_KINDS}
     taps = image_taps(adapter)
     top = {t: [66, 5] for t in taps}
     methods = [Method("top-2", channels=top), Method("all channels", channels="all"), Method("pixel blend", "pixel"),
                Method("text embedding blend", "embedding"), Method("top-2 in union mask", channels=top, mask="union"),
                Method("top-2, step 0", channels=top, steps=(0,), alphas=(1.0,))]
-    c = transport.compare(adapter, pairs, methods, alphas=(0.0, 1.0), num_inference_steps=STEPS, batch_size=2, chunk=2,
+    c = text_transport.compare(adapter, pairs, methods, alphas=(0.0, 1.0), num_inference_steps=STEPS, batch_size=2, chunk=2,
                           mask_at=(taps[4], 1), mask_channels=top)
     assert c.sources.shape == c.targets.shape == (3, 32, 32, 3) and c.masks["union"].shape == (3, 64)
     for m in methods[:5]:
@@ -455,9 +455,9 @@ def test_bad_comparisons_are_refused(adapter):
     with pytest.raises(ValueError, match="alpha must be a number in \\[0, 1\\], got 2"):
         Method("m", channels="all", alphas=(2,))
     with pytest.raises(ValueError, match="need mask_at=\\(image tap, step\\) and mask_channels"):
-        transport.compare(adapter, pairs, [Method("m", channels="all", mask="source")], num_inference_steps=1)
+        text_transport.compare(adapter, pairs, [Method("m", channels="all", mask="source")], num_inference_steps=1)
     with pytest.raises(ValueError, match="distinct \\(name, seed\\)"):
-        transport.compare(adapter, pairs, [Method("m", "pixel"), Method("m", "pixel")], num_inference_steps=1)
+        text_transport.compare(adapter, pairs, [Method("m", "pixel"), Method("m", "pixel")], num_inference_steps=1)
 
 
 def test_no_hook_survives_an_exception(adapter, full):
