@@ -51,33 +51,14 @@ import numpy as np
 import torch
 
 from mabook.models import FAMILIES, Adapter
-from mabook.statistics import Statistics
+from mabook.statistics import CONDITIONING, STREAMS, Statistics, Tap
 
-STREAMS = ("img", "txt")
-CONDITIONING = "temb"  # the opt-in stream of the AdaLN conditioning: one token per sample
 CFG_MODES = ("cond", "uncond", "both")
 
 
 # ---------------------------------------------------------------------------------------------
 # Taps
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tap:
-    """The output of block `block_path` (a module path, e.g. "transformer_blocks.2") on one stream."""
-
-    block_path: str
-    stream: str = "img"
-
-    def __post_init__(self):
-        if not isinstance(self.block_path, str):
-            raise TypeError(f"Tap.block_path must be a str, got {type(self.block_path).__name__}")
-        if self.stream not in (*STREAMS, CONDITIONING):
-            raise ValueError(f"unknown stream {self.stream!r}; allowed: {[*STREAMS, CONDITIONING]}")
-
-    def __str__(self) -> str:
-        return f"{self.block_path}.{self.stream}"
 
 
 def taps(adapter: Adapter, streams: Sequence[str] = STREAMS) -> list[Tap]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,8 +27,26 @@ from safetensors.torch import save_file
 
 from mabook.files import atomic_path
 
-if TYPE_CHECKING:
-    from mabook.probe import Tap
+STREAMS = ("img", "txt")
+CONDITIONING = "temb"  # the opt-in stream of the AdaLN conditioning: one token per sample
+
+
+@dataclass(frozen=True)
+class Tap:
+    """The output of block `block_path` (a module path, e.g. "transformer_blocks.2") on one stream."""
+
+    block_path: str
+    stream: str = "img"
+
+    def __post_init__(self):
+        if not isinstance(self.block_path, str):
+            raise TypeError(f"Tap.block_path must be a str, got {type(self.block_path).__name__}")
+        if self.stream not in (*STREAMS, CONDITIONING):
+            raise ValueError(f"unknown stream {self.stream!r}; allowed: {[*STREAMS, CONDITIONING]}")
+
+    def __str__(self) -> str:
+        return f"{self.block_path}.{self.stream}"
+
 
 STATISTICS = ("abs_mean", "mean", "std", "max_abs", "median_abs", "norm_share")
 MEDIAN_TOKENS = 256  # median_abs is exact over at most this many tokens per sample (see channel_moments)
@@ -238,7 +257,6 @@ class Statistics:
     @classmethod
     def from_tensors(cls, tensors, meta: dict, prefix: str = "") -> "Statistics":
         """Statistics from `to_tensors`' output (tensors: a dict, or anything with get_tensor(key))."""
-        from mabook.probe import Tap  # here, not at the top: mabook.probe imports this module (Probe fills a Statistics)
 
         if meta.get("format") != FORMAT:
             raise ValueError(f"statistics in format {meta.get('format', 1)}; this mabook reads format {FORMAT}: "
