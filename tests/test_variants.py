@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, fields
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +82,26 @@ def json_ready(d: dict) -> dict:
     import json
 
     return json.loads(json.dumps(d))
+
+
+def test_gated_mlp_organism_gates_every_mlp_at_the_same_parameter_count(tmp_path):
+    x = 30 * torch.randn(3, 10)  # SwiGLU against its formula written out in numpy, at massive magnitudes
+    a, b = x[:, :5].numpy().astype("float64"), x[:, 5:].numpy().astype("float64")
+    np.testing.assert_allclose(organism.SwiGLU()(x).numpy(), a * b / (1 + np.exp(-b)), rtol=1e-5, atol=1e-6)
+
+    plain = organism.build_transformer(organism.OrganismConfig())
+    gated = organism.build_transformer(organism.OrganismConfig(mlp="swiglu"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert abs(count(gated) / count(plain) - 1) < 0.01  # the 2/3 rule: same budget, only the MLP's form changes
+    assert all(isinstance(blk.act_mlp, organism.SwiGLU) for blk in gated.single_transformer_blocks)
+    assert all(blk.ff.net[0].__class__.__name__ == "SwiGLU" for blk in gated.transformer_blocks)
+    # it saves and loads with its own architecture
+    cfg = organism.OrganismConfig(mlp="swiglu")
+    pipe = organism.build_pipeline(cfg)
+    organism.save(pipe, tmp_path / "gated.safetensors", {"step": 0})
+    again = organism.load(tmp_path / "gated.safetensors")
+    assert again.organism_config.mlp == "swiglu"
+    for (k, p), (_, q) in zip(pipe.transformer.state_dict().items(), again.transformer.state_dict().items()):
+        assert torch.equal(p.half().float(), q), k  # the checkpoint stores fp16
+    with pytest.raises(ValueError, match="OrganismConfig.mlp='relu': expected one of gelu, swiglu"):
+        organism.OrganismConfig(mlp="relu")

@@ -23,6 +23,7 @@ from pathlib import Path
 import tokenizers
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import Timesteps
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from safetensors.torch import load_file, save_file
@@ -36,6 +37,7 @@ CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 CHECKPOINT = CHECKPOINT_DIR / "organism.safetensors"
 DEFAULT_GUIDANCE_SCALE = 4.0  # classifier-free guidance; the organism was trained with 10% caption dropout
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")  # EOS id 3: CLIP pools at the first EOS
+MLPS = ("gelu", "swiglu")  # FLUX's MLP (tanh-GELU), or a gated one
 
 
 @dataclass
@@ -56,6 +58,11 @@ class OrganismConfig:
     # Counterfactual organisms (chapter "Where do massive activations come from?"); the defaults are FLUX's.
     timestep_conditioning: bool = True  # False: the AdaLN always sees t = CONSTANT_TIMESTEP (noise level only in the input)
     norm_affine: bool = False  # True: every LayerNorm gets a learnable scale and bias (explicit constants to use)
+    mlp: str = "gelu"  # "swiglu": gated MLPs (a * silu(b), the Spike paper's quadratic amplifier), parameter-matched
+
+    def __post_init__(self):
+        if self.mlp not in MLPS:
+            raise ValueError(f"OrganismConfig.mlp={self.mlp!r}: expected one of {', '.join(MLPS)}")
 
     @property
     def in_channels(self) -> int:
@@ -126,6 +133,36 @@ def _affine_norms(module: torch.nn.Module) -> None:
             _affine_norms(child)
 
 
+class SwiGLU(torch.nn.Module):
+    """The gate of a gated MLP: the input's two halves a, b -> a * silu(b) (Shazeer 2020; LLaMA).
+    A product of two linear maps of the same token grows quadratically with it: the Spike paper's
+    "quadratic amplifier" (arXiv 2603.05498)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return a * torch.nn.functional.silu(b)
+
+
+def gated_width(dim: int, mlp_ratio: float = 4.0) -> int:
+    """Hidden width of a gated MLP with the parameters of an ungated one of ratio `mlp_ratio`
+    (LLaMA's 2/3 rule: 3 matrices of width h ~ 2 of width 4*dim)."""
+    return int(2 * mlp_ratio * dim / 3)
+
+
+def _gated_mlps(transformer: FluxTransformer2DModel) -> None:
+    """Every MLP of `transformer` becomes a SwiGLU one of (about) the same parameter count."""
+    dim = transformer.inner_dim
+    hidden = gated_width(dim)
+    for block in transformer.transformer_blocks:
+        block.ff = FeedForward(dim, dim_out=dim, activation_fn="swiglu", inner_dim=hidden)
+        block.ff_context = FeedForward(dim, dim_out=dim, activation_fn="swiglu", inner_dim=hidden)
+    for block in transformer.single_transformer_blocks:
+        block.mlp_hidden_dim = hidden
+        block.proj_mlp = torch.nn.Linear(dim, 2 * hidden)
+        block.act_mlp = SwiGLU()
+        block.proj_out = torch.nn.Linear(dim + hidden, dim)
+
+
 def build_transformer(config: OrganismConfig = OrganismConfig()) -> FluxTransformer2DModel:
     transformer = _flux_transformer(config)
     if not config.timestep_conditioning:
@@ -134,6 +171,8 @@ def build_transformer(config: OrganismConfig = OrganismConfig()) -> FluxTransfor
                                                                   old.downscale_freq_shift, old.scale)
     if config.norm_affine:
         _affine_norms(transformer)
+    if config.mlp == "swiglu":
+        _gated_mlps(transformer)
     return transformer
 
 

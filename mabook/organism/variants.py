@@ -29,6 +29,7 @@ class Variant:
     organism: dict = field(default_factory=dict)  # OrganismConfig fields changed
     train: dict = field(default_factory=dict)  # TrainConfig fields changed (besides steps=6000, the committed budget)
     predictions: dict = field(default_factory=dict)  # reading -> what it predicts for the top channel's LayerNorm share
+    written: str = f"{PREDICTIONS_DATE}, commit {PREDICTIONS_COMMIT}"  # when the predictions were written, before training
 
 
 CONTROL_STEPS = 6000  # the committed organism's budget (its card's train_config)
@@ -52,6 +53,12 @@ VARIANTS = {v.name: v for v in (
     Variant("high-lr", "twice the learning rate (1.2e-3) and no weight decay",
             train={"lr": 1.2e-3, "weight_decay": 0.0}, predictions={
         "emergence": "larger updates and no decay pulling weights to 0: a steeper share curve than the control's"}),
+    Variant("gated-mlp", "every MLP gated (SwiGLU, a * silu(b)) at the same parameter count (hidden width "
+            "2/3 of 4x)", organism={"mlp": "swiglu"}, predictions={
+        "implicit parameter": "a product of two projections of the same token is a quadratic amplifier (the Spike "
+                              "paper): a larger share, reached sooner, than the control's",
+        "detail guidance": "no change: the channel follows the timestep, not the MLP's form"},
+            written="2026-12-02 18:50 UTC, before its training started (the commit that adds this variant)"),
     Variant("deep", "8 double + 8 single blocks (twice the depth): a longer residual stream, as real DiTs",
             organism={"num_layers": 8, "num_single_layers": 8}, predictions={
         "implicit parameter": "more blocks to amplify and carry a spike: a larger share than the control's"}),
