@@ -1,4 +1,6 @@
-"""Uncertainty for every experiment in the book: bootstrap confidence intervals.
+"""Uncertainty for every experiment in the book: bootstrap confidence intervals, and the two
+tests of a trend the emergence interlude needs (a fitted change with its CI, a rank correlation
+with its permutation p-value).
 
 One function, so that every chapter's "95 % CI" means the same thing: a percentile bootstrap of the
 mean over independent draws, seeded. Units that share a prompt (two seeds of one caption) are not
@@ -12,7 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, linregress, permutation_test, spearmanr, t
 
 
 def _numbers(values, who: str) -> np.ndarray:
@@ -93,3 +95,36 @@ def paired_ratio_ci(a: Sequence[float], b: Sequence[float], confidence: float = 
     except TypeError:  # scipy < 1.15 calls it random_state
         res = bootstrap((a, b), ratio, random_state=np.random.default_rng(seed), **kwargs)
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def trend_change(x: Sequence[float], y: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The relative change of positive `y` from x[0] to x[-1] along a fitted exponential trend
+    (least squares of log y on x), with the CI from the slope's standard error (Student t, n - 2
+    degrees of freedom): (change, low, high). Endpoints alone ride on one probe's noise; the fit
+    uses every point, and the CI says whether a change is told apart from a tolerance."""
+    x, y = _numbers(x, "trend_change"), _numbers(y, "trend_change")
+    if x.shape != y.shape or x.size < 3 or np.ptp(x) == 0:
+        raise ValueError(f"trend_change needs x, y of the same length >= 3 with x not constant, got {x.size} and {y.size}")
+    if (y <= 0).any():
+        raise ValueError(f"trend_change needs positive y (a ratio), got min {y.min():g}")
+    _check_confidence(confidence, 1)
+    fit = linregress(x, np.log(y))
+    span = x[-1] - x[0]
+    half = t.ppf(0.5 + confidence / 2, x.size - 2) * fit.stderr * abs(span)
+    centre = fit.slope * span
+    return float(np.expm1(centre)), float(np.expm1(centre - half)), float(np.expm1(centre + half))
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float], n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Spearman's rank correlation of paired x, y and its one-sided p-value P(r >= observed) under
+    random pairing (scipy's permutation test: exact over all n! pairings when n! <= n_resamples)."""
+    x, y = _numbers(x, "rank_correlation"), _numbers(y, "rank_correlation")
+    if x.shape != y.shape or x.size < 3:
+        raise ValueError(f"rank_correlation needs x, y of the same length >= 3, got {x.size} and {y.size}")
+
+    def statistic(a):
+        return spearmanr(a, y).statistic
+
+    res = permutation_test((x,), statistic, permutation_type="pairings", alternative="greater", n_resamples=n_resamples,
+                           rng=np.random.default_rng(seed))
+    return float(res.statistic), float(res.pvalue)

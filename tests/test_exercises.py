@@ -22,7 +22,7 @@ from mabook.statistics import Statistics
 ROOT = Path(__file__).resolve().parents[1]
 # Chapters written while the exercises were added in other branches of work: they get theirs by
 # the same pattern (remove a name here when its exercises are in).
-PENDING: set[str] = {"02c_origins.ipynb"}  # the origins interlude: no exercises yet
+PENDING: set[str] = set()
 CAPTION = "a large red circle at the top left on a black background"
 
 
@@ -78,6 +78,21 @@ def _card():
 
     return {"emergence": [row(0, [1, 1], [1, 1]), row(100, [3, 5], [2, 2]), row(200, [8, 10], [9, 9]),
                           row(300, [10, 10], [11, 11]), row(400, [11, 11], [10, 10])]}
+
+
+def _origins():
+    """A small origins.json "organisms": a 32-wide control and two counterfactuals, emergence logs on one grid
+    (the control's without the share, as the committed file's)."""
+    def organism(shares, ratios, emergence_ratios, emergence_shares):
+        return {"organism_config": {"attention_head_dim": 8, "num_attention_heads": 4},
+                "layers": [{"norm_share": s, "norm_share_top_k": s + 0.1, "ratio": r, "max_abs": 2 * r}
+                           for s, r in zip(shares, ratios)],
+                "emergence": [{"step": step, "ratio": r, "norm_share": sh, "max_abs": r}
+                              for step, r, sh in zip((0, 250, 500, 750, 1000), emergence_ratios, emergence_shares)]}
+
+    return {"control": organism([0.4, 0.2, 0.3], [20, 10, 15], [1, 3, 6, 9, 10], [None] * 5),
+            "big": organism([0.5, 0.39, 0.3], [30, 12, 15], [1, 6, 9, 10.5, 12], [0.1, 0.2, 0.3, 0.4, 0.5]),
+            "small": organism([0.2, 0.1, 0.15], [5, 4, 3], [1, 2, 10, 11, 12], [0.1, 0.1, 0.1, 0.1, 0.1])}
 
 
 def _spatial_capture():
@@ -184,6 +199,27 @@ def _case_2b_2(_):
     card = _card()  # window 0.5: cut at step 200; raw medians 9 -> 10: +1/9
     right = 10 / 9 - 1
     return (card, "raw", 0.5), right, [11 / 9 - 1, 100 * right, 1.0, 0.5]
+
+
+def _case_2c_1(_):
+    control = _origins()["control"]  # share 0.4 at width 32: r**2 = 0.4 * 31 / 0.6
+    r2 = 0.4 * 31 / 0.6
+    right = r2 / (r2 + 3071)
+    mean_r2 = 0.3 * 31 / 0.7  # from the mean share
+    return (control, 3072), right, [0.4, 100 * right, r2 ** 0.5, r2 ** 0.5 / (r2 ** 0.5 + 3071), mean_r2 / (mean_r2 + 3071),
+                                    400 / (400 + 3071), "a lot", 0.5]
+
+
+def _case_2c_2(_):
+    # big vs control: max 0.5 / 0.4 = 1.25; mean 0.3967 / 0.3 = 1.322; median 0.39 / 0.3 = 1.3
+    mx, mn = 1.25, (1.19 / 3) / 0.3
+    return (_origins(), "big", "control", 0.2), (mx, mn), [
+        (mn, mx), (1 / mx, 1 / mn), (mx - 1, mn - 1), (100 * mx, 100 * mn), (mx, 1.3), mx, (0.5, 0.5), (mx, mn, 1.0)]
+
+
+def _case_2c_3(_):
+    # the control's final ratio is 10 (step 1000); big reaches it at step 750 (row 3), small at 500
+    return (_origins(), "big", "control", "ratio"), 750, [3, 250, 500, 1000, "750 steps", 1.5]
 
 
 def _case_3_1(_):
@@ -310,6 +346,7 @@ CASES = {
     "1.1": _case_1_1, "1.2": _case_1_2, "1.3": _case_1_3,
     "2.1": _case_2_1, "2.2": _case_2_2, "2.3": _case_2_3,
     "2b.1": _case_2b_1, "2b.2": _case_2b_2,
+    "2c.1": _case_2c_1, "2c.2": _case_2c_2, "2c.3": _case_2c_3,
     "3.1": _case_3_1, "3.2": _case_3_2,
     "4.1": _case_4_1, "4.2": _case_4_2,
     "5.1": _case_5_1, "5.2": _case_5_2,
@@ -350,6 +387,28 @@ def test_hints_name_the_likely_mistake(capsys):
     renormalise = CASES["6.3"](None)[2][0]  # the old dose: multiply by eta, then renormalise
     assert exercises.check_eta_scaling(renormalise) is False
     assert "old rule" in capsys.readouterr().out
+
+
+def test_origins_hints_name_the_likely_mistake(capsys):
+    orgs = _origins()
+    r2 = 0.4 * 31 / 0.6
+    exercises.check_share_at_width(orgs["control"], 3072, r2 ** 0.5 / (r2 ** 0.5 + 3071))
+    assert "r**2" in capsys.readouterr().out
+    exercises.check_share_at_width(orgs["control"], 3072, 0.4)
+    assert "own width" in capsys.readouterr().out
+    exercises.check_share_versus(orgs, "big", "control", 0.2, (1.25, 1.3))
+    assert "medians" in capsys.readouterr().out
+    exercises.check_share_versus(orgs, "big", "control", 0.2, (1 / 1.25, 0.3 / (1.19 / 3)))
+    assert "control over big" in capsys.readouterr().out
+    assert exercises.check_share_versus(orgs, "big", "control", 0.2, (1.25, (1.19 / 3) / 0.3)) is True
+    assert "above" in capsys.readouterr().out  # both beyond +20 %: section 2.5's word
+    exercises.check_catch_up_step(orgs, "big", "control", "ratio", 3)
+    assert "index" in capsys.readouterr().out
+    exercises.check_catch_up_step(orgs, "big", "control", "ratio", 250)
+    assert "how many steps sooner" in capsys.readouterr().out
+    # the control's log holds no share: the check says so rather than judging
+    assert exercises.check_catch_up_step(orgs, "big", "control", "norm_share", 750) is False
+    assert "holds no 'norm_share'" in capsys.readouterr().out
 
 
 def test_a_check_without_ground_truth_says_so(capsys):

@@ -9,8 +9,8 @@ chapter runs from top to bottom as committed.
 
 Where things are: `mabook.exercises.registry` holds the registry (`CHECKS`, `WHERE`, the
 `~mabook.exercises.registry.chapter` decorator) and the verdicts a check returns;
-`mabook.exercises.answers` reads answers and compares them; ``ch0`` ... ``ch6`` (and ``ch2b``, the
-interlude) hold each chapter's checks. This package re-exports every check, so a chapter calls
+`mabook.exercises.answers` reads answers and compares them; ``ch0`` ... ``ch6`` (and ``ch2b``, ``ch2c``, the
+interludes) hold each chapter's checks. This package re-exports every check, so a chapter calls
 ``exercises.check_xxx`` after ``from mabook import exercises``.
 
 How to add an exercise to a chapter (the pattern every chapter follows)
@@ -50,6 +50,7 @@ from mabook.exercises.ch0 import check_attribute_accuracy, check_object_fraction
 from mabook.exercises.ch1 import check_jaccard, check_ratio_to_median, check_top_channels
 from mabook.exercises.ch2 import check_bottom_rms, check_token_mean_op, check_zeroed_top1_mse
 from mabook.exercises.ch2b import check_half_final_step, check_plateau_change
+from mabook.exercises.ch2c import check_catch_up_step, check_share_at_width, check_share_versus
 from mabook.exercises.ch3 import check_kmeans_mask, check_token_iou
 from mabook.exercises.ch4 import check_pixel_blend, check_took_attribute
 from mabook.exercises.ch5 import check_noised_latents, check_reconstruction_error
@@ -62,6 +63,7 @@ __all__ = [
     "check_top_channels", "check_ratio_to_median", "check_jaccard",
     "check_zeroed_top1_mse", "check_bottom_rms", "check_token_mean_op",
     "check_half_final_step", "check_plateau_change",
+    "check_share_at_width", "check_share_versus", "check_catch_up_step",
     "check_kmeans_mask", "check_token_iou",
     "check_pixel_blend", "check_took_attribute",
     "check_noised_latents", "check_reconstruction_error",
