@@ -543,6 +543,29 @@ def sweep_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# realshape: bare / probe / capture / intervene / record per block at FLUX.1-dev and SD3.5 widths; the GPU plan
+# ---------------------------------------------------------------------------------------------
+
+
+@subcommand("realshape", "per-block time and peak memory of bare, probe, capture, intervene and record at FLUX.1-dev and "
+            "SD3.5-medium widths (1-2 blocks, random weights); the GPU plan of book/real_model.md (mabook.realshape)",
+            [arg("--device", default="cpu"),
+             arg("--resolutions", type=int, nargs="+", default=None, help="pixels per side (default: 512 on CPU, 512 1024 on CUDA)"),
+             arg("--repeats", type=int, default=None, help="timed rounds, each mode once per round (default: 2 on CPU, 5 on CUDA)"),
+             arg("--models", nargs="+", default=["flux", "sd3.5-medium"], choices=["flux", "sd3.5-medium"]),
+             arg("--quick", action="store_true", help="tiny widths, 64² and 128² px, one round: a smoke test"),
+             arg("--out", default=None, help="measurements JSON (default: mabook/results/bench/realshape.json)"),
+             arg("--md", default=None, help="also write the plan's tables into this page (e.g. book/real_model.md)"),
+             arg("--plan-only", action="store_true", help="measure nothing: write the tables from --out into --md (default: "
+                                                          "book/real_model.md)")])
+def realshape(args: argparse.Namespace) -> int:
+    from mabook import realshape as realshape_mod
+
+    args.out = args.out or realshape_mod.RESULTS
+    return realshape_mod.main(args)
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 

@@ -24,6 +24,11 @@ exits with 2 (as argparse does for a malformed command line, which prints the sa
 ``--debug`` (before or after the verb) shows the traceback instead. Ctrl-C prints one line and
 exits with 130. 0 is success.
 
+Progress. ``--progress`` / ``--no-progress`` (after the verb): bars over the batches, conditions
+and shards, and one line estimating the run's time from one timed denoising step, on stderr
+(`mabook.progress`); default: on when stderr is a terminal. The estimate and the bars change no
+number.
+
 Interruptions. Every file in --out is written atomically (`mabook.files`: a temporary file in the
 same directory, fsync, rename), so a run killed at any moment leaves each file either complete from
 the new run, complete from the previous run, or absent -- never half a JSON or PNG. The summary JSON
@@ -41,13 +46,15 @@ import time
 import warnings
 from pathlib import Path
 
-from mabook import files
+from mabook import files, progress
 from mabook.config import read_prompts  # noqa: F401  (the CLI's reading of --prompts, as `mabook.cli.read_prompts`)
 from mabook.experiments import SWEEPS, VERBS, module
 
 EXIT_BAD_INPUT = 2  # a bad value (one line on stderr), as argparse's exit code for a bad command line
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, the shell's convention
 DEBUG_HELP = "on an error, show the full traceback instead of one line"
+PROGRESS_HELP = ("progress bars, and a time estimate from one timed step, on stderr (default: on when stderr is a "
+                 "terminal; MABOOK_PROGRESS=0/1 sets it too)")
 
 
 @contextlib.contextmanager
@@ -147,6 +154,8 @@ def run_sweep(module, args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out!r} is an existing file; allowed: a directory (created if missing)")
     shards = sweep.check_shard_dir(args.shards or out / "shards")
     state = sweep.process_state(config.device)
+    if not state.is_main_process:  # one process draws the bars
+        progress.configure(False)
     config = config.replace(device=sweep.process_device(state, config.device))
     pipe, adapter = load_model(config, f"sweep {args.experiment}", args.debug)
     config.check_adapter(adapter)
@@ -190,6 +199,7 @@ def _verb_parser(commands, verb: str, run, complete: bool, **defaults) -> argpar
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.Config.add_arguments(parser, **defaults)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help=PROGRESS_HELP)
     # SUPPRESS: never resets the top-level flag
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     parser.set_defaults(func=functools.partial(run, mod))
@@ -243,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     args = build_parser(argv).parse_args(argv)
     args.command_line = files.command_line(argv, "mabook")
+    progress.configure(getattr(args, "progress", None))  # this command's choice; automatic again afterwards
+    try:
+        return _run(args)
+    finally:
+        progress.configure(None)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The parsed command: its exit code, bad input and Ctrl-C as one line (--debug: the traceback)."""
     if args.debug:
         return args.func(args)
     try:

@@ -55,8 +55,9 @@ def check_choice(config, name: str, allowed) -> None:
             raise ValueError(f"unknown {dashed(name)} {v!r}; allowed: {list(allowed)}")
 
 
-def read_prompts(values: list[str]) -> list[str]:
-    """File path -> its non-empty lines; a single integer N -> N held-out world captions; else the values."""
+def read_prompts(values: list[str], skip: int = 0) -> list[str]:
+    """File path -> its non-empty lines; a single integer N -> N held-out world captions (the N after
+    the first `skip` of the seeded order: disjoint from a set read with N = skip); else the values."""
     if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
         raise ValueError(f"--prompts must be a non-empty list of strings, got {values!r}")
     if len(values) == 1 and Path(values[0]).is_file():
@@ -70,7 +71,7 @@ def read_prompts(values: list[str]) -> list[str]:
         n = int(values[0])
         if n < 1:
             raise ValueError(f"--prompts N must be >= 1, got {n}")
-        return world.heldout_captions(n, n_objects=1, seed=0)
+        return world.heldout_captions(skip + n, n_objects=1, seed=0)[skip:]
     if len(values) == 1 and values[0].endswith((".txt", ".csv", ".tsv")) and " " not in values[0]:
         raise FileNotFoundError(f"--prompts: prompt file {values[0]!r} not found; pass an existing file (one prompt per "
                                 "line), an integer N, or the prompts themselves")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mabook import probe
+from mabook import progress as progress_
 from mabook.models import Adapter
 from mabook.probe import Tap
 from mabook.statistics import Statistics
@@ -65,11 +66,13 @@ def collect_statistics(
         pipe_kwargs.setdefault("output_type", "latent")
     else:
         pipe_kwargs.setdefault("output_type", "pt")
-    with probe.collect(adapter, cfg=cfg) as run:
-        for b, start in enumerate(range(0, len(prompts), batch_size)):
+    starts = list(range(0, len(prompts), batch_size))
+    with progress_.estimate("statistics", len(prompts), num_inference_steps), probe.collect(adapter, cfg=cfg) as run:
+        for b, start in progress_.bar(list(enumerate(starts)), "statistics", unit="batch"):
             generator = torch.Generator("cpu").manual_seed(seed + b)  # CPU noise: same images on any device
-            adapter.pipe(list(prompts[start:start + batch_size]), num_inference_steps=num_inference_steps,
-                         generator=generator, **pipe_kwargs)
+            chunk = list(prompts[start:start + batch_size])
+            with progress_.timed_step(adapter.transformer, len(chunk)):
+                adapter.pipe(chunk, num_inference_steps=num_inference_steps, generator=generator, **pipe_kwargs)
     return run.stats
 
 

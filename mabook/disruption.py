@@ -6,10 +6,11 @@ zeroing equally many low-statistic channels barely matters. Three steps test it:
 1. `baseline(adapter, prompts, seeds)` generates every (prompt, seed) unit once, unedited, and
    keeps the images, the probe's `Statistics` (both guidance halves: the dataset means for
    mean-replacement) and each unit's per-step channel means (for the prompt-vs-timestep split);
-2. `conditions(stats, ...)` builds the channel sets -- top-k and its controls: bottom-k by |mean|
+2. `conditions(base, ...)` builds the channel sets -- top-k and its controls: bottom-k by |mean|
    (the paper's), bottom-k by RMS (a zero-mean channel can still carry a large signal), seeded
-   random-k excluding the top-k -- with an op (zero, dataset-mean, per-token-mean, scale) and a
-   window of layers x steps;
+   random-k excluding the top-k, and random-k moved as far as the top-k edit moves the top-k --
+   chosen on held-out prompts (`baseline(..., selection_prompts=...)`, else on the units), with an
+   op (zero, dataset-mean, per-token-mean, scale) and a window of layers x steps;
 3. `run(base, conditions)` regenerates every unit under each condition with `probe.edit` and
    returns a tidy table, one row per (unit, condition): the judge's attributes, cleanliness and
    mask IoU (organism captions), pixel MSE, mean |difference| and SSIM to the same unit's baseline.
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 
 from mabook import discovery, images, probe, world
+from mabook import progress as progress_
+from mabook.metrics import device_of, ssim
 from mabook.models import Adapter
 from mabook.probe import Edit
 from mabook.statistics import Statistics
@@ -64,10 +67,18 @@ class Baseline:
     pipe_kwargs: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)  # per unit, as in the table (baseline vs itself)
     clip: tuple | None = field(default=None, repr=False)  # (CLIPModel, CLIPProcessor) for CLIP-T, if asked
+    selection: Statistics | None = None  # held-out prompts' statistics (`selection_statistics`); None: these units'
 
     @property
     def layers(self) -> list[str]:
         return [str(t) for t in self.stats.layers("img")]
+
+    @property
+    def selector(self) -> Statistics:
+        """The statistics that choose the channel sets and set the edits' values (dataset means,
+        energy): the held-out prompts' where there are some, else these units' own (selection on the
+        test set, as the results made before 2026-12-02)."""
+        return self.stats if self.selection is None else self.selection
 
 
 def check_units(prompts, seeds) -> list[tuple[str, int]]:
@@ -109,12 +120,41 @@ def load_clip(name_or_path: str):
     return model, processor
 
 
+def selection_statistics(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,),
+                         num_inference_steps: int = 20, batch_size: int = 16, **pipe_kwargs) -> Statistics:
+    """The image-stream statistics (both guidance halves) of generating `prompts` x `seeds`: what
+    chooses the channel sets when it comes from prompts held out from the evaluated ones."""
+    units = check_generation(adapter, prompts, seeds, num_inference_steps, batch_size, "selection")
+    return unit_statistics(adapter, units, num_inference_steps, batch_size, **pipe_kwargs)
+
+
+def unit_statistics(adapter: Adapter, units: Sequence[tuple[str, int]], num_inference_steps: int, batch_size: int,
+                    **pipe_kwargs) -> Statistics:
+    """The image-stream statistics (both guidance halves) of generating these (prompt, seed) units."""
+    with probe.collect(adapter, taps=probe.taps(adapter, ["img"]), cfg="both") as run:
+        adapter.generate(list(units), num_inference_steps, batch_size, **pipe_kwargs)
+    return run.stats
+
+
+def check_selection(prompts: Sequence[str], selection_prompts: Sequence[str]) -> None:
+    """Refuse a selection set that shares a prompt with the evaluated ones (selection on the test set)."""
+    shared = sorted(set(prompts) & set(selection_prompts))
+    if shared:
+        raise ValueError(f"the selection prompts share {len(shared)} prompt(s) with the evaluated ones (e.g. {shared[0]!r}); "
+                         "allowed: disjoint prompts, or no selection set (choose on the evaluated units)")
+
+
 def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,), num_inference_steps: int = 20,
-             batch_size: int = 16, clip_model: str | None = None, **pipe_kwargs) -> Baseline:
+             batch_size: int = 16, clip_model: str | None = None, selection_prompts: Sequence[str] | None = None,
+             **pipe_kwargs) -> Baseline:
     """Generate every (prompt, seed) unit once, unedited, under the probe.
 
-    clip_model: a CLIP directory or hub id: the table then also has CLIP-T (image-prompt CLIP score)."""
+    clip_model: a CLIP directory or hub id: the table then also has CLIP-T (image-prompt CLIP score).
+    selection_prompts: prompts held out from `prompts` (same seeds) whose statistics choose the
+    channel sets and the edits' values (`Baseline.selector`); None: these units' own."""
     units = check_generation(adapter, prompts, seeds, num_inference_steps, batch_size, "disruption")
+    if selection_prompts is not None:
+        check_selection(prompts, selection_prompts)
     image_taps = probe.taps(adapter, ["img"])
     means: dict[tuple[int, str], list[torch.Tensor]] = {}
 
@@ -125,8 +165,10 @@ def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0
         images = adapter.generate(units, num_inference_steps, batch_size, **pipe_kwargs)
     steps = sorted({s for s, _ in means})
     token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
+    selection = None if selection_prompts is None else selection_statistics(
+        adapter, selection_prompts, seeds, num_inference_steps, batch_size, **pipe_kwargs)
     base = Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs),
-                    clip=load_clip(clip_model) if clip_model else None)
+                    clip=load_clip(clip_model) if clip_model else None, selection=selection)
     base.metrics = unit_metrics(base, images)
     return base
 
@@ -270,9 +312,9 @@ def conditions(base: Baseline, ks: Sequence[int] = DEFAULT_KS, kinds: Sequence[s
         discovery.check_k(k, base.adapter.width)
         for kind in kinds:
             seeds = [random_seed + i for i in range(n_random)] if kind in ("random", "energy") else [None]
-            top = channel_set(base.stats, k, "top")
+            top = channel_set(base.selector, k, "top")
             for seed in seeds:
-                sets = channel_set(base.stats, k, kind, seed=seed or 0)
+                sets = channel_set(base.selector, k, kind, seed=seed or 0)
                 channels = tuple((tap, tuple(sets[tap])) for tap in layers)
                 matched = tuple((tap, tuple(top[tap])) for tap in layers) if kind == "energy" else ()
                 name = f"{kind}-{k}" + (f"#{seed}" if seed is not None else "")
@@ -290,15 +332,6 @@ def window_conditions(base: Baseline, k: int = 4, kinds: Sequence[str] = ("top",
 # ---------------------------------------------------------------------------------------------
 # 3. Running the conditions, and the table
 # ---------------------------------------------------------------------------------------------
-
-
-def _ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image SSIM of (N, H, W, 3) images in [0, 1] (torchmetrics' implementation)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-    x = torch.from_numpy(a).permute(0, 3, 1, 2).double().contiguous()  # one memory layout, as in unit_metrics
-    y = torch.from_numpy(b).permute(0, 3, 1, 2).double().contiguous()
-    return ssim(x, y, data_range=1.0, reduction="none").numpy()
 
 
 def _clip_t(pictures: np.ndarray, prompts: Sequence[str], clip) -> np.ndarray:
@@ -327,12 +360,12 @@ def unit_metrics(base: Baseline, images: np.ndarray) -> list[dict]:
     diff = np.ascontiguousarray(images - base.images)
     mse = np.array([np.square(d).mean() for d in diff])
     mae = np.array([np.abs(d).mean() for d in diff])  # linear in the change, like LPIPS; MSE squares it
-    ssim = _ssim(images, base.images)
+    ssim_values = ssim(images, base.images, device_of(base.adapter))  # where the images were made
     clip_t = _clip_t(images, [p for p, _ in base.units], base.clip) if base.clip else None
     rows = []
     judged = judge.applies(base.adapter, [p for p, _ in base.units])
     for i, (prompt, seed) in enumerate(base.units):
-        row = {"prompt": prompt, "seed": seed, "pixel_mse": float(mse[i]), "pixel_mae": float(mae[i]), "ssim": float(ssim[i])}
+        row = {"prompt": prompt, "seed": seed, "pixel_mse": float(mse[i]), "pixel_mae": float(mae[i]), "ssim": float(ssim_values[i])}
         if clip_t is not None:
             row["clip_t"] = float(clip_t[i])
         if judged:
@@ -354,8 +387,10 @@ class Result:
     conditions: list[Condition]
 
 
-def run(base: Baseline, conds: Sequence[Condition], batch_size: int = 16, keep_images: int = 4) -> Result:
-    """Regenerate every unit of `base` under each condition; the tidy table of what changed."""
+def run(base: Baseline, conds: Sequence[Condition], batch_size: int = 16, keep_images: int = 4,
+        progress: bool | None = None) -> Result:
+    """Regenerate every unit of `base` under each condition; the tidy table of what changed.
+    progress: a bar over the conditions and the time estimate (`mabook.progress`)."""
     if not conds:
         raise ValueError("conds must be a non-empty list of Condition")
     for c in conds:
@@ -367,14 +402,14 @@ def run(base: Baseline, conds: Sequence[Condition], batch_size: int = 16, keep_i
     table = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"}
              for m in base.metrics]
     kept = {"baseline": base.images[:keep_images]}
-    for c in conds:
-        if not isinstance(c, Condition):
-            raise TypeError(f"conditions must be Condition objects, got {type(c).__name__}")
-        with probe.edit(base.adapter, c.edits(base.stats)):
-            images = base.adapter.generate(base.units, base.num_inference_steps, batch_size, **base.pipe_kwargs)
-        for m in unit_metrics(base, images):
-            table.append({**m, "condition": c.name, "kind": c.kind, "k": c.k, "op": c.op, "window": c.window})
-        kept[f"{c.name} | {c.op} | {c.window}"] = images[:keep_images]
+    what = f"disruption, {len(conds)} condition(s) x {len(base.units)} unit(s)"
+    with progress_.estimate(what, len(conds) * len(base.units), base.num_inference_steps, progress):
+        for c in progress_.bar(conds, "conditions", progress=progress):
+            with probe.edit(base.adapter, c.edits(base.selector)):
+                images = base.adapter.generate(base.units, base.num_inference_steps, batch_size, progress, **base.pipe_kwargs)
+            for m in unit_metrics(base, images):
+                table.append({**m, "condition": c.name, "kind": c.kind, "k": c.k, "op": c.op, "window": c.window})
+            kept[f"{c.name} | {c.op} | {c.window}"] = images[:keep_images]
     return Result(table, kept, list(conds))
 
 
@@ -480,24 +515,38 @@ def paired_ratios(table: Sequence[dict], metric: str = "pixel_mse", controls: Se
 
 
 def decomposition(base: Baseline, channels: dict[str, Sequence[int]]) -> list[dict]:
-    """Per layer: how much of the chosen channels' per-image mean varies with the prompt and how much
-    with the timestep.
+    """Per layer: how much of the chosen channels' per-image mean varies with the prompt, with the
+    seed (the initial noise) and with the timestep.
 
-    From each unit's conditional mean over tokens m[unit, step] (per channel, averaged over the
-    set): prompt variance = variance across units at a fixed step, averaged over steps; timestep
-    variance = variance across steps for a fixed unit, averaged over units. prompt_share =
-    prompt / (prompt + timestep): near 1, the prompt drives the value (the semantic reading); near
-    0, the timestep does (the "Detail Guidance" reading).
+    From each unit's conditional mean over tokens m[unit, step] (per channel): at a fixed step, the
+    variance across units splits exactly (law of total variance, population variances) into the
+    variance of the prompts' means over their seeds (prompt_var) and the mean variance across the
+    seeds of one prompt (seed_var), each averaged over steps and channels; timestep_var = variance
+    across steps for a fixed unit, averaged over units. prompt_share = prompt / (prompt + seed +
+    timestep): near 1, the prompt drives the value (the semantic reading); near 0, the timestep or
+    the noise does ("Detail Guidance" reads the timestep; the timestep embedding and the latent's
+    noise level move together here -- `mabook.origins` swaps one without the other). With one seed
+    per prompt, seed_var is 0 and prompt_var is the across-unit variance (the decomposition before
+    2026-12-02 pooled the seeds into it).
     """
+    prompts = [prompt for prompt, _ in base.units]
+    groups = [np.array([u for u, p in enumerate(prompts) if p == q]) for q in dict.fromkeys(prompts)]
+    sizes = {len(g) for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"decomposition needs as many seeds for every prompt, got {sorted(sizes)} seeds")
     out = []
     for i, layer in enumerate(base.layers):
         if layer not in channels:
             continue
         m = base.token_means[:, :, i, :][..., list(channels[layer])]  # (units, steps, k)
-        prompt_var = float(m.var(0).mean())
+        by_prompt = np.stack([m[g] for g in groups])  # (prompts, seeds, steps, k)
+        prompt_var = float(by_prompt.mean(1).var(0).mean())
+        seed_var = float(by_prompt.var(1).mean())
         step_var = float(m.var(1).mean())
-        out.append({"layer": layer, "prompt_var": prompt_var, "timestep_var": step_var,
-                    "prompt_share": prompt_var / (prompt_var + step_var) if prompt_var + step_var > 0 else float("nan")})
+        total = prompt_var + seed_var + step_var
+        out.append({"layer": layer, "prompt_var": prompt_var, "seed_var": seed_var, "timestep_var": step_var,
+                    "prompt_share": prompt_var / total if total > 0 else float("nan"),
+                    "seed_share": seed_var / total if total > 0 else float("nan")})
     return out
 
 

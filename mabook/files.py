@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import re
 import shlex
@@ -99,10 +100,34 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def finite(value, default=None):
+    """`value` as strict JSON can hold it: NaN and +-infinity become None (JSON's null), numpy
+    scalars and arrays Python numbers and lists, tuples lists -- in dicts and lists at any depth.
+    `default` converts any other object first (as `json.dumps`'s `default`)."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # without importing numpy here
+        value = value.tolist()  # an array: nested lists; a scalar: a Python number
+    if isinstance(value, dict):
+        return {k: finite(v, default) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v, default) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)) or default is None:
+        return value
+    return finite(default(value))
+
+
+def number(value) -> float:
+    """A number read from a mabook JSON: null (what `write_json` writes for NaN) is NaN."""
+    return float("nan") if value is None else float(value)
+
+
 def write_json(path: str | Path, payload, indent: int = 1, default=None) -> Path:
     """JSON (indent 1, trailing newline, as every mabook JSON), atomically. The text is made before
-    the file is opened, so an unserialisable payload leaves nothing behind."""
-    return write_text(path, json.dumps(payload, indent=indent, default=default) + "\n")
+    the file is opened, so an unserialisable payload leaves nothing behind. Strict JSON: NaN and
+    infinities are written as null (`finite`; a reader of a number takes null as NaN, `number`) --
+    Python's bare NaN is no JSON, and other readers refuse it."""
+    return write_text(path, json.dumps(finite(payload, default), indent=indent, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
@@ -169,8 +194,9 @@ def with_provenance(payload: dict, command: str | None = None) -> dict:
 
 def stamp(path: str | Path, command: str) -> Path:
     """Add the provenance fields to a summary JSON written without them (e.g. by an older mabook),
-    changing nothing else: ``python -m mabook.files stamp FILE "COMMAND"``. Refuses a file whose
-    layout would change (not indent-1 JSON as mabook writes it)."""
+    changing nothing else (but a bare NaN of an older file, which becomes null: `write_json`):
+    ``python -m mabook.files stamp FILE "COMMAND"``. Refuses a file whose layout would change (not
+    indent-1 JSON as mabook writes it)."""
     path = Path(path)
     text = path.read_text()
     payload = json.loads(text)

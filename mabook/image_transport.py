@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from mabook import inversion, probe, transport, world
+from mabook import progress as progress_
 from mabook.inversion import Trajectory
 from mabook.models import Adapter
-from mabook.text_transport import Method, Pair, flatten, method_outputs, score_rows
+from mabook.text_transport import Method, Pair, flatten, images_per_pair, method_outputs, score_rows
 
 
 def render_references(pairs: Sequence[Pair]) -> np.ndarray:
@@ -92,32 +93,35 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[Pair]], methods:
     targets: dict[str, list] = {t: [] for t in trajectories}
     reconstructions: dict[str, list] = {t: [] for t in trajectories}
     kept: dict[str, list[Trajectory]] = {t: [] for t in trajectories}
-    for c0 in range(0, len(flat), chunk):
-        part = flat[c0:c0 + chunk]
-        refs, seeds = references[c0:c0 + len(part)], [first_seed + c0 + j for j in range(len(part))]
-        units = [(p.target, s) for (_, _, p), s in zip(part, seeds)]
-        for name in trajectories:
-            # 1. the references on their trajectory, recorded once; 2. the targets from the same noise
-            if name == "invert":
-                traj = inversion.invert(adapter, refs, num_inference_steps=num_inference_steps,
-                                        fixed_point_iterations=fixed_point_iterations, tolerance=tolerance, batch_size=batch_size)
-            else:
-                traj = inversion.noise(adapter, refs, seeds, num_inference_steps=num_inference_steps)
-            rec = inversion.record(traj, taps=taps, channels="all", conditioning=True, batch_size=batch_size,
-                                   captions=[p.source for _, _, p in part])
-            target_images = _targets(adapter, units, traj.noise, num_inference_steps, batch_size)
-            kept[name].append(traj)
-            targets[name].append(target_images)
-            reconstructions[name].append(rec.images)
-            # 3. every method at every alpha
-            for m, alpha, out in method_outputs(methods, alphas, rec, [u for u, _ in units], target_images, refs,
-                                                batch_size=batch_size):
-                images.setdefault((name, m.name, m.seed, alpha), []).append(out)
-                rows += score_rows(part, out, target_images, trajectory=name, method=m.name, method_kind=m.kind,
-                                   seed=m.seed, alpha=alpha)
-            for label, ims in (("reference image", refs), ("reconstruction", rec.images), ("target image", target_images)):
-                rows += score_rows(part, ims, target_images, trajectory=name, method=label, method_kind="reference",
-                                   seed=None, alpha=None)
+    per_pair = sum(images_per_pair(methods, alphas) + (fixed_point_iterations + 1 if t == "invert" else 0)
+                   for t in trajectories)  # an inversion counted at its iteration cap
+    with progress_.estimate(f"image transport, {len(flat)} pairs", len(flat) * per_pair, num_inference_steps):
+        for c0 in progress_.bar(range(0, len(flat), chunk), "chunks of pairs", unit="chunk"):
+            part = flat[c0:c0 + chunk]
+            refs, seeds = references[c0:c0 + len(part)], [first_seed + c0 + j for j in range(len(part))]
+            units = [(p.target, s) for (_, _, p), s in zip(part, seeds)]
+            for name in trajectories:
+                # 1. the references on their trajectory, recorded once; 2. the targets from the same noise
+                if name == "invert":
+                    traj = inversion.invert(adapter, refs, num_inference_steps=num_inference_steps,
+                                            fixed_point_iterations=fixed_point_iterations, tolerance=tolerance, batch_size=batch_size)
+                else:
+                    traj = inversion.noise(adapter, refs, seeds, num_inference_steps=num_inference_steps)
+                rec = inversion.record(traj, taps=taps, channels="all", conditioning=True, batch_size=batch_size,
+                                       captions=[p.source for _, _, p in part])
+                target_images = _targets(adapter, units, traj.noise, num_inference_steps, batch_size)
+                kept[name].append(traj)
+                targets[name].append(target_images)
+                reconstructions[name].append(rec.images)
+                # 3. every method at every alpha
+                for m, alpha, out in method_outputs(methods, alphas, rec, [u for u, _ in units], target_images, refs,
+                                                    batch_size=batch_size):
+                    images.setdefault((name, m.name, m.seed, alpha), []).append(out)
+                    rows += score_rows(part, out, target_images, trajectory=name, method=m.name, method_kind=m.kind,
+                                       seed=m.seed, alpha=alpha)
+                for label, ims in (("reference image", refs), ("reconstruction", rec.images), ("target image", target_images)):
+                    rows += score_rows(part, ims, target_images, trajectory=name, method=label, method_kind="reference",
+                                       seed=None, alpha=None)
     return Comparison(rows, {k: np.concatenate(v) for k, v in images.items()}, references,
                       {t: np.concatenate(v) for t, v in targets.items()},
                       {t: np.concatenate(v) for t, v in reconstructions.items()}, kept, flat, time.perf_counter() - start_time)

@@ -505,9 +505,9 @@ def pixel_error(images: np.ndarray, references: np.ndarray) -> dict[str, np.ndar
     return {"mae": np.abs(d).mean(axes), "mse": mse, "max": np.abs(d).max(axes), "psnr": psnr}
 
 
-def record(traj: Trajectory, taps: Sequence[str] | None = None, steps: Sequence[int] | None = None, channels="all",
+def record(traj: Trajectory, taps: Sequence[str] | None = None, steps: Sequence[int] | None = None, channels=None,
            token_mask=None, batch_size: int = 16, captions: Sequence[str] | None = None,
-           conditioning: bool | None = None) -> transport.Record:
+           conditioning: bool | None = None, max_bytes: int | None = None) -> transport.Record:
     """Record the references' channels along their trajectory (`transport.record` with `latents`).
 
     Inversion: the pipeline regenerates from the inverted noise with the trajectory's prompt (the
@@ -515,13 +515,16 @@ def record(traj: Trajectory, taps: Sequence[str] | None = None, steps: Sequence[
     (the record's images are the references, through the VAE). captions: what each reference shows,
     if known (shapes-world captions): they become the record's unit labels, so the transport table
     judges whether outputs took the reference's attributes; the generation still uses the prompt.
-    conditioning: also keep the AdaLN conditioning (`transport.record`'s default: with channels "all")."""
+    conditioning: also keep the AdaLN conditioning (`transport.record`'s default: with channels "all").
+    channels and max_bytes: as `transport.record` (channels required; "all" on a model other than
+    the organism needs max_bytes)."""
     if traj.method not in METHODS:
         raise ValueError(f"unknown method {traj.method!r}; allowed: {list(METHODS)}")
     if captions is not None and (isinstance(captions, str) or len(captions) != len(traj)):
         raise ValueError(f"captions must be a list of one str per reference ({len(traj)}), got {captions!r:.80}")
     args = dict(taps=taps, steps=steps, channels=channels, token_mask=token_mask, conditioning=conditioning,
-                num_inference_steps=traj.num_inference_steps, batch_size=batch_size, latents=traj.noise, **traj.pipe_kwargs)
+                num_inference_steps=traj.num_inference_steps, batch_size=batch_size, latents=traj.noise,
+                max_bytes=max_bytes, **traj.pipe_kwargs)
     prompts = [traj.prompt] * len(traj)
     if traj.method == "invert":
         rec = transport.record(traj.adapter, prompts, [0], **args)

@@ -38,6 +38,8 @@ import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 
+from mabook import progress as progress_
+
 SUPPORTED = ("organism", "flux", "sd3", "pixart", "sana")
 
 
@@ -217,24 +219,31 @@ class Adapter:
         return height // per_token, width // per_token
 
     def generate(self, units: Sequence[tuple[str, int]], num_inference_steps: int, batch_size: int = 16,
-                 **pipe_kwargs) -> np.ndarray:
+                 progress: bool | None = None, **pipe_kwargs) -> np.ndarray:
         """The one generation loop: (units, H, W, 3) float32 images in [0, 1] for (prompt, seed) units.
 
         Unit i's noise comes from its own `torch.Generator("cpu").manual_seed(seed)` (diffusers'
         one-generator-per-image convention), so an image does not depend on the batch it was made
         in, nor on the units beside it. pipe_kwargs go to the pipeline call (e.g. `latents`, `height`).
+        progress: a bar over the batches (when there are several) and the time estimate
+        (`mabook.progress`; None: on where someone reads it).
         """
         if self.pipe is None:
             raise ValueError("generate() needs a pipeline; this adapter wraps a bare transformer")
         out = []
-        for start in range(0, len(units), batch_size):
-            chunk = units[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
-            result = self.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
-                               output_type="np", **pipe_kwargs)
-            images = result.images
-            out.append(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
+        starts = range(0, len(units), batch_size)
+        with progress_.estimate("generate", len(units), num_inference_steps, progress):
+            for start in progress_.bar(starts, "generate", unit="batch", progress=progress):
+                out.append(self._batch(units[start:start + batch_size], num_inference_steps, pipe_kwargs))
         return np.concatenate(out).astype(np.float32)
+
+    def _batch(self, chunk: Sequence[tuple[str, int]], num_inference_steps: int, pipe_kwargs: dict) -> np.ndarray:
+        """One pipeline call of `generate`; its step is timed for `mabook.progress`'s estimate."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+        with progress_.timed_step(self.transformer, len(chunk)):
+            images = self.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
+                               output_type="np", **pipe_kwargs).images
+        return images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
 
     def text_tokenizer(self, call: dict):
         """(tokenizer, max_length): the tokenizer whose tokens are the transformer's text keys in a running

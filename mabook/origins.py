@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mabook import attention, disruption, evaluate, files, organism, probe, sinks, world
+from mabook import progress as progress_
 from mabook.discovery import massive_channels, random_k
 from mabook.models import Adapter, adapter_for
 from mabook.organism import patchify, velocity
@@ -224,7 +225,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     command = files.command_line(argv, "python -m mabook.origins")
     organisms = json.loads(a.out.read_text())["organisms"] if a.add and a.out.is_file() else {}
-    for item in a.checkpoints:
+    for item in progress_.bar(a.checkpoints, "organisms"):
         name, _, path = item.partition("=")
         pipe = organism.load(path)
         pipe.set_progress_bar_config(disable=True)

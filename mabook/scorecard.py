@@ -67,6 +67,7 @@ from mabook.claims import (  # noqa: F401  (re-exported: scorecard.CLAIMS, score
     Claim,
     anchor,
 )
+from mabook.files import number
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # The committed organism's card, `mabook.organism.card_path(mabook.organism.CHECKPOINT)`: named here so
@@ -80,7 +81,8 @@ CARD = Path(__file__).parent / "organism" / "checkpoints" / "organism.json"
 
 def load(results_dir: str | Path | None = None) -> dict[str, dict]:
     """{file name: parsed JSON} for every ``*.json`` in `results_dir` (default: the committed
-    ``mabook/results``). NaN and Infinity, which the big runs write, parse as floats."""
+    ``mabook/results``). A bare NaN or Infinity (files written before 2026-12) parses as a float; a
+    null where a number is read (what mabook writes for NaN now) is NaN to every check (`number`)."""
     folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
     return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
@@ -149,8 +151,8 @@ def drop_interval(baseline: dict, row: dict, metric: str) -> tuple[float, float,
     """(drop, low, high) of `metric` from the baseline row to `row`. The interval is the difference
     of the two stored CIs; it is the drop's own CI when every unit's baseline is the same (a CI of
     zero width, e.g. accuracy 1 [1, 1]), and wider -- conservative -- otherwise."""
-    b, (b_lo, b_hi) = baseline[metric], baseline[f"{metric}_ci"]
-    v, (v_lo, v_hi) = row[metric], row[f"{metric}_ci"]
+    b, (b_lo, b_hi) = number(baseline[metric]), map(number, baseline[f"{metric}_ci"])
+    v, (v_lo, v_hi) = number(row[metric]), map(number, row[f"{metric}_ci"])
     return b - v, b_lo - v_hi, b_hi - v_lo
 
 
@@ -209,7 +211,7 @@ def _ma_critical_bottom(data: dict) -> Reading:
     r = _paired_row(data, "bottom_abs_mean", K_DISRUPTION)
     by_k = {p["k"]: ratio_verdict(p["ci"]) for p in data["paired_ratios"]
             if p["control"] == "bottom_abs_mean" and p["metric"] == "pixel_mse"}
-    share = r["control_damage"] / r["top_damage"]
+    share = number(r["control_damage"]) / number(r["top_damage"])
     return Reading(f"top-{K_DISRUPTION} / bottom-{K_DISRUPTION} (|mean|) pixel MSE: {with_ci(r['ratio'], r['ci'], 'x')}",
                    ratio_verdict(r["ci"]), None,
                    f"More damage than the bottom-k at k = {_ks_where(by_k, HOLDS)} (straddles 1 at k = {_ks_where(by_k, UNCLEAR)}); "
@@ -315,7 +317,7 @@ def _sinks_hps(data: dict) -> Reading:
     base = _one(data["summary"], "summary", kind="baseline")
     one = _sink_rows(data, _sink_window(data))
     # a drop the CIs resolve: the sink-suppressed CI lies wholly below the baseline's (the paper counts HPS -0.005 as one)
-    dropped = {k: r["cleanliness_ci"][1] < base["cleanliness_ci"][0] for k, r in sorted(one.items())}
+    dropped = {k: number(r["cleanliness_ci"][1]) < number(base["cleanliness_ci"][0]) for k, r in sorted(one.items())}
     early = [k for k, d in dropped.items() if d and k < HPS_K]
     late_kept = [k for k, d in dropped.items() if not d and k >= HPS_K]
     late = [k for k in dropped if k >= HPS_K]
@@ -370,8 +372,8 @@ def _sun_zero_vs_mean(data: dict) -> Reading:
     _, lo, hi = drop_interval(base, mean, "all_correct")
     intact = keep_verdict(lo, hi)
     # zeroing clearly worse: the two CIs apart (unpaired, so conservative)
-    order = HOLDS if zero["pixel_mse_ci"][0] > mean["pixel_mse_ci"][1] else (
-        FAILS if mean["pixel_mse_ci"][0] > zero["pixel_mse_ci"][1] else UNCLEAR)
+    (z_lo, z_hi), (m_lo, m_hi) = map(number, zero["pixel_mse_ci"]), map(number, mean["pixel_mse_ci"])
+    order = HOLDS if z_lo > m_hi else FAILS if m_lo > z_hi else UNCLEAR
     verdict = HOLDS if order == HOLDS and intact == HOLDS else FAILS if FAILS in (order, intact) else UNCLEAR
     token = f"; per-token mean {num(top['token_mean']['pixel_mse'])}" if "token_mean" in top else ""
     return Reading(f"pixel MSE, top-{K_DISRUPTION} zeroed {with_ci(zero['pixel_mse'], zero['pixel_mse_ci'])} vs mean-replaced "
@@ -383,7 +385,7 @@ def _sun_zero_vs_mean(data: dict) -> Reading:
 
 
 def _shares(organism: dict) -> list[float]:
-    return [r["norm_share"] for r in organism["layers"]]
+    return [number(r["norm_share"]) for r in organism["layers"]]
 
 
 @_check("sun-explicit-constants")
@@ -402,8 +404,8 @@ def _sun_explicit_constants(data: dict) -> Reading:
 
 @_check("dg-timestep-split")
 def _dg_timestep_split(data: dict) -> Reading:
-    top = [r["prompt_share"] for r in data["decomposition_top"]]
-    rnd = [r["prompt_share"] for r in data["decomposition_random"]]
+    top = [number(r["prompt_share"]) for r in data["decomposition_top"]]
+    rnd = [number(r["prompt_share"]) for r in data["decomposition_random"]]
     verdict = HOLDS if max(top) < STEP_DRIVEN else FAILS if min(top) >= STEP_DRIVEN else UNCLEAR
     return Reading(f"prompt share of the top-{K_DISRUPTION}'s variance: median {num(_median(top))} (layers {num(min(top))}-"
                    f"{num(max(top))}); random-{K_DISRUPTION} {num(_median(rnd))}",
@@ -415,7 +417,7 @@ def _dg_timestep_split(data: dict) -> Reading:
 @_check("dg-timestep-swap")
 def _dg_timestep_swap(data: dict) -> Reading:
     swap = data["organisms"]["control"]["timestep_swap"]
-    emb, inp = [r["embedding"] for r in swap], [r["input"] for r in swap]
+    emb, inp = [number(r["embedding"]) for r in swap], [number(r["input"]) for r in swap]
     verdict = (HOLDS if min(emb) >= EMBEDDING_DRIVEN else FAILS if all(e < EMBEDDING_DRIVEN for e in emb) else UNCLEAR)
     return Reading(f"embedding share {num(min(emb))}-{num(max(emb))}, input {num(min(inp))}-{num(max(inp))} over "
                    f"{len(swap)} layers (channel {swap[0]['channel']})",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mabook import disruption, probe
+from mabook import progress as progress_
 from mabook.attention import Capture, KeyIntervention, capture, intervene, op_label, resolve_layers
 from mabook.models import Adapter
 
@@ -108,7 +109,8 @@ def window_label(iv: KeyIntervention) -> str:
     return f"{where}, {when}"
 
 
-def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, keep_images: int = 4):
+def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, keep_images: int = 4,
+        progress: bool | None = None):
     """Regenerate every unit of `base` (a `disruption.Baseline`) under each intervention.
 
     Returns a `disruption.Result` whose table has disruption's metric columns (pixel MSE and SSIM
@@ -116,7 +118,8 @@ def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, ke
     CLIP-T if the baseline has a CLIP) and condition = the intervention's name, kind = "sink" /
     "random" / "bottom", k, op = `op_label`, window = `window_label`: `disruption.summary` and
     `paired_ratios` below read it as they read chapter 2's; seed_keys is the random draw's seed.
-    Baseline rows are included."""
+    Baseline rows are included. progress: a bar over the interventions and the time estimate
+    (`mabook.progress`)."""
 
     if not interventions:
         raise ValueError("interventions must be a non-empty list of KeyIntervention")
@@ -131,13 +134,15 @@ def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, ke
     table = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"}
              for m in base.metrics]
     kept = {"baseline": base.images[:keep_images]}
-    for iv, label in zip(interventions, labels):
-        with intervene(base.adapter, iv):
-            images = base.adapter.generate(base.units, base.num_inference_steps, batch_size, **base.pipe_kwargs)
-        for m in disruption.unit_metrics(base, images):
-            table.append({**m, "condition": iv.name, "kind": iv.keys, "k": iv.k, "op": op_label(iv),
-                          "window": window_label(iv), "seed_keys": iv.seed})
-        kept[label] = images[:keep_images]
+    what = f"sinks, {len(interventions)} intervention(s) x {len(base.units)} unit(s)"
+    with progress_.estimate(what, len(interventions) * len(base.units), base.num_inference_steps, progress):
+        for iv, label in progress_.bar(list(zip(interventions, labels)), "interventions", progress=progress):
+            with intervene(base.adapter, iv):
+                images = base.adapter.generate(base.units, base.num_inference_steps, batch_size, progress, **base.pipe_kwargs)
+            for m in disruption.unit_metrics(base, images):
+                table.append({**m, "condition": iv.name, "kind": iv.keys, "k": iv.k, "op": op_label(iv),
+                              "window": window_label(iv), "seed_keys": iv.seed})
+            kept[label] = images[:keep_images]
     return disruption.Result(table, kept, list(interventions))
 
 

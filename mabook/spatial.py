@@ -41,6 +41,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from mabook import discovery, disruption, judge, probe, world
+from mabook import progress as progress_
 from mabook.images import upsample
 from mabook.models import Adapter
 from mabook.statistics import Statistics
@@ -167,16 +168,18 @@ def capture(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,
     grid = adapter.grid(pipe_kwargs.get("height"), pipe_kwargs.get("width"))
     # 1. generate batch by batch: a probe keeps only its last generation's captures, so one probe per batch
     runs, images, hidden = [], [], {(t, s): [] for t in taps for s in steps}
-    for start in range(0, len(units), batch_size):
-        chunk = units[start:start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]  # noise independent of batching
-        with probe.collect(adapter, taps=image_taps, cfg="cond", capture=list(hidden)) as run:
-            out = adapter.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
-                               output_type="np", **pipe_kwargs).images
-        images.append(out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out))
-        for key in hidden:
-            hidden[key].append(run.captured[key].float().cpu().numpy())
-        runs.append(run.stats)
+    with progress_.estimate("spatial capture", len(units), num_inference_steps):
+        for start in progress_.bar(range(0, len(units), batch_size), "capture", unit="batch"):
+            chunk = units[start:start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]  # noise independent of batching
+            with probe.collect(adapter, taps=image_taps, cfg="cond", capture=list(hidden)) as run, \
+                    progress_.timed_step(adapter.transformer, len(chunk)):
+                out = adapter.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
+                                   output_type="np", **pipe_kwargs).images
+            images.append(out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out))
+            for key in hidden:
+                hidden[key].append(run.captured[key].float().cpu().numpy())
+            runs.append(run.stats)
     # 2. check the token grid against what the model produced
     hidden = {key: np.concatenate(parts) for key, parts in hidden.items()}
     tokens = next(iter(hidden.values())).shape[1]
@@ -429,29 +432,28 @@ def measure(cap: Capture, sets: dict[str, dict], taps: Sequence[str] | None = No
     rng = np.random.default_rng(seed)
     layer_index = {t: i for i, t in enumerate(str(t) for t in cap.stats.layers("img"))}
     rows = []
-    for tap in taps:
-        for step in steps:
-            x = cap.features(tap, step)  # (units, tokens, C); raises for a tap or step not captured
-            for u, (prompt, unit_seed) in enumerate(cap.units):
-                base = {"prompt": prompt, "seed": unit_seed, "n_objects": len(world.parse_caption(prompt).objects),
-                        "tap": tap, "layer": layer_index.get(tap, -1), "step": step}
-                labelings = []  # (set, kind, channels, K, method, labels)
-                for name, spec in sets.items():
-                    channels = check_channels(spec["channels"][tap], x.shape[-1])
-                    for K in ks:
-                        labels = kmeans(x[u][:, channels], K, seed=seed, n_init=n_init)
-                        labelings.append((set_label(name), spec["kind"], spec["k"], K, "kmeans", labels))
-                        if chance and name == next(iter(sets)):
-                            labelings.append(("chance", "chance", spec["k"], K, "chance", rng.permutation(labels)))
-                for rule in thresholds:
-                    labels = threshold(x[u][:, top1[tap][0]], rule)
-                    labelings.append((f"threshold-{rule}", "threshold", 1, 2, "threshold", labels))
-                for name, kind, k, K, method, labels in labelings:
-                    for source in sources:
-                        s = score(labels, cap.grid, gt[source][u])
-                        rows.append({**base, "set": name, "kind": kind, "channels": k, "n_clusters": K, "method": method,
-                                     "source": source, "token_iou": s["token_iou"], "pixel_iou": s["pixel_iou"],
-                                     "object_iou": float(np.mean(s["object_ious"])) if source == "rendered" else float("nan")})
+    for tap, step in progress_.bar([(t, s) for t in taps for s in steps], "K-means, layer x step"):
+        x = cap.features(tap, step)  # (units, tokens, C); raises for a tap or step not captured
+        for u, (prompt, unit_seed) in enumerate(cap.units):
+            base = {"prompt": prompt, "seed": unit_seed, "n_objects": len(world.parse_caption(prompt).objects),
+                    "tap": tap, "layer": layer_index.get(tap, -1), "step": step}
+            labelings = []  # (set, kind, channels, K, method, labels)
+            for name, spec in sets.items():
+                channels = check_channels(spec["channels"][tap], x.shape[-1])
+                for K in ks:
+                    labels = kmeans(x[u][:, channels], K, seed=seed, n_init=n_init)
+                    labelings.append((set_label(name), spec["kind"], spec["k"], K, "kmeans", labels))
+                    if chance and name == next(iter(sets)):
+                        labelings.append(("chance", "chance", spec["k"], K, "chance", rng.permutation(labels)))
+            for rule in thresholds:
+                labels = threshold(x[u][:, top1[tap][0]], rule)
+                labelings.append((f"threshold-{rule}", "threshold", 1, 2, "threshold", labels))
+            for name, kind, k, K, method, labels in labelings:
+                for source in sources:
+                    s = score(labels, cap.grid, gt[source][u])
+                    rows.append({**base, "set": name, "kind": kind, "channels": k, "n_clusters": K, "method": method,
+                                 "source": source, "token_iou": s["token_iou"], "pixel_iou": s["pixel_iou"],
+                                 "object_iou": float(np.mean(s["object_ious"])) if source == "rendered" else float("nan")})
     return rows
 
 

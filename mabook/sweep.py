@@ -17,9 +17,10 @@ list of *shards*, each a batch of the single-process run:
    merged table (`disruption.summary`, `disruption.paired_ratios`, `sinks.paired_ratios`).
 
 "disrupt" and "sinks" have two phases with a barrier between them: the baselines (one shard per
-batch of (prompt, seed) units; their pooled statistics choose the channel sets and the dataset
-means, and are merged once into a "baseline-stats" shard every process reads), then the conditions
-(one shard per (condition, batch)). The two experiments share their baseline shards.
+batch of (prompt, seed) units, their pooled statistics merged once into a "baseline-stats" shard
+every process reads) -- and for disrupt the "selection" shards of the held-out prompts (statistics
+only), merged the same way, which choose the channel sets and the dataset means -- then the
+conditions (one shard per (condition, batch)). The two experiments share their baseline shards.
 
 Exactness. A shard is one batch of the single-process run, with that batch's seeds and generator,
 so a process computes the same numbers in the same order as the single process would. The table's
@@ -81,10 +82,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mabook import attention, discovery, disruption, probe
+from mabook import progress as progress_
 from mabook.files import atomic_path
 from mabook.statistics import Statistics
 
-PHASES = ("discover", "baseline", "baseline-stats", "disrupt", "sinks")
+PHASES = ("discover", "baseline", "selection", "baseline-stats", "disrupt", "sinks")
 FORMAT = 3  # the shard layout; bump it when a shard's content or spec changes meaning (3: baselines may hold attention)
 KEEP_IMAGES = 4  # units whose images the grid shows (as disruption.run's keep_images)
 EXIT_STOPPED = 3  # `--stop-after` reached (a test hook: a sweep killed mid-way)
@@ -211,9 +213,11 @@ class Counts:
 
 
 class _Runner:
-    def __init__(self, state, shard_dir: Path, stop_after: int | None):
+    def __init__(self, state, shard_dir: Path, stop_after: int | None, progress: bool | None = None):
         self.state, self.dir, self.stop_after = state, shard_dir, stop_after
         self.counts = Counts()
+        # bars and estimates on the main process only: the others' would overwrite its lines
+        self.progress = progress if getattr(state, "is_main_process", True) else False
 
     def phase(self, items: Sequence[tuple[dict, Callable[[], tuple[dict, dict]]]]) -> list[str]:
         """Make sure a shard exists for every (spec, compute) item; returns their names, in order."""
@@ -227,21 +231,29 @@ class _Runner:
         self.counts.computed += len(pending)
         self.state.wait_for_everyone()  # every process has listed before any writes
         with self.state.split_between_processes(pending) as mine:
-            for name in mine:
-                spec, compute = todo[name]
-                start = time.perf_counter()
-                tensors, payload = compute()
-                middle = time.perf_counter()
-                write_shard(self.dir / name, spec, tensors, payload)
-                self.counts.compute_seconds += middle - start
-                self.counts.io_seconds += time.perf_counter() - middle
-                self.counts.computed_here += 1
-                if self.stop_after is not None and self.counts.computed_here >= self.stop_after:
-                    raise Stopped(f"stopped after {self.counts.computed_here} shard(s) (--stop-after); run the same "
-                                  f"command again to resume from the {len(list(self.dir.glob('*.safetensors')))} "
-                                  f"shards in {self.dir}")
+            specs = [todo[name][0] for name in mine]
+            phase = specs[0]["phase"] if specs else ""
+            images = sum(len(spec.get("units") or spec.get("prompts") or []) for spec in specs)
+            steps = max([spec.get("num_inference_steps", 0) for spec in specs], default=0)
+            with progress_.estimate(f"sweep {phase}, {len(mine)} shard(s)", images, steps, self.progress):
+                for name in progress_.bar(mine, f"{phase} shards", unit="shard", progress=self.progress):
+                    self.compute(name, *todo[name])
         self.state.wait_for_everyone()
         return names
+
+    def compute(self, name: str, spec: dict, compute: Callable[[], tuple[dict, dict]]) -> None:
+        """One shard: computed, written atomically, counted; `Stopped` after `stop_after` of them."""
+        start = time.perf_counter()
+        tensors, payload = compute()
+        middle = time.perf_counter()
+        write_shard(self.dir / name, spec, tensors, payload)
+        self.counts.compute_seconds += middle - start
+        self.counts.io_seconds += time.perf_counter() - middle
+        self.counts.computed_here += 1
+        if self.stop_after is not None and self.counts.computed_here >= self.stop_after:
+            raise Stopped(f"stopped after {self.counts.computed_here} shard(s) (--stop-after); run the same "
+                          f"command again to resume from the {len(list(self.dir.glob('*.safetensors')))} "
+                          f"shards in {self.dir}")
 
     def read(self, name: str, spec: dict, names: Sequence[str] | None = None) -> tuple[dict, dict]:
         start = time.perf_counter()
@@ -337,6 +349,13 @@ def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip, capt
     return tensors, payload
 
 
+def _selection_shard(adapter, units, num_inference_steps, pipe_kwargs):
+    """The statistics of one batch of held-out units (`disruption.selection_statistics`): no images kept."""
+    stats = disruption.unit_statistics(adapter, units, num_inference_steps, len(units), **pipe_kwargs)
+    tensors, meta = stats.to_tensors("stats/")
+    return tensors, {"stats": meta}
+
+
 def _condition_shard(config, condition, batch_base, keep):
     """One condition on one batch: the experiment's `apply` (`disruption.run`, `sinks.run`) on a one-batch baseline."""
     result = config.apply(batch_base, [condition], len(batch_base.units), keep)
@@ -350,7 +369,7 @@ def _condition_spec(condition) -> dict:
 
 
 def run(config, adapter, shards=None, *, state=None, stop_after: int | None = None, checkpoint: str | None = None,
-        clip_model: str | None = None, pipe_kwargs: dict | None = None) -> SweepResult | None:
+        clip_model: str | None = None, pipe_kwargs: dict | None = None, progress: bool | None = None) -> SweepResult | None:
     """Run the experiment `config` (a discover, disrupt or sinks `Config` of `mabook.experiments`) as
     shards in the directory `shards` over this launch's processes; the merged `SweepResult` on the
     main process, None on the others. `shards=None`: a temporary directory (one process only).
@@ -361,14 +380,15 @@ def run(config, adapter, shards=None, *, state=None, stop_after: int | None = No
     `checkpoint` names the weights in the shard specs (default `checkpoint_id(adapter)`); `clip_model`
     adds CLIP-T to the table; `pipe_kwargs` go to every pipeline call. `state`: an accelerate
     `PartialState` (default: this launch's). `stop_after`: raise `Stopped` after this process wrote
-    that many shards (a test hook).
+    that many shards (a test hook). `progress`: a bar over each phase's shards and its time
+    estimate, on the main process (`mabook.progress`; None: on where someone reads it).
     """
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be an int >= 1 (or None), got {stop_after!r}")
     if shards is None:
         with tempfile.TemporaryDirectory(prefix="mabook-shards-") as tmp:
             return run(config, adapter, tmp, state=state, stop_after=stop_after, checkpoint=checkpoint,
-                       clip_model=clip_model, pipe_kwargs=pipe_kwargs)
+                       clip_model=clip_model, pipe_kwargs=pipe_kwargs, progress=progress)
     pipe_kwargs = dict(pipe_kwargs or {})
     prompts = config.prompt_list
     seeds = getattr(config, "seeds", [0])
@@ -377,7 +397,7 @@ def run(config, adapter, shards=None, *, state=None, stop_after: int | None = No
     shard_dir = check_shard_dir(shards)
     state = process_state("cpu" if next(adapter.transformer.parameters()).device.type == "cpu" else "auto") \
         if state is None else state
-    runner = _Runner(state, shard_dir, stop_after)
+    runner = _Runner(state, shard_dir, stop_after, progress)
     if state.is_main_process:  # temporary files of killed writes; nobody writes before the next barrier
         for f in shard_dir.iterdir():
             if _TEMPORARY.match(f.name):
@@ -404,10 +424,26 @@ def _statistics(config, adapter, prompts, runner, common, pipe_kwargs, start) ->
     return SweepResult(config.NAME, runner.counts, time.perf_counter() - start, stats=Statistics.merge(parts))
 
 
+def _merged_statistics(runner, names: list[str], items: list) -> tuple[str, Statistics, list | None]:
+    """The baselines' statistics merged once, in batch order, into a "baseline-stats" shard every
+    process reads: (its name, the statistics, the main process's parts if it read them)."""
+    spec = {"phase": "baseline-stats", "format": FORMAT, "parts": names}
+    name = shard_name(spec)
+    parts = None
+    if runner.state.is_main_process and not (runner.dir / name).is_file():
+        parts = [runner.read(n, part_spec) for n, (part_spec, _) in zip(names, items)]
+        merged = Statistics.merge([Statistics.from_tensors(t, p["stats"], "stats/") for p, t in parts])
+        tensors, meta = merged.to_tensors("stats/")
+        write_shard(runner.dir / name, spec, tensors, {"stats": meta})
+    runner.state.wait_for_everyone()
+    payload, tensors = runner.read(name, spec)
+    return name, Statistics.from_tensors(tensors, payload["stats"], "stats/"), parts
+
+
 def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model, start) -> SweepResult | None:
     """disrupt / sinks: the baselines (one shard per batch), their merged statistics, the conditions
     (one shard per (condition, batch)); merged on the main process in `disruption.run`'s order."""
-    state, shard_dir, steps = runner.state, runner.dir, config.num_inference_steps
+    state, steps = runner.state, config.num_inference_steps
     capture_attention = getattr(config, "CAPTURE_ATTENTION", False)
     clip = disruption.load_clip(clip_model) if clip_model else None
     common = {**common, "clip_model": clip_model, **({"capture_attention": True} if capture_attention else {})}
@@ -416,19 +452,17 @@ def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model,
                    lambda chunk=chunk: _baseline_shard(adapter, chunk, steps, pipe_kwargs, clip, capture_attention))
                   for _, chunk in batches]
     base_names = runner.phase(base_items)
-    stats_spec = {"phase": "baseline-stats", "format": FORMAT, "parts": base_names}
-    stats_name = shard_name(stats_spec)
-    main_parts = None
-    if state.is_main_process and not (shard_dir / stats_name).is_file():
-        main_parts = [runner.read(n, spec) for n, (spec, _) in zip(base_names, base_items)]
-        merged = Statistics.merge([Statistics.from_tensors(t, p["stats"], "stats/") for p, t in main_parts])
-        tensors, meta = merged.to_tensors("stats/")
-        write_shard(shard_dir / stats_name, stats_spec, tensors, {"stats": meta})
-    state.wait_for_everyone()
-    payload, tensors = runner.read(stats_name, stats_spec)
-    stats = Statistics.from_tensors(tensors, payload["stats"], "stats/")
+    stats_name, stats, main_parts = _merged_statistics(runner, base_names, base_items)
+    selection_name, selection = stats_name, None
+    selection_prompts = getattr(config, "selection_list", None)
+    if selection_prompts is not None:  # held-out prompts' baselines choose the channel sets and the edits' values
+        chosen_on = disruption.check_units(selection_prompts, getattr(config, "seeds", [0]))
+        items = [({"phase": "selection", **common, "units": chunk},
+                  lambda chunk=chunk: _selection_shard(adapter, chunk, steps, pipe_kwargs))
+                 for _, chunk in _batches(chosen_on, config.batch_size)]
+        selection_name, selection, _ = _merged_statistics(runner, runner.phase(items), items)
     empty = np.zeros((0,), np.float32)
-    base = disruption.Baseline(adapter, units, empty, stats, empty, steps, dict(pipe_kwargs), clip=clip)
+    base = disruption.Baseline(adapter, units, empty, stats, empty, steps, dict(pipe_kwargs), clip=clip, selection=selection)
 
     # the conditions (every process builds the same list from the same statistics)
     conds = config.conditions(base)
@@ -439,14 +473,14 @@ def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model,
             _, t = runner.read(base_names[index], base_items[index][0], ["images"])
             batch_images[index] = t["images"].numpy()
         return disruption.Baseline(adapter, chunk, batch_images[index], stats, empty, steps, dict(pipe_kwargs),
-                                   metrics=[], clip=clip)
+                                   metrics=[], clip=clip, selection=selection)
 
     items = []
     for c in conds:
         for index, (first, chunk) in enumerate(batches):
             keep = max(0, min(len(chunk), KEEP_IMAGES - first))
             spec = {"phase": config.NAME, **common, "condition": _condition_spec(c), "units": chunk,
-                    "baseline": stats_name, "keep": keep}
+                    "baseline": selection_name, "keep": keep}  # the statistics that set the edits
             items.append((spec, lambda c=c, index=index, chunk=chunk, keep=keep:
                           _condition_shard(config, c, batch_base(index, chunk), keep)))
     names = runner.phase(items)
@@ -460,7 +494,7 @@ def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model,
     token_means = np.concatenate([t["token_means"].numpy() for _, t in main_parts])
     metrics = [m for p, _ in main_parts for m in p["metrics"]]
     base = disruption.Baseline(adapter, units, images, stats, token_means, steps, dict(pipe_kwargs), metrics=metrics,
-                               clip=clip)
+                               clip=clip, selection=selection)
     capture = attention.Capture.from_tensors(adapter, [(t, p["capture"]) for p, t in main_parts], "capture/") \
         if capture_attention else None
     table = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"} for m in metrics]

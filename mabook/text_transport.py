@@ -29,6 +29,7 @@ import torch
 from scipy import ndimage
 
 from mabook import judge, probe, transport, world
+from mabook import progress as progress_
 from mabook.models import Adapter
 from mabook.stats import bootstrap_ci
 
@@ -273,22 +274,28 @@ def method_outputs(methods: Sequence[Method], alphas: Sequence[float], rec: tran
     is not regenerated; blend_sources: what the pixel blend mixes in (the source images, or
     chapter 5's references); masks: the K-means masks by name (`transport.MASKS`) when a method
     uses one."""
-    for m in methods:
-        for alpha in (alphas if m.alphas is None else m.alphas):
-            if alpha == 0:
-                out = target_images
-            elif m.kind == "pixel":
-                out = transport.pixel_blend(blend_sources, target_images, alpha)
-            elif m.kind == "embedding":
-                out = transport.embedding_blend(rec.adapter, [p for p, _ in rec.units], targets, alpha,
-                                                [s for _, s in rec.units], rec.num_inference_steps, batch_size, **pipe_kwargs)
-            else:
-                out = transport.transport(rec, targets, alpha, mask=None if m.mask is None else masks[m.mask],
-                                          stream=stream, channels=None if m.channels == "all" else m.channels,
-                                          steps=m.steps, batch_size=batch_size, target_images=target_images,
-                                          conditioning=(m.channels == "all") if m.conditioning is None else m.conditioning,
-                                          **pipe_kwargs).images
-            yield m, alpha, out
+    todo = [(m, alpha) for m in methods for alpha in (alphas if m.alphas is None else m.alphas)]
+    for m, alpha in progress_.bar(todo, "methods x alphas"):
+        if alpha == 0:
+            out = target_images
+        elif m.kind == "pixel":
+            out = transport.pixel_blend(blend_sources, target_images, alpha)
+        elif m.kind == "embedding":
+            out = transport.embedding_blend(rec.adapter, [p for p, _ in rec.units], targets, alpha,
+                                            [s for _, s in rec.units], rec.num_inference_steps, batch_size, **pipe_kwargs)
+        else:
+            out = transport.transport(rec, targets, alpha, mask=None if m.mask is None else masks[m.mask],
+                                      stream=stream, channels=None if m.channels == "all" else m.channels,
+                                      steps=m.steps, batch_size=batch_size, target_images=target_images,
+                                      conditioning=(m.channels == "all") if m.conditioning is None else m.conditioning,
+                                      **pipe_kwargs).images
+        yield m, alpha, out
+
+
+def images_per_pair(methods: Sequence[Method], alphas: Sequence[float]) -> int:
+    """The generations `compare` makes per pair: the source and the target, and every method that
+    generates (channels, embedding) at each of its alphas but 0 (alpha 0 is the target itself)."""
+    return 2 + sum(sum(1 for a in (alphas if m.alphas is None else m.alphas) if a != 0) for m in methods if m.kind != "pixel")
 
 
 def _check_methods(methods: Sequence[Method]) -> None:
@@ -356,28 +363,30 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[Pair]], methods:
     rows: list[dict] = []
     images: dict[tuple, list[np.ndarray]] = {}
     sources, targets, masks = [], [], {m: [] for m in transport.MASKS}
-    for c0 in range(0, len(flat), chunk):
-        part = flat[c0:c0 + chunk]
-        seeds = [seed_of[(kind, i)] for kind, i, _ in part]
-        tgt_prompts = [p.target for _, _, p in part]
-        # 1. the sources, every channel and the conditioning; 2. the targets (and the K-means masks)
-        rec = transport.record(adapter, [p.source for _, _, p in part], taps=stream_taps, channels="all", conditioning=True,
-                               unit_seeds=seeds, num_inference_steps=num_inference_steps, batch_size=batch_size, **pipe_kwargs)
-        target_images, chunk_masks = _targets(adapter, rec, tgt_prompts, seeds, mask_at, mask_channels, num_inference_steps,
-                                              batch_size, **pipe_kwargs)
-        for name, mask in chunk_masks.items():
-            masks[name].append(mask)
-        sources.append(rec.images)
-        targets.append(target_images)
-        # 3. every method at every alpha
-        for m, alpha, out in method_outputs(methods, alphas, rec, tgt_prompts, target_images, rec.images, chunk_masks,
-                                            stream, batch_size, **pipe_kwargs):
-            images.setdefault((m.name, m.seed, alpha), []).append(out)
-            rows += score_rows(part, out, target_images, method=m.name, method_kind=m.kind, seed=m.seed, mask=m.mask,
-                               alpha=alpha)
-        for name, ims in (("source image", rec.images), ("target image", target_images)):
-            rows += score_rows(part, ims, target_images, method=name, method_kind="reference", seed=None, mask=None,
-                               alpha=None)
+    what = f"text transport, {len(flat)} pairs"
+    with progress_.estimate(what, len(flat) * images_per_pair(methods, alphas), num_inference_steps):
+        for c0 in progress_.bar(range(0, len(flat), chunk), "chunks of pairs", unit="chunk"):
+            part = flat[c0:c0 + chunk]
+            seeds = [seed_of[(kind, i)] for kind, i, _ in part]
+            tgt_prompts = [p.target for _, _, p in part]
+            # 1. the sources, every channel and the conditioning; 2. the targets (and the K-means masks)
+            rec = transport.record(adapter, [p.source for _, _, p in part], taps=stream_taps, channels="all", conditioning=True,
+                                   unit_seeds=seeds, num_inference_steps=num_inference_steps, batch_size=batch_size, **pipe_kwargs)
+            target_images, chunk_masks = _targets(adapter, rec, tgt_prompts, seeds, mask_at, mask_channels, num_inference_steps,
+                                                  batch_size, **pipe_kwargs)
+            for name, mask in chunk_masks.items():
+                masks[name].append(mask)
+            sources.append(rec.images)
+            targets.append(target_images)
+            # 3. every method at every alpha
+            for m, alpha, out in method_outputs(methods, alphas, rec, tgt_prompts, target_images, rec.images, chunk_masks,
+                                                stream, batch_size, **pipe_kwargs):
+                images.setdefault((m.name, m.seed, alpha), []).append(out)
+                rows += score_rows(part, out, target_images, method=m.name, method_kind=m.kind, seed=m.seed, mask=m.mask,
+                                   alpha=alpha)
+            for name, ims in (("source image", rec.images), ("target image", target_images)):
+                rows += score_rows(part, ims, target_images, method=name, method_kind="reference", seed=None, mask=None,
+                                   alpha=None)
     return Comparison(rows, {key: np.concatenate(v) for key, v in images.items()}, np.concatenate(sources),
                       np.concatenate(targets), {m: torch.cat(v) for m, v in masks.items() if v}, flat,
                       time.perf_counter() - start_time)

@@ -23,6 +23,12 @@ Baselines: `pixel_blend` (the two final images mixed at the same alpha), `embedd
 two prompts' text embeddings mixed, same noise; organism), all-channel transport
 (`record(..., channels="all")`), and `random_channels` (a random set of equal size per tap).
 
+Memory. A record holds channels x tokens x taps x steps x guidance halves values, in the
+transformer's dtype, in host memory. `record` needs the caller to name the channels and estimates
+the bytes before generating (`record_bytes`): every channel of a real model -- ~45 GB of bfloat16
+per FLUX.1 image at 1024x1024 -- is refused unless `max_bytes` allows it; the organism's (128 wide,
+32x32) are a few MB.
+
 The AdaLN conditioning. Every block's modulation and the final `norm_out` read `temb` (timestep +
 projected pooled text embedding), an input of the blocks, not a block output. `record(...,
 conditioning=True)` also keeps it (all its channels, one vector per sample and step, through
@@ -55,6 +61,7 @@ import numpy as np
 import torch
 
 from mabook import discovery, disruption, judge, probe, spatial, world
+from mabook import progress as progress_
 from mabook.models import Adapter
 from mabook.probe import Edit
 
@@ -139,6 +146,9 @@ def _check_mask(mask, n_units: int, tokens: int, what: str) -> torch.Tensor:
 
 def _check_channels(adapter: Adapter, channels, taps: list[str]) -> dict[str, list[int]]:
     """"all", a list of ints (the same at every tap) or {tap name: ints} -> {tap name: ints}."""
+    if channels is None:
+        raise ValueError("record needs channels: a list of ints (the same at every tap), {tap name: ints}, or 'all' "
+                         "(every channel; on a model other than the organism also max_bytes=, the memory it may take)")
     if isinstance(channels, str):
         if channels != "all":
             raise ValueError(f"channels must be 'all', a list of ints or {{tap: ints}}, got {channels!r}")
@@ -160,13 +170,17 @@ def _check_channels(adapter: Adapter, channels, taps: list[str]) -> dict[str, li
 
 
 def record(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,), taps: Sequence[str] | None = None,
-           steps: Sequence[int] | None = None, channels="all", token_mask=None, num_inference_steps: int = 20,
+           steps: Sequence[int] | None = None, channels=None, token_mask=None, num_inference_steps: int = 20,
            batch_size: int = 16, *, conditioning: bool | None = None, unit_seeds: Sequence[int] | None = None,
-           latents: torch.Tensor | None = None, **pipe_kwargs) -> Record:
+           latents: torch.Tensor | None = None, max_bytes: int | None = None, **pipe_kwargs) -> Record:
     """Generate the source units and keep `channels` at taps x steps for both guidance halves.
 
-    taps: tap names (default: every tap of both streams); steps: default all; channels: "all", a
-    list of ints, or {tap name: ints}; token_mask: None or (units, image tokens) bool -- image taps
+    taps: tap names (default: every tap of both streams); steps: default all; channels (required):
+    a list of ints (the same at every tap), {tap name: ints}, or "all" -- every channel, which on a
+    real model is tens of GB per image (FLUX.1 at 1024x1024: ~45 GB of bfloat16 over 57 blocks x
+    28 steps), so "all" on any model but the organism needs `max_bytes`, the host memory the caller
+    allows; `max_bytes` also caps a record of any channels (`record_bytes` is the estimate, made
+    before generating). token_mask: None or (units, image tokens) bool -- image taps
     then keep only those tokens (text taps keep all). conditioning: also keep the AdaLN
     conditioning `temb` (all its channels; `probe.conditioning_tap`) -- default: only when
     channels is "all", the one case where it makes alpha = 1 reproduce the source exactly.
@@ -176,16 +190,7 @@ def record(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,)
     `mabook.inversion`); with them a prompt may be "" (unconditional), and `transport` starts the
     targets from the same latents.
     """
-    given = list(prompts) if latents is not None and isinstance(prompts, (list, tuple)) else None
-    checked = prompts if given is None else [p if p != "" else "(unconditional)" for p in given]
-    if unit_seeds is None:
-        units = disruption.check_generation(adapter, checked, seeds, num_inference_steps, batch_size, "transport")
-    else:
-        units = _paired_units(adapter, checked, unit_seeds, num_inference_steps, batch_size)
-    if given is not None:  # units follow the prompts' order (seed-major): put "" back
-        units = [(p, s) for p, (_, s) in zip(given * len(units), units)]
-        if len(latents) != len(units):
-            raise ValueError(f"latents has {len(latents)} rows; expected one per unit ({len(units)})")
+    units = _record_units(adapter, prompts, seeds, unit_seeds, latents, num_inference_steps, batch_size)
     tap_names = [str(t) for t in probe.taps(adapter)] if taps is None else [str(probe.resolve(adapter, t)) for t in taps]
     if any(t.endswith("." + probe.CONDITIONING) for t in tap_names):
         raise ValueError("the conditioning tap is not one of `taps`: pass conditioning=True (it is kept whole)")
@@ -204,6 +209,7 @@ def record(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,)
     tokens = grid[0] * grid[1]
     mask = torch.ones(len(units), tokens, dtype=torch.bool) if token_mask is None else \
         _check_mask(token_mask, len(units), tokens, "token_mask")
+    check_memory(adapter, chosen, steps, mask, pipe_kwargs, all_channels=isinstance(channels, str), max_bytes=max_bytes)
     index = {t: torch.tensor(c) for t, c in chosen.items()}
     parts: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = {}
     text_tokens, images, chunk_mask = 0, [], None
@@ -228,15 +234,87 @@ def record(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,)
         return None
 
     hooks = probe.hooks(adapter, keep, taps=tap_names, steps=steps, cfg="both")
-    with hooks:
-        for start in range(0, len(units), batch_size):
+    with hooks, progress_.estimate("record", len(units), num_inference_steps):
+        for start in progress_.bar(range(0, len(units), batch_size), "record", unit="batch"):
             chunk_mask = mask[start:start + batch_size]
             images.append(adapter.generate(units[start:start + batch_size], num_inference_steps,
                                                batch_size, **_with_latents(pipe_kwargs, latents, start, start + batch_size)))
     hooks.check_steps_ran(steps, "record")
-    values = {key: {role: torch.cat(v) for role, v in by_role.items()} for key, by_role in parts.items()}
+    values = {}
+    for key in list(parts):  # joined one (tap, step) at a time: the record is never held twice
+        values[key] = {role: torch.cat(v) for role, v in parts.pop(key).items()}
     return Record(adapter, units, np.concatenate(images), chosen, steps, values, mask, text_tokens,
                   num_inference_steps, dict(pipe_kwargs), conditioning, latents)
+
+
+def padded_text_tokens(adapter: Adapter, pipe_kwargs: dict) -> int:
+    """The text tokens a text-stream tap carries per sample (what the pipeline pads the prompt to):
+    the organism's max_text_length, FLUX's T5 max_sequence_length (512), SD3's 77 CLIP + 256 T5."""
+    if adapter.family.name == "organism":
+        return int(adapter.pipe.organism_config.max_text_length)
+    if adapter.family.name == "flux":
+        return int(pipe_kwargs.get("max_sequence_length") or 512)
+    if adapter.family.name == "sd3":  # CLIP's tokens (77) joined with T5's
+        return int(getattr(adapter.pipe, "tokenizer_max_length", 77)) + int(pipe_kwargs.get("max_sequence_length") or 256)
+    return 0  # PixArt, SANA: no text stream
+
+
+def record_bytes(adapter: Adapter, chosen: dict[str, list[int]], steps: Sequence[int], mask: torch.Tensor,
+                 pipe_kwargs: dict) -> int:
+    """The bytes `record` will hold: per tap, its tokens (image taps: the masked tokens of every
+    unit; text taps: `padded_text_tokens` per unit; the conditioning: one per unit) x its channels x the
+    steps x the guidance halves (2 where the family batches [uncond; cond]) x the bytes per value
+    of the transformer's dtype."""
+    param = next(adapter.transformer.parameters())
+    halves = 2 if adapter.family.guidance_batch else 1
+    units = mask.shape[0]
+    per_tap = {"img": int(mask.sum()), "txt": units * padded_text_tokens(adapter, pipe_kwargs), probe.CONDITIONING: units}
+    values = sum(per_tap[tap.rsplit(".", 1)[1]] * len(cs) for tap, cs in chosen.items())
+    return values * len(steps) * halves * param.element_size()
+
+
+def size_text(n: float) -> str:
+    """A byte count for a reader: 45.2 GB, 3.1 MB, 1.02 kB, 512 bytes."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:g} bytes"
+
+
+def check_memory(adapter: Adapter, chosen: dict[str, list[int]], steps: Sequence[int], mask: torch.Tensor,
+                 pipe_kwargs: dict, all_channels: bool, max_bytes: int | None) -> int:
+    """`record`'s refusal, before generating: every channel of a model other than the organism
+    without `max_bytes`, or any record over `max_bytes`. Returns the estimate (`record_bytes`)."""
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be a number of bytes >= 0 (or None), got {max_bytes!r}")
+    need = record_bytes(adapter, chosen, steps, mask, pipe_kwargs)
+    what = (f"{len(chosen)} taps x {len(steps)} steps x {mask.shape[0]} unit(s), "
+            f"{max(len(cs) for cs in chosen.values())} channels per tap")
+    if all_channels and adapter.family.name != "organism" and max_bytes is None:
+        raise ValueError(f"record: channels='all' of {adapter.family.name} keeps ~{size_text(need)} in host memory "
+                         f"({what}; estimated before generating); allowed: name the channels (e.g. a top-k set), or "
+                         f"pass max_bytes >= {need} to allow it")
+    if max_bytes is not None and need > max_bytes:
+        raise ValueError(f"record: {what} keeps ~{size_text(need)}, over max_bytes={max_bytes:g}; allowed: fewer "
+                         f"channels, taps, steps or units, or max_bytes >= {need}")
+    return need
+
+
+def _record_units(adapter: Adapter, prompts, seeds, unit_seeds, latents, num_inference_steps: int,
+                  batch_size: int) -> list[tuple[str, int]]:
+    """`record`'s units, checked: prompts x seeds, or (prompts[i], unit_seeds[i]); with latents a
+    prompt may be "" (unconditional) and there must be one row of latents per unit."""
+    given = list(prompts) if latents is not None and isinstance(prompts, (list, tuple)) else None
+    checked = prompts if given is None else [p if p != "" else "(unconditional)" for p in given]
+    if unit_seeds is None:
+        units = disruption.check_generation(adapter, checked, seeds, num_inference_steps, batch_size, "transport")
+    else:
+        units = _paired_units(adapter, checked, unit_seeds, num_inference_steps, batch_size)
+    if given is not None:  # units follow the prompts' order (seed-major): put "" back
+        units = [(p, s) for p, (_, s) in zip(given * len(units), units)]
+        if len(latents) != len(units):
+            raise ValueError(f"latents has {len(latents)} rows; expected one per unit ({len(units)})")
+    return units
 
 
 def _with_latents(pipe_kwargs: dict, latents: torch.Tensor | None, start: int, stop: int) -> dict:
@@ -328,18 +406,20 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
             raise ValueError("mask reaches tokens the record did not keep; use a mask within the record's token_mask")
     elif not rec.token_mask.all():
         mask = rec.token_mask  # the recorded tokens are all there is to transport
-    if target_images is None:
-        target_images = np.concatenate([  # a record made from latents (mabook.inversion) gives the targets its latents
-            rec.adapter.generate(units[a:a + batch_size], n_steps, batch_size, **_with_latents(kwargs, rec.latents, a, a + batch_size))
-            for a in range(0, len(units), batch_size)])
-    images = []
-    for start in range(0, len(units), batch_size):
-        stop = min(start + batch_size, len(units))
-        box: dict = {}
-        editor = probe.edit(rec.adapter, _edits(rec, box, taps, window, alpha, mask, start, stop, subset), cfg="both")
-        box["editor"] = editor
-        with editor:
-            images.append(rec.adapter.generate(units[start:stop], n_steps, batch_size, **_with_latents(kwargs, rec.latents, start, stop)))
+    images, starts = [], range(0, len(units), batch_size)
+    with progress_.estimate("transport", len(units) * (1 if target_images is not None else 2), n_steps):
+        if target_images is None:
+            target_images = np.concatenate([  # a record made from latents (mabook.inversion) gives the targets its latents
+                rec.adapter.generate(units[a:a + batch_size], n_steps, batch_size, **_with_latents(kwargs, rec.latents, a, a + batch_size))
+                for a in starts])
+        for start in progress_.bar(starts, "transport", unit="batch"):
+            stop = min(start + batch_size, len(units))
+            box: dict = {}
+            editor = probe.edit(rec.adapter, _edits(rec, box, taps, window, alpha, mask, start, stop, subset), cfg="both")
+            box["editor"] = editor
+            with editor:
+                images.append(rec.adapter.generate(units[start:stop], n_steps, batch_size,
+                                                   **_with_latents(kwargs, rec.latents, start, stop)))
     images = np.concatenate(images)
     k = len((subset or rec.channels)[taps[0]])
     table = _table(rec, units, target_images, images, alpha, stream, mask, k, conditioning)

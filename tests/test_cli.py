@@ -227,6 +227,8 @@ def test_transport_from_a_reference_image_writes_strip_and_table(checkpoint, tmp
     assert summary["strip_rows"][:2] == ["reference", "reconstruction"] and "pixel blend alpha=1" in summary["strip_rows"]
     assert sorted(r["alpha"] for r in summary["table"]) == [0.0, 1.0] and summary["table"][0]["pixel_mse"] == 0
     assert 0 <= summary["reconstruction_error"]["mae"] <= 1 and summary["inversion"]["evaluations"] >= 4
+    # only the top-4 are recorded (8 image taps x 2 steps x 2 guidance halves x 64 tokens x 4 channels x 4 bytes), not all 128
+    assert summary["settings"]["recorded_bytes"] == 8 * 2 * 2 * 64 * 4 * 4
     assert np.asarray(Image.open(out / "strip.png")).shape[1] == (32 + 2) * 4 + 2 * 4
     Image.new("RGB", (40, 32)).save(tmp_path / "wide.png")
     code = cli.main(["transport", "--checkpoint", str(checkpoint), "--reference", str(tmp_path / "wide.png"), "--target", "b",

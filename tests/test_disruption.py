@@ -201,11 +201,40 @@ def test_cluster_bootstrap_against_a_loop():
 def test_decomposition_separates_prompt_from_timestep(base):
     units, steps, layers, C = base.token_means.shape
     timestep_only = np.broadcast_to(np.linspace(0, 5, steps)[None, :, None, None], base.token_means.shape)
-    prompt_only = np.broadcast_to(np.arange(units, dtype=float)[:, None, None, None], base.token_means.shape)
+    index = {p: i for i, p in enumerate(dict.fromkeys(p for p, _ in base.units))}
+    prompt_only = np.broadcast_to(np.array([index[p] for p, _ in base.units], dtype=float)[:, None, None, None],
+                                  base.token_means.shape)
     for values, share in ((timestep_only, 0.0), (prompt_only, 1.0)):
         fake = disruption.Baseline(base.adapter, base.units, base.images, base.stats, np.array(values), STEPS)
         rows = disruption.decomposition(fake, {base.layers[0]: [0, 1]})
         assert rows[0]["prompt_share"] == pytest.approx(share)
+
+
+def test_decomposition_separates_the_seed_from_the_prompt(base):
+    """3 prompts x 2 seeds: a value that moves with the seed only is seed variance, not prompt
+    variance; on random values, prompt + seed variance is the across-unit variance (the law of
+    total variance, computed here with numpy as one number) and the shares are those variances' parts."""
+    layers = len(base.layers)
+    units = [(p, s) for s in (0, 1) for p in ("a", "b", "c")]  # seed-major, as check_units makes them
+    seed_only = np.broadcast_to(np.array([0.0, 0, 0, 4, 4, 4])[:, None, None, None], (6, 3, layers, 2)) * 1e3
+    fake = disruption.Baseline(base.adapter, units, base.images, base.stats, np.array(seed_only), 3)
+    (row,) = disruption.decomposition(fake, {base.layers[0]: [0, 1]})
+    assert row["seed_share"] == pytest.approx(1.0) and row["prompt_share"] == pytest.approx(0.0, abs=1e-12)
+    assert row["seed_var"] == pytest.approx(4e6)  # seeds at 0 and 4000: population variance 2000^2
+
+    values = np.random.default_rng(0).normal(size=(6, 3, layers, 2)) * np.array([1.0, 3e3])  # real-model magnitudes
+    fake = disruption.Baseline(base.adapter, units, base.images, base.stats, values, 3)
+    (row,) = disruption.decomposition(fake, {base.layers[0]: [0, 1]})
+    m = values[:, :, 0, :]
+    across_units = m.var(0).mean()
+    assert row["prompt_var"] + row["seed_var"] == pytest.approx(across_units, rel=1e-12)
+    prompt_means = np.stack([m[[0, 3]].mean(0), m[[1, 4]].mean(0), m[[2, 5]].mean(0)])
+    assert row["prompt_var"] == pytest.approx(prompt_means.var(0).mean(), rel=1e-12)
+    total = across_units + m.var(1).mean()
+    assert row["prompt_share"] == pytest.approx(row["prompt_var"] / total) and 0 < row["seed_share"] < 1
+    with pytest.raises(ValueError, match=r"as many seeds for every prompt, got \[1, 2\] seeds"):
+        disruption.decomposition(disruption.Baseline(base.adapter, units[:5], base.images, base.stats, values[:5], 3),
+                                 {base.layers[0]: [0]})
 
 
 def test_windows_split_layers_and_steps_in_thirds(base):

@@ -28,6 +28,7 @@ torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): the s
 STEPS = 2
 DISCOVER_PROMPTS = world.heldout_captions(5, n_objects=1, seed=0)  # batches of 2: [2, 2, 1], split 2 / 1
 UNITS_PROMPTS, UNITS_SEEDS, UNITS_BATCH = world.heldout_captions(3, n_objects=1, seed=0), [0, 1], 4  # 6 units: [4, 2]
+SELECTION = world.heldout_captions(5, n_objects=1, seed=0)[3:]  # held out: 2 prompts x 2 seeds choose the channel sets
 
 
 @pytest.fixture(scope="module")
@@ -92,22 +93,28 @@ def test_discover_on_two_processes_equals_one_process(organism, tmp_path):
 def test_disrupt_stopped_on_one_process_resumes_on_two_and_equals_the_one_process_table(organism, reference_base,
                                                                                           tmp_path):
     out = tmp_path / "disrupt"
-    # 1. killed mid-way, on one process: 2 baseline shards and 1 condition shard written (of 2 + 4 x 2)
+    # 1. killed mid-way, on one process: 2 baseline shards and the selection set's baseline shard written
+    #    (of 2 + 1 + 4 x 2)
     with pytest.raises(sweep.Stopped, match="stopped after 3 shard"):
         sweep.run(disrupt.Config(prompts=UNITS_PROMPTS, seeds=UNITS_SEEDS, num_inference_steps=STEPS, batch_size=UNITS_BATCH,
-                                 k=[1, 2], kinds=["top", "random"], n_random=1), organism, out / "shards", stop_after=3)
+                                 k=[1, 2], kinds=["top", "random"], n_random=1, selection_prompts=SELECTION),
+                  organism, out / "shards", stop_after=3)
     assert len(list((out / "shards").glob("*.safetensors"))) == 3 + 1  # and the merged baseline statistics
     # 2. the command on two processes: shards are named by content, not by process, so they are reused
     done = _launch(tmp_path, "disrupt", "--prompts", *UNITS_PROMPTS, "--seeds", *map(str, UNITS_SEEDS),
                    "--num-inference-steps", str(STEPS), "--batch-size", str(UNITS_BATCH), "--k", "1", "2",
-                   "--kinds", "top", "random", "--n-random", "1", "--out", str(out))
+                   "--kinds", "top", "random", "--n-random", "1", "--selection-prompts", *SELECTION, "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert {k: summary["sweep"][k] for k in ("processes", "shards", "reused", "computed")} == \
-        {"processes": 2, "shards": 2 + 4 * 2, "reused": 3, "computed": 7}
+        {"processes": 2, "shards": 2 + 1 + 4 * 2, "reused": 3, "computed": 8}
+    assert summary["selection"] == {"prompts": SELECTION, "seeds": UNITS_SEEDS}
     # 3. the merged table, its CIs and the baselines' statistics equal the single process's, bit for bit
-    conds = disruption.conditions(reference_base, [1, 2], ["top", "random"], 1, "zero")
-    reference = disruption.run(reference_base, conds, UNITS_BATCH).table
+    selection = disruption.selection_statistics(organism, SELECTION, UNITS_SEEDS, STEPS, UNITS_BATCH)
+    assert_same_statistics(Statistics.load(out / "selection_stats.safetensors"), selection)
+    selected = disruption.Baseline(**{**vars(reference_base), "selection": selection})
+    conds = disruption.conditions(selected, [1, 2], ["top", "random"], 1, "zero")
+    reference = disruption.run(selected, conds, UNITS_BATCH).table
     assert summary["table"] == _json(reference)
     assert summary["summary"] == _json(disruption.summary(reference))
     assert summary["paired_ratios"] == _json(disruption.paired_ratios(reference)) != []

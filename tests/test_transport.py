@@ -12,6 +12,7 @@ against the code's own formulas.
 
 import contextlib
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def adapter(trained_organism):
 @pytest.fixture(scope="module")
 def full(adapter):
     """Every channel at every tap of both streams and every step, and the conditioning; two units."""
-    return transport.record(adapter, [SOURCE, TARGET], seeds=[0], num_inference_steps=STEPS)
+    return transport.record(adapter, [SOURCE, TARGET], seeds=[0], channels="all", num_inference_steps=STEPS)
 
 
 def image_taps(adapter):
@@ -467,5 +468,65 @@ def test_no_hook_survives_an_exception(adapter, full):
         transport.transport(broken, [TARGET, SOURCE], alpha=0.5, conditioning=False, target_images=full.images)
     assert_no_hooks(adapter)
     with pytest.raises(ValueError, match="token_mask is empty"):
-        transport.record(adapter, [SOURCE], [0], token_mask=torch.zeros(1, 64, dtype=torch.bool), num_inference_steps=STEPS)
+        transport.record(adapter, [SOURCE], [0], channels="all", token_mask=torch.zeros(1, 64, dtype=torch.bool),
+                         num_inference_steps=STEPS)
     assert_no_hooks(adapter)
+
+
+# -- memory: the caller names the channels; every channel of a real model needs max_bytes ------------------------------
+
+
+def test_record_estimates_before_generating_the_bytes_it_then_holds(adapter, full):
+    """`record_bytes` (from the arguments alone) is what the record holds, counted as storage: every
+    channel of both streams and the conditioning, and a channel pair under a token mask."""
+    assert transport.record_bytes(adapter, full.channels, full.steps, full.token_mask, full.pipe_kwargs) == held_bytes(full)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[0, :10], mask[1, 5:40] = True, True
+    rec = transport.record(adapter, [SOURCE, TARGET], [0], taps=[*image_taps(adapter), "transformer_blocks.0.txt"],
+                           channels=[3, 9], token_mask=mask, num_inference_steps=2)
+    assert transport.record_bytes(adapter, rec.channels, rec.steps, rec.token_mask, rec.pipe_kwargs) == held_bytes(rec)
+
+
+def test_every_channel_of_a_real_model_needs_max_bytes():
+    """Tiny FLUX (family flux: 3 blocks, 16 channels, 4x4 image tokens, TEXT_LEN text tokens, no
+    guidance batch): "all" is refused with the bytes it would take, which is what it then holds."""
+    from test_models import TEXT_LEN, built
+
+    pipe, call = built("flux")
+    flux = mabook.adapter_for(pipe)
+    kwargs = dict(num_inference_steps=2, **call)
+    with pytest.raises(ValueError) as refused:
+        transport.record(flux, ["a red circle"], [0], channels="all", **kwargs)
+    message = str(refused.value)
+    need = int(re.search(r"pass max_bytes >= (\d+) to allow it", message).group(1))
+    # 3 blocks x 2 streams: (16 image + TEXT_LEN text tokens) x 16 channels, and the conditioning (1 token x 16), x 2 steps x 4 bytes
+    assert need == (3 * (16 + TEXT_LEN) * 16 + 16) * 2 * 4
+    assert message.startswith("record: channels='all' of flux keeps ~") and "\n" not in message
+    rec = transport.record(flux, ["a red circle"], [0], channels="all", max_bytes=need, **kwargs)
+    assert held_bytes(rec) == rec.nbytes == need
+    with pytest.raises(ValueError, match=rf"over max_bytes={need - 1}; allowed: fewer channels"):
+        transport.record(flux, ["a red circle"], [0], channels="all", max_bytes=need - 1, **kwargs)
+    named = transport.record(flux, ["a red circle"], [0], channels=[1, 2], **kwargs)  # named channels: no allowance needed
+    assert held_bytes(named) == 3 * (16 + TEXT_LEN) * 2 * 2 * 4
+
+
+def test_record_bytes_of_flux_1_dev_at_1024_is_45_gb():
+    """The figure of issue 23, from FLUX.1-dev's published shapes: 19 + 38 blocks with both streams,
+    3072 channels, 4096 image + 512 text tokens, 28 steps, one guidance half, bfloat16."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(family=mabook.models.FAMILIES["flux"], transformer=torch.nn.Linear(1, 1).to(torch.bfloat16), pipe=None)
+    blocks = [f"transformer_blocks.{i}" for i in range(19)] + [f"single_transformer_blocks.{i}" for i in range(38)]
+    channels = {f"{b}.{s}": range(3072) for b in blocks for s in ("img", "txt")}
+    need = transport.record_bytes(fake, channels, range(28), torch.ones(1, 4096, dtype=torch.bool), {})
+    assert need == 57 * (4096 + 512) * 3072 * 28 * 2 == 45_185_236_992
+    assert transport.size_text(need) == "45.2 GB"
+
+
+def test_the_transport_verb_states_the_all_channel_allowance_in_gb():
+    from mabook.experiments import transport as verb
+
+    assert verb.Config(source="a", target="b", k=0, max_record_gb=2.5).max_bytes == 2_500_000_000
+    assert verb.Config(source="a", target="b").max_bytes is None
+    with pytest.raises(ValueError, match=r"--max-record-gb must be > 0, got 0"):
+        verb.Config(source="a", target="b", max_record_gb=0)

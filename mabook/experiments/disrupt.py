@@ -1,8 +1,9 @@
 """`mabook disrupt`: edit the top-k channels vs equal-size controls during generation (chapter 2).
 
-Writes into --out: table.csv (one row per (prompt, seed, condition): the judge's attributes,
-cleanliness, mask IoU, pixel MSE and SSIM to the unit's baseline), baseline_stats.safetensors (the
-baselines' statistics, which chose the channel sets), grid.png (baseline / top-k / controls at the
+The channel sets and the edits' values (dataset means, energy) come from the baselines of held-out
+prompts (--selection-prompts; 'same': from the evaluated units). Writes into --out: table.csv (one
+row per (prompt, seed, condition): the judge's attributes, cleanliness, mask IoU, pixel MSE and SSIM
+to the unit's baseline), baseline_stats.safetensors (the evaluated baselines' statistics), grid.png (baseline / top-k / controls at the
 largest k) and summary.json (settings, provenance, means with bootstrap 95 % CIs, the paired
 top/control ratios, the prompt-vs-timestep split of the top channels, the table; written last).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from mabook import discovery, disruption, files, images, sweep
-from mabook.config import Units, check_choice, check_positive, option
+from mabook.config import Units, check_choice, check_positive, option, read_prompts
 
 
 @dataclass
@@ -27,15 +28,27 @@ class Config(Units):
     op: str = option("zero", f"the edit: {', '.join(disruption.OPS)}")
     value: float | None = option(None, "the factor of --op scale", type=float)
     windows: bool = option(False, "also zero the largest k in each layer x step window", flag=True)
+    selection_prompts: list = option(["8"], "held-out prompts whose baselines choose the channel sets and the edits' "
+                                     "values: a file, the prompts, an integer N (the N held-out captions after "
+                                     "--prompts' own), or 'same' (choose on the evaluated units, as before 2026-12-02)")
 
     def check(self) -> None:
         super().check()
+        if self.selection_list is not None:
+            disruption.check_selection(self.prompt_list, self.selection_list)
         check_choice(self, "op", disruption.OPS)
         if self.op == "scale" and self.value is None:
             raise ValueError("--op scale needs --value (the factor), e.g. --value 0.5")
         check_choice(self, "kinds", disruption.KINDS)
         if "random" in self.kinds:
             check_positive(self, "n_random")
+
+    @property
+    def selection_list(self) -> list[str] | None:
+        """The selection prompts (`read_prompts`, integers counted after --prompts'); None for 'same'."""
+        if self.selection_prompts == ["same"]:
+            return None
+        return read_prompts(self.selection_prompts, skip=len(self.prompt_list))
 
     def check_adapter(self, adapter) -> None:
         for k in self.k:
@@ -62,9 +75,12 @@ def write(config: Config, result: sweep.SweepResult, out: Path, record: dict) ->
     table, k = result.table, max(config.k)
     files.write_csv(out / "table.csv", table)
     result.stats.save(out / "baseline_stats.safetensors")
+    if result.base.selection is not None:
+        result.base.selection.save(out / "selection_stats.safetensors")
     ratios = disruption.paired_ratios(table, op=config.op)
-    summary = {**record, "summary": disruption.summary(table), "paired_ratios": ratios,
-               "decomposition": disruption.decomposition(result.base, disruption.channel_set(result.stats, k, "top")),
+    selection = {"prompts": config.selection_list, "seeds": config.seeds} if config.selection_list else "same"
+    summary = {**record, "selection": selection, "summary": disruption.summary(table), "paired_ratios": ratios,
+               "decomposition": disruption.decomposition(result.base, disruption.channel_set(result.base.selector, k, "top")),
                "table": table}
     names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{kind}-{k} ", f"{kind}-{k}#")))
                             for kind in config.kinds]  # one row per kind (the first random / energy draw)

@@ -3,10 +3,12 @@
 From a prompt (``--source``): the source is generated and recorded once, its channels moved into
 the target's generation (same noise) at each ``--alpha``; ``--mask source|target|union`` restricts
 it to chapter 3's K-means foreground, ``--window early|mid|late`` to a third of the steps, ``--k 0``
-moves every channel and the AdaLN conditioning (alpha = 1 is then the source exactly),
+moves every channel and the AdaLN conditioning (alpha = 1 is then the source exactly; on a model
+other than the organism only with ``--max-record-gb``, the record being tens of GB per image),
 ``--baselines`` adds pixel blend and (organism) text-embedding blend rows.
 From an image (``--reference IMG``): the image is inverted onto the pipeline's schedule (or noised,
-``--trajectory noise``); the strip adds its reconstruction and the JSON the reconstruction error.
+``--trajectory noise``), regenerated along it once for the statistics that pick the top-k, and
+those channels are recorded; the strip adds its reconstruction and the JSON the reconstruction error.
 
 Writes into --out: strip.png (rows: source or reference, each alpha, target, the baselines;
 columns: seeds) and transport.json (settings, provenance, the table; written last).
@@ -51,6 +53,9 @@ class Config(Units):
     conditioning: str = option("auto", "also transport the AdaLN conditioning (auto: with all channels, --k 0, only)",
                                choices=("auto", "on", "off"))
     baselines: bool = option(False, "also pixel blend and (organism) text-embedding blend at each alpha", flag=True)
+    max_record_gb: float | None = option(None, "--k 0 on a model other than the organism: the host memory (GB) the "
+                                         "all-channel record may take (refused without it; the error states the need)",
+                                         type=float)
 
     def check(self) -> None:
         super().check()
@@ -74,6 +79,8 @@ class Config(Units):
             raise ValueError(f"--mask {self.mask} selects image tokens; allowed with --stream img or both, not txt")
         if self.mask_step is not None and not 0 <= self.mask_step < self.num_inference_steps:
             raise ValueError(f"--mask-step {self.mask_step} is out of range; allowed: 0 <= step < {self.num_inference_steps}")
+        if self.max_record_gb is not None and not self.max_record_gb > 0:
+            raise ValueError(f"--max-record-gb must be > 0, got {self.max_record_gb}")
 
     def check_adapter(self, adapter) -> None:
         if self.k > adapter.width:
@@ -91,6 +98,11 @@ class Config(Units):
     @property
     def with_conditioning(self) -> bool | None:
         return {"auto": None, "on": True, "off": False}[self.conditioning]
+
+    @property
+    def max_bytes(self) -> int | None:
+        """`transport.record`'s memory cap, from --max-record-gb."""
+        return None if self.max_record_gb is None else int(self.max_record_gb * 1e9)
 
 
 def run(config: Config, adapter) -> SimpleNamespace:
@@ -145,7 +157,7 @@ def _from_prompt(config: Config, adapter) -> SimpleNamespace:
     # 2. the source recorded once (with the AdaLN conditioning: by default with all channels only); 3. the mask
     rec = transport_mod.record(adapter, [config.source], config.seeds, taps=taps, channels=_top(config, stats) if config.k
                                else "all", conditioning=config.with_conditioning, num_inference_steps=n,
-                               batch_size=config.batch_size)
+                               batch_size=config.batch_size, max_bytes=config.max_bytes)
     mask = _mask(config, adapter, stats) if config.mask != "none" else None
     # 4. transport at every alpha, and the baselines at the same alphas
     targets = [config.target] * len(rec.units)
@@ -173,13 +185,18 @@ def _from_reference(config: Config, adapter) -> SimpleNamespace:
     # 1. the reference on its trajectory: inverted (unconditionally), or noised with the first seed
     traj = (inversion.invert(adapter, references, num_inference_steps=n) if config.trajectory == "invert"
             else inversion.noise(adapter, references, config.seeds[0], num_inference_steps=n))
-    # 2. every channel recorded along it (their statistics pick the top-k); 3. transport at every alpha
+    # 2. the top-k by the statistics of a regeneration along it (a one-channel record), then those
+    #    channels recorded (--k 0: every channel); 3. transport at every alpha
     taps = [str(t) for t in probe.taps(adapter, config.streams)]
     conditioning = config.k == 0 if config.with_conditioning is None else config.with_conditioning
-    with probe.collect(adapter, taps=taps, cfg="both") as collected:
-        rec = inversion.record(traj, taps=taps, channels="all", batch_size=config.batch_size, conditioning=conditioning)
-    rows, strip, target_images = _alphas(config, rec, [config.target],
-                                         channels=_top(config, collected.stats) if config.k else None)
+    channels = "all"
+    if config.k:
+        with probe.collect(adapter, taps=taps, cfg="both") as collected:
+            inversion.record(traj, taps=taps, channels=[0], batch_size=config.batch_size, conditioning=False)
+        channels = _top(config, collected.stats)
+    rec = inversion.record(traj, taps=taps, channels=channels, batch_size=config.batch_size, conditioning=conditioning,
+                           max_bytes=config.max_bytes)
+    rows, strip, target_images = _alphas(config, rec, [config.target])
     baselines = {f"pixel blend alpha={a:g}": transport_mod.pixel_blend(references, target_images, a)
                  for a in config.alpha} if config.baselines else {}
     error = {k: float(v[0]) for k, v in inversion.pixel_error(rec.images, references).items()}
