@@ -566,3 +566,38 @@ def provenance_markdown(results: dict[str, dict], checkpoint: str | None = None)
         made = f"`{str(p['checkpoint_sha256'])[:12]}`" + (" (committed organism)" if p["current"] else " (**another checkpoint**)")
         lines.append("| " + " | ".join(_cell(x) for x in (f"`{p['file']}`", made, p["mabook_version"], f"`{p['command']}`")) + " |")
     return f"The committed organism's checkpoint: `{checkpoint[:12]}`.\n\n" + "\n".join(lines)
+
+
+def findings(chapter: str, results: dict[str, dict] | None = None, checkpoint: str | None = None,
+             brief: bool = False) -> str:
+    """A chapter's findings as Markdown, from the committed big runs: for each claim the chapter
+    tests (`Claim.chapter`), the verdict, the claim, the number with its 95 % CI and the reading --
+    then where the numbers come from (file, checkpoint, command). `brief`: one line per claim
+    (verdict, claim, number), for the chapter's Summary. The chapter notebook's name, e.g.
+    ``"02_disruption.ipynb"``; the rows are `rows`' own, so the chapter and the scorecard page
+    cannot disagree."""
+    if chapter not in CHAPTERS:
+        raise ValueError(f"chapter {chapter!r} tests no claim; allowed: {list(CHAPTERS)}")
+    results = load() if results is None else results
+    checkpoint = checkpoint or committed_checkpoint()
+    mine = [r for r, c in zip(rows(results, checkpoint), CLAIMS) if c.chapter == chapter]
+    lines = []
+    for r in mine:
+        verdict = f"**{r['verdict']}**" + (f" (proxy: **{r['proxy_verdict']}**)" if r["proxy_verdict"] else "")
+        result = f" {r['result']}." if r["result"] else ""
+        if brief:
+            lines.append(f"- {verdict}: {r['claim']} ({r['paper']}){result}")
+        else:
+            lines.append(f"- {verdict}: *{r['paper']}*: {r['claim']}{result} {r['reading']}"
+                         + (f" *{r['proxy']}*" if r["proxy"] else ""))
+    if brief:
+        return "\n".join(lines)
+    files = list(dict.fromkeys(r["file"] for r in mine))
+    made = [p for p in provenance(results, checkpoint) if p["file"] in files]
+    sources = "; ".join(f"`{p['file']}` (checkpoint `{str(p['checkpoint_sha256'])[:12]}`"
+                        + (", the committed organism" if p["current"] else ", **not the committed organism**")
+                        + f"; made by `{p['command']}`)" for p in made) or "no results file yet"
+    missing = [f for f in files if f not in results]
+    sources += "".join(f"; `{f}` is missing" for f in missing)
+    return ("\n".join(lines) + f"\n\nFrom {sources}. Verdict words and their thresholds: "
+            "[the scorecard](../book/scorecard.ipynb), fixed before the numbers were read.")

@@ -345,3 +345,32 @@ def test_page_is_in_the_toc_linked_from_the_intro_and_committed_without_outputs(
     # executed even in a build with execution off (`mabook.book test` re-stages book/ without outputs), and its
     # Markdown outputs (tables, cross-page links) rendered as MyST
     assert nb.metadata["mystnb"] == {"execution_mode": "force", "render_markdown_format": "myst"}
+
+
+@pytest.mark.parametrize("chapter", sorted(set(c.chapter for c in scorecard.CLAIMS)))
+def test_a_chapters_findings_are_its_scorecard_rows(committed, chapter):
+    """Each chapter opens with `findings(chapter)`: every claim it tests, with the verdict and number the
+    scorecard row has; a changed CI changes the chapter's text as it changes the page."""
+    text = scorecard.findings(chapter, committed)
+    brief = scorecard.findings(chapter, committed, brief=True)
+    mine = [c for c in scorecard.CLAIMS if c.chapter == chapter]
+    assert mine and len(brief.splitlines()) == len(mine)
+    for r in scorecard.rows(committed):
+        claim = next(c for c in scorecard.CLAIMS if c.id == r["id"])
+        inside = r["claim"] in text
+        assert inside == (claim.chapter == chapter)
+        if inside:
+            assert f"**{r['verdict']}**" in text and r["result"] in text and r["result"] in brief
+    for name in {c.file for c in mine}:
+        assert f"`{name}`" in text and committed[name]["command"] in text
+
+
+def test_findings_follow_the_json(committed):
+    changed = copy.deepcopy(committed)
+    row = next(r for r in changed["disruption_full.json"]["paired_ratios"]
+               if r["metric"] == "pixel_mse" and r["control"] == "random" and r["k"] == scorecard.K_DISRUPTION)
+    row["ci"] = [0.5, 0.9]
+    assert "fails" not in scorecard.findings("02_disruption.ipynb", committed, brief=True).splitlines()[0]
+    assert "**fails**" in scorecard.findings("02_disruption.ipynb", changed, brief=True).splitlines()[0]
+    with pytest.raises(ValueError, match="01_channel_discovery.ipynb"):
+        scorecard.findings("01_channel_discovery.ipynb", committed)
