@@ -169,3 +169,46 @@ class Units(Generation):
         bad = [s for s in self.seeds if not isinstance(s, int) or s < 0]
         if bad:
             raise ValueError(f"--seeds must be non-negative ints, got {bad[0]}")
+
+
+@dataclass
+class Scored(Units):
+    """A verb whose table scores each unit against its baseline (disrupt, sinks): which metrics.
+
+    mse, mae and ssim are always computed, and the judge on the organism; on a real model
+    `--metrics lpips clip-t` adds the papers' perceptual metrics (`mabook.metrics`: LPIPS to the
+    baseline, CLIP-T to the prompt), with the networks `--lpips-net` and `--clip-model` -- loaded
+    before anything is generated, a one-line error when their weights cannot be. The defaults are
+    `mabook.metrics.LPIPS_NET` and `CLIP_MODEL` (tests/test_perceptual.py checks they agree)."""
+
+    metrics: list = option(["mse", "mae", "ssim"], "the table's metrics: mse, mae and ssim (always), lpips and clip-t "
+                           "(real models: the papers' perceptual metrics; names or comma-separated lists)", type=str)
+    lpips_net: str = option("alex", "--metrics lpips: the backbone, alex (the papers') or vgg, or a local torchvision "
+                            "weights file (alexnet-owt-7be5be79.pth)")
+    clip_model: str = option("openai/clip-vit-base-patch32", "--metrics clip-t: a CLIP hub id or local directory (default: "
+                             "the sinks paper's ViT-B/32)")
+
+    def check(self) -> None:
+        super().check()
+        names = self.metric_list
+        perceptual = [n for n in names if n in ("lpips", "clip-t")]
+        if perceptual and self.model == "organism":
+            raise ValueError(f"--metrics {' '.join(perceptual)} is for real models (networks trained on photographs); the "
+                             "organism's 32x32 shapes are scored by the judge, SSIM and MAE: allowed there: mse, mae, ssim")
+        for name in ("lpips_net", "clip_model"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"{dashed(name)} must be a non-empty name or path, got {getattr(self, name)!r}")
+
+    @property
+    def metric_list(self) -> list[str]:
+        """The metric names of --metrics (`mabook.metrics.metric_names`: commas split, "clip_t" as "clip-t")."""
+        from mabook.metrics import metric_names  # deferred: the metrics import torch, and building the parser imports this
+
+        return metric_names(self.metrics)
+
+    def perceptual(self) -> dict:
+        """What `disruption.baseline` and `sweep.run` take for the perceptual metrics asked:
+        {"lpips_net": ..., "clip_model": ...}, only those --metrics names."""
+        names = self.metric_list
+        return {**({"lpips_net": self.lpips_net} if "lpips" in names else {}),
+                **({"clip_model": self.clip_model} if "clip-t" in names else {})}

@@ -13,7 +13,8 @@ zeroing equally many low-statistic channels barely matters. Three steps test it:
    op (zero, dataset-mean, per-token-mean, scale) and a window of layers x steps;
 3. `run(base, conditions)` regenerates every unit under each condition with `probe.edit` and
    returns a tidy table, one row per (unit, condition): the judge's attributes, cleanliness and
-   mask IoU (organism captions), pixel MSE, mean |difference| and SSIM to the same unit's baseline.
+   mask IoU (organism captions), pixel MSE, mean |difference| and SSIM to the same unit's baseline,
+   and on real models, when asked, LPIPS to it and CLIP-T to the prompt (`mabook.metrics`).
 
 `summary(table)` gives means with bootstrap 95 % CIs per condition, and `paired_ratios` the paired
 effect ratio top-k damage / control damage with its CI. `decomposition(base, channels)` splits a
@@ -21,7 +22,8 @@ channel's per-image mean into a prompt-driven and a timestep-driven part: the tw
 channels (semantics vs "Detail Guidance") predict opposite answers.
 
 What this is not: a judge of real-model images. On models other than the organism the table has
-pixel metrics (and CLIP-T when `clip_model` names a local CLIP), not attributes.
+pixel metrics, and the papers' perceptual ones when their weights load (`baseline(...,
+clip_model=..., lpips_net=...)`: CLIP-T, LPIPS), not attributes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 
 from mabook import discovery, images, probe, world
 from mabook import progress as progress_
-from mabook.metrics import device_of, ssim
+from mabook.metrics import LPIPS, Clip, clip_t, device_of, load_clip, load_lpips, lpips, ssim
 from mabook.models import Adapter
 from mabook.probe import Edit
 from mabook.statistics import Statistics
@@ -47,6 +49,7 @@ ENERGY_OPS = ("zero", "mean", "scale")  # the ops whose expected displacement th
 DEFAULT_KS = (1, 2, 4, 8, 16)
 PARTS = ("early", "mid", "late")  # window thirds, of the image-stream layers and of the steps
 ATTRIBUTES = world.ATTRIBUTES
+DISTANCES = ("pixel_mse", "pixel_mae", "lpips")  # columns that are a distance to the unit's baseline (0 there)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,8 +69,14 @@ class Baseline:
     num_inference_steps: int
     pipe_kwargs: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)  # per unit, as in the table (baseline vs itself)
-    clip: tuple | None = field(default=None, repr=False)  # (CLIPModel, CLIPProcessor) for CLIP-T, if asked
+    clip: Clip | None = field(default=None, repr=False)  # `metrics.Clip` for the CLIP-T column, if asked
     selection: Statistics | None = None  # held-out prompts' statistics (`selection_statistics`); None: these units'
+    lpips: LPIPS | None = field(default=None, repr=False)  # `metrics.LPIPS` for the LPIPS column, if asked
+
+    @property
+    def metric_models(self) -> dict[str, str]:
+        """What the perceptual columns were computed with: {"clip_t": model id, "lpips": net and weights}."""
+        return {**({"clip_t": self.clip.id} if self.clip else {}), **({"lpips": self.lpips.id} if self.lpips else {})}
 
     @property
     def layers(self) -> list[str]:
@@ -107,19 +116,6 @@ def check_generation(adapter: Adapter, prompts, seeds, num_inference_steps, batc
     return units
 
 
-def load_clip(name_or_path: str):
-    """(CLIPModel, CLIPProcessor) from a local directory or hub id (`from_pretrained`), in eval mode."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    try:
-        model = CLIPModel.from_pretrained(name_or_path).eval()
-        processor = CLIPProcessor.from_pretrained(name_or_path)
-    except OSError as e:
-        raise ValueError(f"clip_model {name_or_path!r} could not be loaded (a local directory saved with save_pretrained, "
-                         f"or a hub id reachable from here): {str(e).splitlines()[0]}") from None
-    return model, processor
-
-
 def selection_statistics(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,),
                          num_inference_steps: int = 20, batch_size: int = 16, **pipe_kwargs) -> Statistics:
     """The image-stream statistics (both guidance halves) of generating `prompts` x `seeds`: what
@@ -145,16 +141,23 @@ def check_selection(prompts: Sequence[str], selection_prompts: Sequence[str]) ->
 
 
 def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,), num_inference_steps: int = 20,
-             batch_size: int = 16, clip_model: str | None = None, selection_prompts: Sequence[str] | None = None,
-             **pipe_kwargs) -> Baseline:
+             batch_size: int = 16, clip_model=None, selection_prompts: Sequence[str] | None = None,
+             lpips_net=None, **pipe_kwargs) -> Baseline:
     """Generate every (prompt, seed) unit once, unedited, under the probe.
 
-    clip_model: a CLIP directory or hub id: the table then also has CLIP-T (image-prompt CLIP score).
+    clip_model: a CLIP hub id or directory (e.g. `metrics.CLIP_MODEL`) or a loaded `metrics.Clip`:
+    the table then also has clip_t (the image's CLIP score with its prompt, `metrics.clip_t`).
+    lpips_net: "alex" (the papers'), "vgg", a torchvision weights file or a loaded `metrics.LPIPS`:
+    the table then also has lpips (to the unit's baseline, `metrics.lpips`). Both are loaded before
+    anything is generated; `metrics.MissingWeights` (one line) when their weights cannot be.
     selection_prompts: prompts held out from `prompts` (same seeds) whose statistics choose the
     channel sets and the edits' values (`Baseline.selector`); None: these units' own."""
     units = check_generation(adapter, prompts, seeds, num_inference_steps, batch_size, "disruption")
     if selection_prompts is not None:
         check_selection(prompts, selection_prompts)
+    device = device_of(adapter)
+    clip = load_clip(clip_model) if clip_model is not None else None
+    lpips_model = load_lpips(lpips_net, device) if lpips_net is not None else None
     image_taps = probe.taps(adapter, ["img"])
     means: dict[tuple[int, str], list[torch.Tensor]] = {}
 
@@ -168,7 +171,7 @@ def baseline(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0
     selection = None if selection_prompts is None else selection_statistics(
         adapter, selection_prompts, seeds, num_inference_steps, batch_size, **pipe_kwargs)
     base = Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs),
-                    clip=load_clip(clip_model) if clip_model else None, selection=selection)
+                    clip=clip, selection=selection, lpips=lpips_model)
     base.metrics = unit_metrics(base, images)
     return base
 
@@ -334,24 +337,10 @@ def window_conditions(base: Baseline, k: int = 4, kinds: Sequence[str] = ("top",
 # ---------------------------------------------------------------------------------------------
 
 
-def _clip_t(pictures: np.ndarray, prompts: Sequence[str], clip) -> np.ndarray:
-    """Per-image CLIP score (Hessel et al. 2021): max(100 x cosine(image, prompt embeddings), 0).
-
-    Computed with transformers' CLIP directly: torchmetrics' clip_score (1.9) breaks on
-    transformers 5, whose get_*_features return output objects rather than tensors.
-    """
-    model, processor = clip
-    inputs = processor(text=list(prompts), images=list(images.to_uint8(pictures)), return_tensors="pt", padding=True, truncation=True)
-    with torch.no_grad():
-        img = model.get_image_features(pixel_values=inputs["pixel_values"])
-        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    img = img if isinstance(img, torch.Tensor) else img.pooler_output
-    txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
-    return (100 * torch.nn.functional.cosine_similarity(img, txt)).clamp_min(0).numpy()
-
-
 def unit_metrics(base: Baseline, images: np.ndarray) -> list[dict]:
-    """Per unit: distances to the unit's baseline, and the judge's reading where it applies."""
+    """Per unit: distances to the unit's baseline (pixel MSE, mean |difference|, SSIM; LPIPS if the
+    baseline has one), CLIP-T to the prompt if it has a CLIP, and the judge's reading where it applies.
+    base: a `Baseline`, or anything with its adapter, units and images (clip and lpips optional)."""
     from mabook import judge
 
     # per image, in one memory layout: a unit's row depends neither on the units computed beside it
@@ -360,14 +349,19 @@ def unit_metrics(base: Baseline, images: np.ndarray) -> list[dict]:
     diff = np.ascontiguousarray(images - base.images)
     mse = np.array([np.square(d).mean() for d in diff])
     mae = np.array([np.abs(d).mean() for d in diff])  # linear in the change, like LPIPS; MSE squares it
-    ssim_values = ssim(images, base.images, device_of(base.adapter))  # where the images were made
-    clip_t = _clip_t(images, [p for p, _ in base.units], base.clip) if base.clip else None
+    device = device_of(base.adapter)  # where the images were made
+    ssim_values = ssim(images, base.images, device)
+    lpips_model, clip = getattr(base, "lpips", None), getattr(base, "clip", None)  # optional on a stand-in (transport's)
+    lpips_values = lpips(images, base.images, lpips_model, device) if lpips_model is not None else None
+    clip_values = clip_t(images, [p for p, _ in base.units], clip, device) if clip is not None else None
     rows = []
     judged = judge.applies(base.adapter, [p for p, _ in base.units])
     for i, (prompt, seed) in enumerate(base.units):
         row = {"prompt": prompt, "seed": seed, "pixel_mse": float(mse[i]), "pixel_mae": float(mae[i]), "ssim": float(ssim_values[i])}
-        if clip_t is not None:
-            row["clip_t"] = float(clip_t[i])
+        if lpips_values is not None:
+            row["lpips"] = float(lpips_values[i])
+        if clip_values is not None:
+            row["clip_t"] = float(clip_values[i])
         if judged:
             j = judge.judge(images[i], prompt)
             for a in ATTRIBUTES:
@@ -434,10 +428,11 @@ def unit_values(table: Sequence[dict], metric: str, **where) -> dict[tuple, floa
 
 
 def damage(table: Sequence[dict], metric: str, **where) -> dict[tuple, float]:
-    """Per unit damage: pixel_mse or pixel_mae itself, 1 - ssim, or the drop of a higher-is-better metric
-    (attributes, cleanliness, mask_iou, all_correct, clip_t) below the same unit's baseline."""
+    """Per unit damage: a distance to the baseline (pixel_mse, pixel_mae, lpips) itself, 1 - ssim, or
+    the drop of a higher-is-better metric (attributes, cleanliness, mask_iou, all_correct, clip_t)
+    below the same unit's baseline."""
     values = unit_values(table, metric, **where)
-    if metric in ("pixel_mse", "pixel_mae"):
+    if metric in DISTANCES:
         return values
     if metric == "ssim":
         return {u: 1 - v for u, v in values.items()}
@@ -456,7 +451,7 @@ def summary(table: Sequence[dict], metrics: Sequence[str] | None = None, cluster
     if not table:
         raise ValueError("the table is empty: nothing to summarise (pass disruption.run(...).table)")
     if metrics is None:
-        metrics = [m for m in ("pixel_mse", "pixel_mae", "ssim", "clip_t", *ATTRIBUTES, "all_correct", "cleanliness", "mask_iou")
+        metrics = [m for m in ("pixel_mse", "pixel_mae", "ssim", "lpips", "clip_t", *ATTRIBUTES, "all_correct", "cleanliness", "mask_iou")
                    if m in table[0]]
     groups = []
     for row in table:

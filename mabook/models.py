@@ -308,6 +308,7 @@ def load(
     *,
     path: str | Path | None = None,
     cpu_offload: bool = False,
+    gguf: str | Path | None = None,
     **from_pretrained_kwargs,
 ):
     """Load a DiT -> (pipe, adapter).
@@ -318,6 +319,12 @@ def load(
     transformer and returns (None, adapter).
     cpu_offload: diffusers' `enable_model_cpu_offload()` instead of `.to(device)` (big models on
     small GPUs: each component visits the GPU only while it runs).
+    gguf: a GGUF file of the transformer's weights (e.g. a Q8_0 FLUX.1-dev): the transformer is
+    loaded from it through diffusers' GGUF quantizer (`from_single_file`; the weights stay quantized
+    in memory and each layer dequantizes its own to `dtype` when it runs; needs the `gguf` package),
+    its config and the other components from name_or_path. Other diffusers quantization backends
+    (torchao, bitsandbytes) need no option here: pass `quantization_config=` (a
+    `PipelineQuantizationConfig`) or a quantized `transformer=`, which go to `from_pretrained`.
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
@@ -328,12 +335,18 @@ def load(
     except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a torch device; allowed: 'cpu', 'cuda', 'cuda:N', 'mps'") from None
     if str(name_or_path) == "organism":
+        if gguf is not None:
+            raise ValueError("gguf= is for a real model's transformer; the organism has no quantized weights")
         from mabook import organism  # deferred: organism pulls in diffusers' pipelines and transformers (~15 s)
 
         pipe = organism.load(path, device=device, dtype=dtype)
         return pipe, adapter_for(pipe)
     if path is not None:
         raise ValueError(f"path= is only for the organism; for {name_or_path!r} pass the directory as name_or_path")
+    if gguf is not None:
+        if "transformer" in from_pretrained_kwargs:
+            raise ValueError("pass either gguf= or transformer=, not both: gguf= loads the transformer")
+        _check_gguf(gguf)
 
     if cpu_offload and torch.device(device).type == "cpu":
         raise ValueError(f"cpu_offload=True moves components to an accelerator in turn; device={device!r} has none")
@@ -350,15 +363,23 @@ def load(
         family = next((f for f in FAMILIES.values() if f.transformer_class == class_name), None)
         if family is None:
             raise _unsupported(f"{local} (transformer class {class_name})")
+        if cpu_offload:
+            raise ValueError(f"cpu_offload=True offloads a pipeline's components in turn; {str(local)!r} holds a transformer only")
         import diffusers  # deferred: diffusers takes ~6 s to import; every module imports this one, which needs only torch
 
-        transformer = getattr(diffusers, class_name).from_pretrained(local, torch_dtype=dtype, **from_pretrained_kwargs)
+        if gguf is not None:
+            transformer = _gguf_transformer(gguf, class_name, str(local), None, dtype)
+        else:
+            transformer = getattr(diffusers, class_name).from_pretrained(local, torch_dtype=dtype, **from_pretrained_kwargs)
         transformer = transformer.to(device).eval()
         return None, Adapter(family, transformer)
 
     from diffusers import DiffusionPipeline  # deferred: diffusers' pipelines take ~15 s to import; only a load needs them
 
     try:
+        if gguf is not None:
+            class_name = DiffusionPipeline.load_config(str(name_or_path)).get("transformer", [None, None])[1]
+            from_pretrained_kwargs["transformer"] = _gguf_transformer(gguf, class_name, str(name_or_path), "transformer", dtype)
         pipe = DiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype, **from_pretrained_kwargs)
     except OSError as e:  # diffusers' "Cannot load model ...": no such directory, repository, cache entry or network
         if local.is_dir():
@@ -375,6 +396,32 @@ def load(
     else:
         pipe.to(device)
     return pipe, adapter
+
+
+def _check_gguf(gguf) -> None:
+    """A one-line error for a `gguf=` that cannot load: not a path, no such file, not .gguf, no gguf package."""
+    if not isinstance(gguf, (str, Path)):
+        raise TypeError(f"gguf must be the path of a .gguf file (str or Path), got {type(gguf).__name__}")
+    if Path(gguf).suffix.lower() != ".gguf":
+        raise ValueError(f"gguf={str(gguf)!r} is not a .gguf file; pass the path of the transformer's GGUF weights")
+    if not Path(gguf).is_file():
+        raise FileNotFoundError(f"gguf={str(gguf)!r}: no such file ({Path(gguf).expanduser().resolve()})")
+    try:
+        import gguf as _  # noqa: F401  (diffusers' GGUF quantizer reads the file with it)
+    except ImportError:
+        raise ImportError("gguf= needs the gguf package: pip install gguf") from None
+
+
+def _gguf_transformer(gguf: str | Path, class_name: str | None, config: str, subfolder: str | None, dtype: torch.dtype) -> nn.Module:
+    """The transformer of a supported family from one GGUF file, with diffusers' GGUF quantizer; its config
+    from `config` (a pipeline's `subfolder`, or a transformer directory)."""
+    if not any(f.transformer_class == class_name for f in FAMILIES.values()):
+        raise _unsupported(f"{config} (transformer class {class_name}) for gguf=")
+    import diffusers  # deferred, as in load()
+
+    return getattr(diffusers, class_name).from_single_file(
+        str(gguf), config=config, subfolder=subfolder, torch_dtype=dtype,
+        quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=dtype))
 
 
 _WHAT_TO_PASS = ("'organism' (the offline model organism), a local directory saved with save_pretrained, or a hub id "

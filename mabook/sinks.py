@@ -113,11 +113,14 @@ def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, ke
         progress: bool | None = None):
     """Regenerate every unit of `base` (a `disruption.Baseline`) under each intervention.
 
-    Returns a `disruption.Result` whose table has disruption's metric columns (pixel MSE and SSIM
-    to the unit's baseline; the judge's attributes, cleanliness and mask IoU on organism captions;
-    CLIP-T if the baseline has a CLIP) and condition = the intervention's name, kind = "sink" /
-    "random" / "bottom", k, op = `op_label`, window = `window_label`: `disruption.summary` and
-    `paired_ratios` below read it as they read chapter 2's; seed_keys is the random draw's seed.
+    Returns a `disruption.Result` whose table has disruption's metric columns (pixel MSE, MAE and
+    SSIM to the unit's baseline; the judge's attributes, cleanliness and mask IoU on organism
+    captions; LPIPS to the baseline and CLIP-T to the prompt if the baseline has their networks --
+    the paper's measures on real models: `disruption.baseline(..., lpips_net=..., clip_model=...)`)
+    and condition = the intervention's name, kind = "sink" / "random" / "bottom", k, op =
+    `op_label`, window = `window_label`: `disruption.summary` and `paired_ratios` below read it as
+    they read chapter 2's (`paired_ratios(table, "lpips")`: the paper's sink / random LPIPS ratio);
+    seed_keys is the random draw's seed.
     Baseline rows are included. progress: a bar over the interventions and the time estimate
     (`mabook.progress`)."""
 

@@ -81,7 +81,7 @@ from accelerate import PartialState
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mabook import attention, discovery, disruption, probe
+from mabook import attention, discovery, disruption, metrics, probe
 from mabook import progress as progress_
 from mabook.files import atomic_path
 from mabook.statistics import Statistics
@@ -322,7 +322,7 @@ def _discover_shard(adapter, prompts, num_inference_steps, generator_seed, cfg, 
     return tensors, {"stats": meta}
 
 
-def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip, capture_attention: bool):
+def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip, lpips, capture_attention: bool):
     """`disruption.baseline` for one batch of units (its body, with the units given rather than
     made from prompts x seeds; the test suite checks the two agree bit for bit), and with
     `capture_attention` the attention mass the batch's generation put on every key."""
@@ -339,7 +339,8 @@ def _baseline_shard(adapter, units, num_inference_steps, pipe_kwargs, clip, capt
         images = adapter.generate(units, num_inference_steps, len(units), **pipe_kwargs)
     steps = sorted({s for s, _ in means})
     token_means = np.stack([np.stack([torch.cat(means[(s, str(t))]).numpy() for t in image_taps], 1) for s in steps], 1)
-    base = disruption.Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs), clip=clip)
+    base = disruption.Baseline(adapter, units, images, run.stats, token_means, num_inference_steps, dict(pipe_kwargs), clip=clip,
+                               lpips=lpips)
     tensors, meta = run.stats.to_tensors("stats/")
     tensors |= {"images": torch.from_numpy(images), "token_means": torch.from_numpy(token_means)}
     payload = {"stats": meta, "metrics": disruption.unit_metrics(base, images)}
@@ -369,7 +370,7 @@ def _condition_spec(condition) -> dict:
 
 
 def run(config, adapter, shards=None, *, state=None, stop_after: int | None = None, checkpoint: str | None = None,
-        clip_model: str | None = None, pipe_kwargs: dict | None = None, progress: bool | None = None) -> SweepResult | None:
+        clip_model=None, lpips_net=None, pipe_kwargs: dict | None = None, progress: bool | None = None) -> SweepResult | None:
     """Run the experiment `config` (a discover, disrupt or sinks `Config` of `mabook.experiments`) as
     shards in the directory `shards` over this launch's processes; the merged `SweepResult` on the
     main process, None on the others. `shards=None`: a temporary directory (one process only).
@@ -378,7 +379,8 @@ def run(config, adapter, shards=None, *, state=None, stop_after: int | None = No
     `seed` + b (`discovery.collect_statistics`); disrupt and sinks generate every (prompt, seed)
     unit (`disruption.baseline`), then each of `config.conditions(base)` under `config.apply`.
     `checkpoint` names the weights in the shard specs (default `checkpoint_id(adapter)`); `clip_model`
-    adds CLIP-T to the table; `pipe_kwargs` go to every pipeline call. `state`: an accelerate
+    and `lpips_net` add CLIP-T and LPIPS to the table (`disruption.baseline`; default: the config's
+    `perceptual()`, what its --metrics asks for); `pipe_kwargs` go to every pipeline call. `state`: an accelerate
     `PartialState` (default: this launch's). `stop_after`: raise `Stopped` after this process wrote
     that many shards (a test hook). `progress`: a bar over each phase's shards and its time
     estimate, on the main process (`mabook.progress`; None: on where someone reads it).
@@ -388,7 +390,7 @@ def run(config, adapter, shards=None, *, state=None, stop_after: int | None = No
     if shards is None:
         with tempfile.TemporaryDirectory(prefix="mabook-shards-") as tmp:
             return run(config, adapter, tmp, state=state, stop_after=stop_after, checkpoint=checkpoint,
-                       clip_model=clip_model, pipe_kwargs=pipe_kwargs, progress=progress)
+                       clip_model=clip_model, lpips_net=lpips_net, pipe_kwargs=pipe_kwargs, progress=progress)
     pipe_kwargs = dict(pipe_kwargs or {})
     prompts = config.prompt_list
     seeds = getattr(config, "seeds", [0])
@@ -407,7 +409,13 @@ def run(config, adapter, shards=None, *, state=None, stop_after: int | None = No
     common = _common(adapter, config.num_inference_steps, pipe_kwargs, checkpoint)
     if not hasattr(config, "conditions"):
         return _statistics(config, adapter, prompts, runner, common, pipe_kwargs, start)
-    return _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model, start)
+    asked = config.perceptual() if hasattr(config, "perceptual") else {}
+    clip_model = asked.get("clip_model") if clip_model is None else clip_model
+    lpips_net = asked.get("lpips_net") if lpips_net is None else lpips_net
+    # loaded before anything is generated: missing weights are one line now, not after the baselines
+    clip = metrics.load_clip(clip_model) if clip_model is not None else None
+    lpips = metrics.load_lpips(lpips_net, metrics.device_of(adapter)) if lpips_net is not None else None
+    return _conditions(config, adapter, units, runner, common, pipe_kwargs, clip, lpips, start)
 
 
 def _statistics(config, adapter, prompts, runner, common, pipe_kwargs, start) -> SweepResult | None:
@@ -440,16 +448,16 @@ def _merged_statistics(runner, names: list[str], items: list) -> tuple[str, Stat
     return name, Statistics.from_tensors(tensors, payload["stats"], "stats/"), parts
 
 
-def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model, start) -> SweepResult | None:
+def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip, lpips, start) -> SweepResult | None:
     """disrupt / sinks: the baselines (one shard per batch), their merged statistics, the conditions
     (one shard per (condition, batch)); merged on the main process in `disruption.run`'s order."""
     state, steps = runner.state, config.num_inference_steps
     capture_attention = getattr(config, "CAPTURE_ATTENTION", False)
-    clip = disruption.load_clip(clip_model) if clip_model else None
-    common = {**common, "clip_model": clip_model, **({"capture_attention": True} if capture_attention else {})}
+    common = {**common, "clip_model": clip.id if clip else None, **({"lpips": lpips.id} if lpips else {}),
+              **({"capture_attention": True} if capture_attention else {})}
     batches = _batches(units, config.batch_size)
     base_items = [({"phase": "baseline", **common, "units": chunk},
-                   lambda chunk=chunk: _baseline_shard(adapter, chunk, steps, pipe_kwargs, clip, capture_attention))
+                   lambda chunk=chunk: _baseline_shard(adapter, chunk, steps, pipe_kwargs, clip, lpips, capture_attention))
                   for _, chunk in batches]
     base_names = runner.phase(base_items)
     stats_name, stats, main_parts = _merged_statistics(runner, base_names, base_items)
@@ -462,7 +470,8 @@ def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model,
                  for _, chunk in _batches(chosen_on, config.batch_size)]
         selection_name, selection, _ = _merged_statistics(runner, runner.phase(items), items)
     empty = np.zeros((0,), np.float32)
-    base = disruption.Baseline(adapter, units, empty, stats, empty, steps, dict(pipe_kwargs), clip=clip, selection=selection)
+    base = disruption.Baseline(adapter, units, empty, stats, empty, steps, dict(pipe_kwargs), clip=clip, selection=selection,
+                               lpips=lpips)
 
     # the conditions (every process builds the same list from the same statistics)
     conds = config.conditions(base)
@@ -473,7 +482,7 @@ def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model,
             _, t = runner.read(base_names[index], base_items[index][0], ["images"])
             batch_images[index] = t["images"].numpy()
         return disruption.Baseline(adapter, chunk, batch_images[index], stats, empty, steps, dict(pipe_kwargs),
-                                   metrics=[], clip=clip, selection=selection)
+                                   metrics=[], clip=clip, selection=selection, lpips=lpips)
 
     items = []
     for c in conds:
@@ -494,7 +503,7 @@ def _conditions(config, adapter, units, runner, common, pipe_kwargs, clip_model,
     token_means = np.concatenate([t["token_means"].numpy() for _, t in main_parts])
     metrics = [m for p, _ in main_parts for m in p["metrics"]]
     base = disruption.Baseline(adapter, units, images, stats, token_means, steps, dict(pipe_kwargs), metrics=metrics,
-                               clip=clip, selection=selection)
+                               clip=clip, selection=selection, lpips=lpips)
     capture = attention.Capture.from_tensors(adapter, [(t, p["capture"]) for p, t in main_parts], "capture/") \
         if capture_attention else None
     table = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"} for m in metrics]

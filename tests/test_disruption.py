@@ -10,6 +10,7 @@ import torch
 
 import mabook
 from mabook import disruption, organism, probe, stats, world
+from mabook.metrics import MissingWeights
 from mabook.probe import Tap
 from mabook.statistics import Statistics
 
@@ -340,5 +341,5 @@ def test_real_model_path_has_pixel_metrics_and_clip_t(tmp_path):
     txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
     expected = max(100 * torch.nn.functional.cosine_similarity(img, txt).item(), 0)
     assert b.metrics[0]["clip_t"] == pytest.approx(expected, abs=1e-3)
-    with pytest.raises(ValueError, match="clip_model .* could not be loaded"):
+    with pytest.raises(MissingWeights, match="CLIP-T needs the CLIP model .*nothing"):  # before anything is generated
         disruption.baseline(adapter, ["red"], seeds=[0], num_inference_steps=1, clip_model=str(tmp_path / "nothing"), **call)

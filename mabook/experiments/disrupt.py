@@ -2,10 +2,13 @@
 
 The channel sets and the edits' values (dataset means, energy) come from the baselines of held-out
 prompts (--selection-prompts; 'same': from the evaluated units). Writes into --out: table.csv (one
-row per (prompt, seed, condition): the judge's attributes, cleanliness, mask IoU, pixel MSE and SSIM
-to the unit's baseline), baseline_stats.safetensors (the evaluated baselines' statistics), grid.png (baseline / top-k / controls at the
-largest k) and summary.json (settings, provenance, means with bootstrap 95 % CIs, the paired
-top/control ratios, the prompt-vs-timestep split of the top channels, the table; written last).
+row per (prompt, seed, condition): the judge's attributes, cleanliness, mask IoU (organism captions),
+pixel MSE, MAE and SSIM to the unit's baseline, and with --metrics lpips clip-t on a real model LPIPS
+to it and CLIP-T to the prompt), baseline_stats.safetensors (the evaluated baselines' statistics),
+grid.png (baseline / top-k / controls at the largest k) and summary.json (settings, provenance, the
+networks of the perceptual metrics ("metric_models"), means with bootstrap 95 % CIs, the paired
+top/control ratios -- of pixel MSE, and of LPIPS when asked ("paired_ratios_perceptual") --, the
+prompt-vs-timestep split of the top channels, the table; written last).
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from mabook import discovery, disruption, files, images, sweep
-from mabook.config import Units, check_choice, check_positive, option, read_prompts
+from mabook.config import Scored, check_choice, check_positive, option, read_prompts
 
 
 @dataclass
-class Config(Units):
+class Config(Scored):
     NAME: ClassVar[str] = "disrupt"
 
     k: list = option(list(disruption.DEFAULT_KS), "channel-set sizes")
@@ -79,7 +82,9 @@ def write(config: Config, result: sweep.SweepResult, out: Path, record: dict) ->
         result.base.selection.save(out / "selection_stats.safetensors")
     ratios = disruption.paired_ratios(table, op=config.op)
     selection = {"prompts": config.selection_list, "seeds": config.seeds} if config.selection_list else "same"
-    summary = {**record, "selection": selection, "summary": disruption.summary(table), "paired_ratios": ratios,
+    perceptual = {"lpips": disruption.paired_ratios(table, "lpips", op=config.op)} if "lpips" in table[0] else {}
+    summary = {**record, "metric_models": result.base.metric_models, "selection": selection,
+               "summary": disruption.summary(table), "paired_ratios": ratios, "paired_ratios_perceptual": perceptual,
                "decomposition": disruption.decomposition(result.base, disruption.channel_set(result.base.selector, k, "top")),
                "table": table}
     names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{kind}-{k} ", f"{kind}-{k}#")))
@@ -89,4 +94,6 @@ def write(config: Config, result: sweep.SweepResult, out: Path, record: dict) ->
     files.write_json(out / "summary.json", summary)  # last: a complete summary means a complete run
     return [f"grid rows: {', '.join(names)}"] + [
         f"k={r['k']:<3d} top / {r['control']:16s} pixel MSE {r['top_damage']:.4f} / {r['control_damage']:.4f} = "
-        f"{r['ratio']:.2f}x (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})" for r in ratios]
+        f"{r['ratio']:.2f}x (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})" for r in ratios] + [
+        f"k={r['k']:<3d} top / {r['control']:16s} LPIPS     {r['top_damage']:.4f} / {r['control_damage']:.4f} = "
+        f"{r['ratio']:.2f}x (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})" for r in perceptual.get("lpips", [])]

@@ -3,9 +3,13 @@
 Writes into --out: sinks.csv (top keys per (layer, step, head) of the baselines: where each sink
 sits -- text, pad, image and its grid row/col -- and its mass), movement.csv (per (layer, head): how
 often the top-1 sink stays put between steps), mass_by_kind.csv (per (layer, step, head): mass on
-text, pad and image keys), table.csv (one row per (prompt, seed, condition)), grid.png (baseline /
-sink / controls at the largest k) and summary.json (settings, provenance, means with bootstrap
-95 % CIs, paired sink/control ratios, the mass by kind, the table; written last). The baselines'
+text, pad and image keys), table.csv (one row per (prompt, seed, condition): pixel MSE, MAE and
+SSIM to the unit's baseline, the judge's reading on organism captions, and with --metrics lpips
+clip-t on a real model the paper's LPIPS to the baseline and CLIP-T to the prompt), grid.png
+(baseline / sink / controls at the largest k) and summary.json (settings, provenance, the networks
+of the perceptual metrics ("metric_models"), means with bootstrap 95 % CIs, paired sink/control
+ratios -- of pixel MSE, and of LPIPS when asked ("paired_ratios_perceptual": the paper's ~6x is one
+of these, on SD3) --, the mass by kind, the table; written last). The baselines'
 attention mass is captured in their shards, so a sweep writes the same files.
 """
 
@@ -16,11 +20,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from mabook import attention, disruption, files, images, sinks, sweep
-from mabook.config import Units, check_positive, option
+from mabook.config import Scored, check_positive, option
 
 
 @dataclass
-class Config(Units):
+class Config(Scored):
     NAME: ClassVar[str] = "sinks"
     CAPTURE_ATTENTION: ClassVar[bool] = True  # the baselines' shards keep their attention mass
 
@@ -65,7 +69,9 @@ def write(config: Config, result: sweep.SweepResult, out: Path, record: dict) ->
     files.write_csv(out / "table.csv", table)
     result.stats.save(out / "baseline_stats.safetensors")
     ratios = sinks.paired_ratios(table, "pixel_mse")
-    summary = {**record, "summary": disruption.summary(table), "paired_ratios": ratios, "mass_by_kind": by_kind,
+    perceptual = {"lpips": sinks.paired_ratios(table, "lpips")} if "lpips" in table[0] else {}
+    summary = {**record, "metric_models": result.base.metric_models, "summary": disruption.summary(table),
+               "paired_ratios": ratios, "paired_ratios_perceptual": perceptual, "mass_by_kind": by_kind,
                "table": table}
     names = ["baseline"] + [next(n for n in result.images if n.startswith((f"{keys}-{k} ", f"{keys}-{k}#")))
                             for keys in ("sink", *sinks.CONTROLS)]
@@ -76,4 +82,6 @@ def write(config: Config, result: sweep.SweepResult, out: Path, record: dict) ->
     return ["attention mass over image queries, mean over layers, steps, heads: "
             + ", ".join(f"{kind} {v:.3f}" for kind, v in share.items())] + [
         f"k={r['k']:<3d} sink / {r['control']:6s} pixel MSE {r['sink_damage']:.4f} / {r['control_damage']:.4f} = "
-        f"{r['ratio']:.2f}x (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})" for r in ratios]
+        f"{r['ratio']:.2f}x (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})" for r in ratios] + [
+        f"k={r['k']:<3d} sink / {r['control']:6s} LPIPS     {r['sink_damage']:.4f} / {r['control_damage']:.4f} = "
+        f"{r['ratio']:.2f}x (95% CI {r['ci'][0]:.2f}-{r['ci'][1]:.2f})" for r in perceptual.get("lpips", [])]
