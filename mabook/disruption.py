@@ -47,7 +47,7 @@ KINDS = ("top", "bottom_abs_mean", "bottom_rms", "random", "energy")
 CONTROLS = KINDS[1:]  # top-k's controls: count-matched (bottom by |mean|, bottom by RMS, random) and energy-matched
 ENERGY_OPS = ("zero", "mean", "scale")  # the ops whose expected displacement the energy-matched control matches
 DEFAULT_KS = (1, 2, 4, 8, 16)
-PARTS = ("early", "mid", "late")  # window thirds, of the image-stream layers and of the steps
+PARTS = ("early", "mid", "late")  # windows of equal size (n // 3), of the image-stream layers and of the steps
 ATTRIBUTES = world.ATTRIBUTES
 DISTANCES = ("pixel_mse", "pixel_mae", "lpips")  # columns that are a distance to the unit's baseline (0 there)
 
@@ -271,7 +271,12 @@ def channel_set(stats: Statistics, k: int, kind: str, stream: str = "img", seed:
 
 
 def window(layers: Sequence[str], num_inference_steps: int, layer_part: str = "all", step_part: str = "all"):
-    """(layers, steps, label) of one window: "early", "mid", "late" thirds, or "all"."""
+    """(layers, steps, label) of one window: "early", "mid", "late", or "all".
+
+    The three parts have equal size, n // 3 of n items (the first, the centred and the last n // 3),
+    so every window edits the same number of (tap, step) pairs and a window's damage is not its size:
+    8 layers x 20 steps give 2 x 6 = 12 pairs per window (a layer or a step between two parts is
+    in none of them)."""
     for part in (layer_part, step_part):
         if part not in (*PARTS, "all"):
             raise ValueError(f"unknown window part {part!r}; allowed: {[*PARTS, 'all']}")
@@ -279,8 +284,9 @@ def window(layers: Sequence[str], num_inference_steps: int, layer_part: str = "a
     def third(items, part):
         if part == "all":
             return list(items)
-        chunks = np.array_split(np.arange(len(items)), 3)
-        return [items[i] for i in chunks[PARTS.index(part)]]
+        size = len(items) // 3
+        start = {"early": 0, "mid": (len(items) - size) // 2, "late": len(items) - size}[part]
+        return list(items)[start:start + size]
 
     chosen_layers = third(list(layers), layer_part)
     chosen_steps = third(list(range(num_inference_steps)), step_part)

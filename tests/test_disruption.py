@@ -238,9 +238,14 @@ def test_decomposition_separates_the_seed_from_the_prompt(base):
                                  {base.layers[0]: [0]})
 
 
-def test_windows_split_layers_and_steps_in_thirds(base):
+def test_windows_split_layers_and_steps_in_equal_thirds(base):
     layers, steps, label = disruption.window(base.layers, 20, "mid", "late")
-    assert layers == base.layers[3:6] and steps == tuple(range(14, 20)) and label == "mid layers, late steps"
+    assert layers == base.layers[3:5] and steps == tuple(range(14, 20)) and label == "mid layers, late steps"  # 8 layers
+    sizes = {(len(ls), len(st)) for lp in disruption.PARTS for sp in disruption.PARTS
+             for ls, st, _ in [disruption.window([f"l{i}" for i in range(8)], 20, lp, sp)]}
+    assert sizes == {(2, 6)}  # every window edits 12 (tap, step) pairs: 8 // 3 layers x 20 // 3 steps
+    assert disruption.window([f"l{i}" for i in range(8)], 20, "mid", "early")[:2] == (["l3", "l4"], tuple(range(6)))
+    assert disruption.window([f"l{i}" for i in range(8)], 20, "late", "mid")[:2] == (["l6", "l7"], tuple(range(7, 13)))
     conds = disruption.window_conditions(base, k=2)
     assert len(conds) == 9 * 2 and {c.window for c in conds} == {f"{a} layers, {b} steps" for a in disruption.PARTS
                                                                    for b in disruption.PARTS}

@@ -49,7 +49,7 @@ class Config(Units):
     mask_tap: str | None = option(None, "image tap the mask is clustered at (default: the middle one)", type=str)
     mask_step: int | None = option(None, "step the mask is clustered at (default: the middle one)", type=int)
     mask_channels: int = option(4, "the mask clusters the top-N channels")
-    window: str = option("all", "the steps transported (thirds)", choices=("all", *disruption.PARTS))
+    window: str = option("all", "the steps transported (equal thirds: the first, centred or last n // 3)", choices=("all", *disruption.PARTS))
     conditioning: str = option("auto", "also transport the AdaLN conditioning (auto: with all channels, --k 0, only)",
                                choices=("auto", "on", "off"))
     baselines: bool = option(False, "also pixel blend and (organism) text-embedding blend at each alpha", flag=True)
