@@ -3,11 +3,14 @@
 import contextlib
 import csv
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mabook import cli, organism
 from mabook.statistics import Statistics
@@ -302,6 +305,9 @@ _VERBS = {
     "cluster": ["cluster"],
     "sinks": ["sinks", "--k", "1", "--n-random", "1"],
     "transport": ["transport", "--source", "a red circle", "--target", "a blue square", "--k", "2", "--alpha", "0", "1"],
+    "discover": ["discover", "--k", "2"],
+    "transport --reference": ["transport", "--reference", "{reference}", "--resize", "--target", "a blue square", "--k", "2",
+                              "--alpha", "0", "1"],
 }
 
 
@@ -345,14 +351,21 @@ def test_every_verb_runs_on_a_real_family_with_world_prompts_and_never_judges(fa
         size = {"sana": dict(height=32, width=32)}.get(family, {})  # SANA's call defaults to 1024 px, not sample_size
         monkeypatch.setattr(cls, "__call__", functools.partialmethod(cls.__call__, use_resolution_binning=False, **size))
     out = tmp_path / "out"
-    argv = _VERBS[verb] + ["--model", str(tiny_pipelines[family]), "--num-inference-steps", "2", "--out", str(out)]
-    if verb != "transport":
+    reference = tmp_path / "reference.png"  # a picture to transport from: any RGB image, resized to the generation
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(reference)
+    argv = [a.format(reference=reference) for a in _VERBS[verb]]
+    argv += ["--model", str(tiny_pipelines[family]), "--num-inference-steps", "2", "--out", str(out)]
+    if not verb.startswith("transport"):
         argv += ["--prompts", "2"]  # an integer N: N held-out shapes-world captions, as the default 8
     code = cli.main(argv)
     err = capsys.readouterr().err
     if family == "sana" and verb == "sinks":  # linear attention: no softmax mass to find sinks in
         (line,) = [x for x in err.splitlines() if "error" in x]
         assert code == cli.EXIT_BAD_INPUT and line.startswith("mabook sinks: error:") and "softmax" in line
+        return
+    if family in ("pixart", "sana") and verb == "transport --reference":  # no inversion for these schedulers (yet)
+        (line,) = [x for x in err.splitlines() if "error" in x]
+        assert code == cli.EXIT_BAD_INPUT and line.startswith("mabook transport: error:") and family in line
         return
     assert code == 0, err
     judged_columns = {"cleanliness", "color", "shape", "all_correct", "took_source_color"}
@@ -361,3 +374,15 @@ def test_every_verb_runs_on_a_real_family_with_world_prompts_and_never_judges(fa
         assert not header & judged_columns, (table.name, header & judged_columns)
     if verb == "cluster":
         assert json.loads((out / "iou.json").read_text())["summary"] == {}  # masks only: no IoU against a world rendering
+    written = list(out.glob("*.json")) + list(out.glob("*.csv"))
+    assert written, f"{verb} wrote nothing into {out}"
+    for f in out.glob("*.json"):  # strict JSON: no bare NaN / Infinity
+        json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"{f.name} holds a bare {c}"))
+    for table in out.glob("*.csv"):  # every number a table holds is finite
+        for row in csv.DictReader(open(table)):
+            for key, value in row.items():
+                try:
+                    x = float(value)
+                except (TypeError, ValueError):
+                    continue
+                assert math.isfinite(x) or key.endswith("_ci") or "ci" in key, (table.name, key, value)
