@@ -62,10 +62,11 @@ class Family:
     # the image self-/joint-attention: "softmax" (a probability mass over keys: attention sinks apply)
     # or "linear" (SANA: no softmax, so no mass for a sink to hold)
     attention: str = "softmax"
-    # the pipeline samples with FlowMatchEulerDiscreteScheduler (Euler steps on a predicted velocity),
-    # the ODE `mabook.inversion` runs backwards (`INVERTIBLE`); False for PixArt (noise prediction,
-    # DPM-Solver) and SANA (a flow model, but SanaPipeline samples with DPMSolverMultistepScheduler)
-    flow_match_euler: bool = False
+    # the noising path the model was trained on, which `mabook.inversion` puts a reference on: "flow"
+    # (rectified flow, x = (1 - sigma) x_0 + sigma eps, a predicted velocity: the ODE inversion runs
+    # backwards, `INVERTIBLE`; SANA too, though SanaPipeline samples it with DPM-Solver) or "ddpm"
+    # (x = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, predicted noise: PixArt, noising only)
+    path: str = "flow"
     # pipeline attribute of the tokenizer whose tokens are the transformer's text keys, padding
     # included (`Adapter.text_tokenizer`); None where the text keys are not one tokenizer's (SD3 joins
     # CLIP and T5) or text enters by cross-attention only (PixArt, SANA)
@@ -77,20 +78,21 @@ FAMILIES: dict[str, Family] = {
     for f in (
         # The organism is a FluxTransformer2DModel behind its own pipeline (pixels, no VAE).
         Family("organism", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", True, "organism",
-               conditioning="time_text_embed", flow_match_euler=True, text_tokenizer="tokenizer"),
+               conditioning="time_text_embed", text_tokenizer="tokenizer"),
         # FLUX.1-dev is guidance-distilled: one call per step, no CFG batch. Its text keys are T5's.
         Family("flux", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "txt_img", False,
-               "black-forest-labs/FLUX.1-dev", separate_uncond_call=True, conditioning="time_text_embed", flow_match_euler=True,
+               "black-forest-labs/FLUX.1-dev", separate_uncond_call=True, conditioning="time_text_embed",
                text_tokenizer="tokenizer_2"),
         Family("sd3", "SD3Transformer2DModel", ("transformer_blocks",), "txt_img", True, "stabilityai/stable-diffusion-3.5-medium",
-               conditioning="time_text_embed", flow_match_euler=True),
-        Family("pixart", "PixArtTransformer2DModel", ("transformer_blocks",), "img", True, "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
+               conditioning="time_text_embed"),
+        Family("pixart", "PixArtTransformer2DModel", ("transformer_blocks",), "img", True, "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+               path="ddpm"),
         Family("sana", "SanaTransformer2DModel", ("transformer_blocks",), "img", True, "Efficient-Large-Model/Sana_600M_1024px_diffusers",
                attention="linear"),
     )
 }
 # the families `mabook.inversion` can run a reference image backwards in (flow matching, Euler steps)
-INVERTIBLE = tuple(f.name for f in FAMILIES.values() if f.flow_match_euler)
+INVERTIBLE = tuple(f.name for f in FAMILIES.values() if f.path == "flow")
 
 
 class UnsupportedModelError(ValueError):

@@ -3,8 +3,12 @@
 Checked against independent computations: the noising path and the fixed-point step against numpy,
 the schedule against the one the pipeline itself sets, FLUX's 2x2 latent packing against a numpy
 reshape, one Euler step of the pipeline against the velocity used for inversion; and on the
-trained organism, inversion followed by regeneration gives the reference back.
+trained organism, inversion followed by regeneration gives the reference back. SANA (inverted on
+Euler steps of its flow, also behind its real DPM-Solver) and PixArt-Sigma (DDPM noising: each
+step at sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, against numpy) on tiny random-weight pipelines.
 """
+
+import functools
 
 import numpy as np
 import pytest
@@ -197,7 +201,7 @@ def test_record_from_latents_gives_targets_the_same_noise(adapter, inverted):
     zero = transport.transport(rec, targets, 0.0)
     np.testing.assert_array_equal(zero.images, inversion.regenerate(inverted, prompt=TARGET))
     np.testing.assert_array_equal(zero.images, zero.target)
-    one = transport.transport(rec, targets, 1.0, target_images=zero.target)
+    one = transport.transport(rec, targets, 1.0, target_images=zero.target, conditioning=True)
     np.testing.assert_array_equal(one.images, rec.images)
     assert_no_hooks(adapter)
 
@@ -386,12 +390,14 @@ def test_flux_inversion_reconstructs_its_latents_and_noising_its_image(flux):
     assert_no_hooks(flux)
 
 
-def test_unsupported_families_are_named(flux):
+def test_a_family_that_cannot_invert_is_named_with_what_works(flux):
     from mabook.models import FAMILIES, Adapter
 
     pixart = Adapter(FAMILIES["pixart"], flux.transformer, flux.pipe)
-    with pytest.raises(ValueError, match=r"inversion supports the flow-matching families \['organism', 'flux', 'sd3'\]"):
+    with pytest.raises(ValueError, match=r"^pixart cannot be inverted: .*--trajectory noise.*invertible families: "
+                                         r"\['organism', 'flux', 'sd3', 'sana'\]$"):
         inversion.invert(pixart, np.zeros((16, 16, 3), np.float32))
+    assert inversion.default_method(pixart) == "noise" and inversion.default_method(flux) == "invert"
 
 
 def test_noising_path_is_one_the_model_would_not_follow(adapter, references, inverted):
@@ -449,3 +455,198 @@ def test_sd3_encode_schedule_and_velocity_are_the_pipelines(tmp_path):
     for i in range(3):  # classifier-free guidance batch included, as the pipeline makes it
         x = x + (sigmas[i + 1] - sigmas[i]) * v(x, timesteps[i])
     torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# SANA (flow matching, sampled by DPM-Solver: the trajectory runs on Euler steps of its flow) and
+# PixArt-Sigma (DDPM: noising only), on tiny random-weight pipelines (tests/test_models.py)
+# ---------------------------------------------------------------------------------------------
+
+SANA_CALL = dict(height=32, width=32, max_sequence_length=8)  # SANA needs multiples of 32 px: 16x16 latent pixels
+PIXART_CALL = dict(max_sequence_length=8)  # 8x8 px, one VAE block: 4x4 tokens of 2x2 latent pixels
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """family -> adapter: "sana" (FlowMatchEulerDiscreteScheduler, as tests/test_models builds it),
+    "sana-dpm" (the same modules behind SANA's real scheduler: DPM-Solver++ 2M on flow sigmas,
+    flow_shift 3) and "pixart" (DPMSolverMultistepScheduler, epsilon). Their resolution binning
+    knows real sizes only: off."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, SanaPipeline
+    from test_models import built
+
+    with pytest.MonkeyPatch.context() as mp:
+        for cls in (PixArtSigmaPipeline, SanaPipeline):
+            mp.setattr(cls, "__call__", functools.partialmethod(cls.__call__, use_resolution_binning=False))
+        sana, _ = built("sana")
+        dpm = SanaPipeline(**{**sana.components, "scheduler": DPMSolverMultistepScheduler(
+            use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)})
+        pixart, _ = built("pixart")
+        out = {}
+        for name, pipe in (("sana", sana), ("sana-dpm", dpm), ("pixart", pixart)):
+            pipe.set_progress_bar_config(disable=True)
+            out[name] = mabook.adapter_for(pipe)
+        yield out
+
+
+def pixart_inputs(adapter, run):
+    """Each transformer call's (hidden_states, timestep) -- PixArt's pipeline passes hidden_states positionally."""
+    seen = []
+
+    def keep(m, args, kwargs):
+        seen.append(((args[0] if args else kwargs["hidden_states"]).detach().clone(), kwargs["timestep"].detach().clone()))
+
+    handle = adapter.transformer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        out = run()
+    finally:
+        handle.remove()
+    return seen, out
+
+
+def decoded(adapter, latents):
+    """The pipeline's own decode of (unpacked, scaled) latents: what a generation ending on them shows."""
+    vae = adapter.pipe.vae
+    with torch.no_grad():
+        images = vae.decode(latents / vae.config.scaling_factor).sample
+    return adapter.pipe.image_processor.postprocess(images, output_type="np")
+
+
+@pytest.mark.parametrize("name", ["sana", "sana-dpm"])
+def test_sana_velocity_is_the_pipelines_euler_step(tiny, name):
+    """The pipeline's loop (guidance 4.5 and the complex human instruction, SANA's defaults: a
+    guidance batch even for "") rebuilt from the inversion's velocity, on the trajectory's scheduler."""
+    adapter = tiny[name]
+    sampler, which = inversion._sampler(adapter)
+    timesteps, sigmas = inversion.schedule(adapter, 3, 32, 32)
+    if name == "sana-dpm":  # Euler on SANA's flow: FlowMatchEulerDiscreteScheduler(shift=3), sigma_0 = 1
+        assert sampler is not adapter and sampler.transformer is adapter.transformer and sampler.pipe.vae is adapter.pipe.vae
+        assert which == "FlowMatchEulerDiscreteScheduler(shift=3) in place of the pipeline's DPMSolverMultistepScheduler"
+        u = np.linspace(1.0, 3 * 1e-3 / (1 + 2 * 1e-3), 3)  # the Euler scheduler's shifted sigma_min, shifted again
+        np.testing.assert_allclose(sigmas.numpy(), np.append(3 * u / (1 + 2 * u), 0.0), rtol=1e-6)
+    else:
+        assert sampler is adapter and which == "FlowMatchEulerDiscreteScheduler"
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for prompt in ("", "a red circle"):
+        out = sampler.pipe(prompt, num_inference_steps=3, latents=z, output_type="latent", **SANA_CALL).images
+        v = inversion._velocity(sampler, prompt, 1, inversion.default_guidance_scale(sampler), 32, 32, 8)
+        x = z
+        for i in range(3):
+            x = x + (sigmas[i + 1] - sigmas[i]) * v(x, timesteps[i])
+        torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sana", "sana-dpm"])
+def test_sana_inversion_then_regeneration_reconstructs_the_reference(tiny, name):
+    """FLUX's tolerances: forward residuals below 1e-6, the regenerated latents within 1e-4 of the
+    reference's, its image the reference through the DC-AE. Guidance 1: the random-weight model's
+    guided velocity (4.5) is not a contraction at high noise, so the fixed point stalls near 1e-2
+    there (the residuals say so)."""
+    adapter = tiny[name]
+    scheduler = adapter.pipe.scheduler
+    images = np.random.default_rng(1).random((2, 32, 32, 3)).astype(np.float32)
+    traj = inversion.invert(adapter, images, prompt="a red circle", num_inference_steps=4, fixed_point_iterations=50,
+                            relaxation=1.0, tolerance=1e-7, guidance_scale=1.0, **SANA_CALL)
+    assert traj.noise.shape == traj.clean.shape == (2, 4, 16, 16) and np.nanmax(traj.residuals) < 1e-6
+    back = traj.adapter.pipe(["a red circle"] * 2, num_inference_steps=4, latents=traj.noise, output_type="latent",
+                             guidance_scale=1.0, **SANA_CALL).images
+    torch.testing.assert_close(back, traj.clean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(inversion.regenerate(traj), decoded(adapter, traj.clean), atol=1e-4)
+    assert adapter.pipe.scheduler is scheduler  # the loaded pipeline is left as it was
+    with torch.no_grad():  # the DC-AE's latents, scaled: no posterior, no shift
+        z = adapter.pipe.vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).latent
+    torch.testing.assert_close(traj.clean, z * 0.41)
+
+
+@pytest.mark.parametrize("name", ["sana-dpm", "pixart"])
+def test_noising_puts_step_i_at_the_schedulers_level_of_its_timestep(tiny, name):
+    """Each transformer call's input, against numpy: SANA's flow (1 - s) x_0 + s eps with
+    s = t / 1000 for the timestep t it is given; PixArt's DDPM sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
+    abar from the scheduler's linear betas. The generation ends on the reference's latents."""
+    adapter = tiny[name]
+    call = SANA_CALL if name.startswith("sana") else PIXART_CALL
+    size = 32 if name.startswith("sana") else 8
+    images = np.random.default_rng(2).random((2, size, size, 3)).astype(np.float32)
+    traj = inversion.noise(adapter, images, seeds=[4, 5], num_inference_steps=4, **call)
+    clean, eps = traj.clean.numpy().astype(np.float64), traj.eps.numpy().astype(np.float64)
+    np.testing.assert_array_equal(traj.eps[1:].numpy(), torch.randn((1, *clean.shape[1:]),
+                                                                    generator=torch.Generator().manual_seed(5)).numpy())
+    tap = str(probe.taps(adapter, ["img"])[0])
+    seen, rec = pixart_inputs(traj.adapter, lambda: inversion.record(traj, taps=[tap], channels=[0, 1]))
+    assert len(seen) == 4
+    config = adapter.pipe.scheduler.config
+    if name == "pixart":
+        assert config.beta_schedule == "linear" and config.prediction_type == "epsilon"
+        abar = np.cumprod(1 - np.linspace(config.beta_start, config.beta_end, config.num_train_timesteps))
+    for i, (x, t) in enumerate(seen):  # each call is [uncond; cond] of the same x_i
+        t = float(t.flatten()[0])
+        if name == "pixart":
+            assert t == int(traj.timesteps[i])
+            a, b = np.sqrt(abar[int(t)]), np.sqrt(1 - abar[int(t)])
+        else:
+            b = t / 1000
+            a = 1 - b
+        expected = a * clean + b * eps
+        np.testing.assert_allclose(x[:2].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(x[2:].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(traj.point(i).numpy(), expected, atol=1e-5)
+    if name == "pixart":  # the generation starts at x_0, not at eps (abar_999 > 0)
+        assert traj.sampler == "DPMSolverMultistepScheduler" and float(traj.sigmas[0]) < 1
+        torch.testing.assert_close(traj.noise, traj.point(0))
+        assert not torch.equal(traj.noise, traj.eps)
+    else:
+        assert torch.equal(traj.noise, traj.eps)
+    np.testing.assert_allclose(rec.images, decoded(adapter, traj.clean), atol=1e-5)
+    assert_no_hooks(adapter)
+    assert not isinstance(traj.adapter.pipe.scheduler, inversion._Noising)  # restored
+
+
+@pytest.mark.parametrize("name, method", [("sana-dpm", "invert"), ("sana-dpm", "noise"), ("pixart", "noise")])
+def test_transport_from_a_reference_at_alpha_0_is_the_target_bitwise(tiny, name, method):
+    """alpha = 0 is the target generated from the trajectory's noise with the trajectory's scheduler
+    (SANA: the Euler twin, through the record's adapter); on SANA's inversion, alpha = 1 with every
+    channel of every block is the reconstruction (the model output is the source's at every step, and
+    the same Euler steps follow; noising's record walks the path instead, whatever the model says)."""
+    adapter = tiny[name]
+    call = SANA_CALL if name.startswith("sana") else PIXART_CALL
+    size = 32 if name.startswith("sana") else 8
+    images = np.random.default_rng(3).random((2, size, size, 3)).astype(np.float32)
+    traj = (inversion.invert(adapter, images, num_inference_steps=3, fixed_point_iterations=5, **call) if method == "invert"
+            else inversion.noise(adapter, images, seeds=[1, 2], num_inference_steps=3, **call))
+    taps = [str(t) for t in probe.taps(adapter, ["img"])]
+    with probe.collect(adapter, taps=taps[:1], cfg="both") as seen:  # the loaded adapter's probe sees the twin's steps
+        rec = inversion.record(traj, taps=taps, channels="all", conditioning=False, max_bytes=10**9)
+    assert rec.adapter is traj.adapter and seen.stats.steps == [0, 1, 2]
+    assert all(seen.stats.counts(taps[0], s)["samples"] == 4 for s in range(3))  # 2 references x [uncond; cond]
+    target = ["a red circle"] * 2
+    zero = transport.transport(rec, target, 0.0)
+    np.testing.assert_array_equal(zero.images, zero.target)
+    np.testing.assert_array_equal(zero.target, inversion.regenerate(traj, prompt="a red circle"))
+    if method == "invert":
+        one = transport.transport(rec, target, 1.0, target_images=zero.target)
+        np.testing.assert_allclose(one.images, rec.images, atol=1e-6)
+    assert_no_hooks(adapter)
+
+
+def test_sana_and_pixart_bad_values_are_refused_in_one_line(tiny, flux):
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline
+
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    with pytest.raises(ValueError, match=r"^height and width must be multiples of 32 pixels \(one token, and "
+                                         r"SanaPipeline needs multiples of 32\), got 48x32$"):
+        inversion.image_size(tiny["sana"], 48, 32)
+    eps_sana = mabook.adapter_for(SanaPipeline(**{**tiny["sana"].pipe.components,
+                                                  "scheduler": DPMSolverMultistepScheduler()}))
+    with pytest.raises(ValueError, match=r"^a sana trajectory needs the flow-matching Euler scheduler; this pipeline has "
+                                         r"DPMSolverMultistepScheduler; allowed: .*use_flow_sigmas"):
+        inversion.invert(eps_sana, images, **SANA_CALL)
+    noised = inversion.noise(tiny["pixart"], np.zeros((1, 8, 8, 3), np.float32), seeds=0, num_inference_steps=2, **PIXART_CALL)
+    with pytest.raises(ValueError, match=r"^path_residuals measures the flow-matching Euler step; pixart predicts DDPM"):
+        inversion.path_residuals(noised)
+    with pytest.raises(ValueError, match=r"step must be an int in 0\.\.2, got 3"):
+        noised.point(3)
+    with pytest.raises(ValueError, match=r"^pixart cannot be inverted: .*--trajectory noise"):
+        inversion.invert(tiny["pixart"], np.zeros((1, 8, 8, 3), np.float32))
+    assert inversion.default_method(tiny["sana-dpm"]) == "invert"
+    with pytest.raises(ValueError, match=r"unknown path 'sideways'; allowed: 'flow', 'ddpm'"):
+        inversion.level(noised.clean, noised.eps, 0.5, "sideways")

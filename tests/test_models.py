@@ -184,7 +184,7 @@ def test_organism_adapter_matches_flux_layout():
 def test_the_family_table_holds_which_families_have_softmax_attention_invert_and_tokenize_their_text_keys():
     assert [f.attention for f in models.FAMILIES.values()] == ["softmax"] * 4 + ["linear"]  # SANA's is linear
     assert processors.SOFTMAX_FAMILIES == ("organism", "flux", "sd3", "pixart")
-    assert models.INVERTIBLE == inversion.FAMILIES == ("organism", "flux", "sd3")
+    assert models.INVERTIBLE == inversion.FAMILIES == ("organism", "flux", "sd3", "sana")  # SANA: on Euler steps of its flow
     assert {f.name: f.text_tokenizer for f in models.FAMILIES.values() if f.text_tokenizer} == {
         "organism": "tokenizer", "flux": "tokenizer_2"}
 
