@@ -27,14 +27,16 @@ Glossary (probe's "step" and "call" apply; see `mabook.probe.Hooks`).
          sample); found with the pipeline's tokenizer for the organism and FLUX, else text keys are
          all labelled "text".
 
-Capturing never changes the output: the original processor computes it (SDPA, bit-identical
-images) and the probabilities are recomputed on the side from the same q and k, only at the layers
-and steps asked, chunked over queries and summed on the fly, so memory holds one chunk of scores
-and one (heads, keys) accumulator per (layer, step). Intervening replaces the processor's
-attention by an explicit softmax over the same q, k, v (the projections are copied from diffusers'
-FluxAttnProcessor, JointAttnProcessor2_0 and AttnProcessor2_0), so eta=1 equals the stock output
-up to float rounding. The score path's dose is the paper's by default: a chosen key keeps exactly
-eta * p and the other keys absorb the difference in proportion (`KeyIntervention.dose`).
+Capturing never changes the output: it is computed from the same q, k, v with the stock
+processor's own attention call (SDPA, bit-identical images; q, k, v are projected once, by the
+copied projections), and the probabilities are recomputed on the side from the same q and k, only
+at the layers and steps asked, chunked over queries and summed on the fly, so memory holds one
+chunk of scores and one (heads, keys) accumulator per (layer, step). Intervening replaces the
+processor's attention by SDPA over the same q, k, v (the projections are copied from diffusers'
+FluxAttnProcessor, JointAttnProcessor2_0 and AttnProcessor2_0) with the chosen keys' logits
+suppressed (`mabook.softmax.edited_attention`), so eta=1 is the stock output; the score pass that
+finds the sinks is what it adds. The score path's dose is the paper's by default: a chosen key
+keeps exactly eta * p and the other keys absorb the difference in proportion (`KeyIntervention.dose`).
 
 This module holds the verbs and what they take and give (`KeyIntervention`, `Capture`,
 `suppression`); the mechanism is `mabook.processors` (which layers, what their keys are, the
@@ -352,6 +354,11 @@ class Intervention(Swap):
                     raise ValueError(f"cannot nest two {mine}-path interventions on {path} at the same steps "
                                      f"({other.name} and {self.intervention.name}); one score-path and one value-path "
                                      "intervention combine")
+
+    @property
+    def needs_logsumexp(self) -> bool:
+        iv = self.intervention
+        return softmax.needs_logsumexp(iv.path, float(iv.eta), iv.dose)
 
     def choose(self, layer: str, mass: torch.Tensor) -> softmax.Edit:
         """This intervention's keys at this call from the unedited mass (batch_size, heads, keys)."""

@@ -64,7 +64,22 @@ def _organism_arguments(batch_size: int = 16, num_inference_steps: int = 20, rep
            arg("--num-inference-steps", type=int, default=num_inference_steps)]
     if repeats:
         out.append(arg("--repeats", type=int, default=9, help="timed pairs (plus one untimed warm-up pair)"))
-    return out + [arg("--device", default="cpu")]
+    return out + [arg("--device", default="cpu"), _threads_argument()]
+
+
+def _threads_argument():
+    return arg("--threads", type=int, default=None,
+               help="torch CPU threads (default: torch's own); 1 on a machine whose cores other processes load, where "
+                    "threads waiting for each other make every small op slow")
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def _loaded(args: argparse.Namespace):
@@ -73,6 +88,7 @@ def _loaded(args: argparse.Namespace):
         value = getattr(args, name, 1)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _set_threads(getattr(args, "threads", None))
     pipe, adapter, source = _organism(args.checkpoint, args.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, adapter, source
@@ -150,9 +166,9 @@ def probe(args: argparse.Namespace) -> int:
     plain, probed, results = interleaved(timed, args.repeats, args.device)
     run = results[-1][1]
     taps = len(run.stats.taps)
-    print(f"model: organism ({source}); {args.device}; {args.batch_size} images x {args.num_inference_steps} steps; "
-          f"{taps} taps x {len(run.stats.steps)} steps, every tap and step probed")
-    _report("probe", plain, probed)
+    print(f"model: organism ({source}); {args.device}, {torch.get_num_threads()} thread(s); {args.batch_size} images x "
+          f"{args.num_inference_steps} steps; {taps} taps x {len(run.stats.steps)} steps, every tap and step probed")
+    _report("probe", plain, probed, target=1.03)
     print(f"statistics memory: {_mb(run.stats.nbytes)} (5 x channels float64 per (step, tap); "
           f"does not depend on tokens or batch)")
     print(f"storing every tapped hidden state instead: {_mb(run.observed_bytes)} "
@@ -327,81 +343,135 @@ def spatial(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _attention_variant(variant: str, heads: int, image: int, text: int, head_dim: int, device: str, repeats: int,
-                       chunk_elements: int) -> dict:
-    """Run one variant `repeats` times on random (1, heads, text + image, head_dim) tensors."""
-    import resource
-    import time
+ATTENTION_VARIANTS = ("sdpa", "capture", "intervene", "explicit")
 
-    import torch
+
+def _attention_call(variant: str, q, k, v, image: slice, chunk_elements: int, eta: float, dose: str):
+    """One attention call as the processor makes it: "sdpa" (the stock call), "capture" (the stock call
+    plus the mass), "intervene" (the mass the sinks are chosen from, with each query's logsumexp where
+    the dose needs it, then one SDPA call with the top-1 sink edited), "explicit" (the same intervention
+    through the explicit chunked softmax: what every intervention cost before issue 23)."""
     import torch.nn.functional as F
 
     from mabook import softmax
 
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, text + image, head_dim, device=device) for _ in range(3))
-    image_slice = slice(text, text + image)
-
-    def once():
-        if variant == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v)
-        if variant == "capture":  # the stock output, plus the mass on the side
-            out = F.scaled_dot_product_attention(q, k, v)
-            softmax.image_query_mass(q, k, image_slice, chunk_elements)
-            return out
-        mass = softmax.image_query_mass(q, k, image_slice, chunk_elements)  # "intervene": sinks, then explicit softmax
-        return softmax.attend(q, k, v, mass.topk(1, -1).indices, "score", 0.0, chunk_elements)
-
-    if device != "cpu":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_bytes = torch.cuda.memory_allocated()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device != "cpu":
-        extra = torch.cuda.max_memory_allocated() - base_bytes
+    if variant == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if variant == "capture":  # the stock output, plus the mass on the side
+        out = F.scaled_dot_product_attention(q, k, v)
+        softmax.image_query_mass(q, k, image, chunk_elements)
+        return out
+    if variant == "explicit":
+        mass = softmax.image_query_mass(q, k, image, chunk_elements)
+        return softmax.attention(q, k, v, [softmax.Edit(mass.topk(1, -1).indices, "score", eta, dose)], chunk_elements)[0]
+    if softmax.needs_logsumexp("score", eta, dose):
+        mass, lse = softmax.image_query_mass(q, k, image, chunk_elements, lse=True)
     else:
-        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-    return {"variant": variant, "seconds": min(times), "extra_bytes": int(extra)}
+        mass, lse = softmax.image_query_mass(q, k, image, chunk_elements), None
+    return softmax.edited_attention(q, k, v, [softmax.Edit(mass.topk(1, -1).indices, "score", eta, dose)], lse, chunk_elements)
+
+
+def _attention_inputs(heads: int, image: int, text: int, head_dim: int, device: str, dtype: str):
+    import torch
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, text + image, head_dim, device=device).to(getattr(torch, dtype)) for _ in range(3))
+    return q, k, v, slice(text, text + image)
+
+
+def _attention_variant(variant: str, heads: int, image: int, text: int, head_dim: int, device: str, repeats: int,
+                       chunk_elements: int, eta: float = 0.0, dose: str = "redistribute", dtype: str = "float32") -> dict:
+    """Peak memory of one variant: run it (after one warm-up call) on random (1, heads, text + image, head_dim) tensors in this
+    (fresh) process; what the call added over its inputs at its worst moment (`realshape._memory`: on
+    CUDA the allocator's peak, on CPU the resident set's high-water mark, reset before the call)."""
+    from mabook.realshape import _memory
+
+    q, k, v, image_slice = _attention_inputs(heads, image, text, head_dim, device, dtype)
+    _attention_call(variant, q, k, v, image_slice, chunk_elements, eta, dose)  # warm-up: kernels' one-time buffers
+    base = _memory(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        _attention_call(variant, q, k, v, image_slice, chunk_elements, eta, dose)
+    extra = None if base is None else _memory(device, base)
+    return {"variant": variant, "seconds": (time.perf_counter() - start) / repeats, "extra_bytes": extra}
+
+
+def _attention_times(heads: int, image: int, text: int, head_dim: int, device: str, repeats: int, chunk_elements: int,
+                     eta: float, dose: str, dtype: str, variants=ATTENTION_VARIANTS) -> dict:
+    """Seconds of every variant, in one process, interleaved: each round runs every variant once, the
+    order reversed every other round (so drift in machine load hits all alike), after one warm-up round."""
+    import torch
+
+    q, k, v, image_slice = _attention_inputs(heads, image, text, head_dim, device, dtype)
+    times = {name: [] for name in variants}
+    for r in range(repeats + 1):
+        for name in variants if r % 2 == 0 else variants[::-1]:
+            if device != "cpu":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            _attention_call(name, q, k, v, image_slice, chunk_elements, eta, dose)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            if r:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 @subcommand("attention", "time and peak memory of capturing / intervening attention vs SDPA at FLUX-1024^2 shapes",
             [arg("--heads", type=int, default=None, help="default: 24 on CUDA, 4 on CPU (24 takes minutes per variant on one thread)"),
              arg("--image-tokens", type=int, default=4096), arg("--text-tokens", type=int, default=512),
-             arg("--head-dim", type=int, default=128), arg("--repeats", type=int, default=3),
-             arg("--chunk-elements", type=int, default=None), arg("--device", default="cpu")])
+             arg("--head-dim", type=int, default=128),
+             arg("--repeats", type=int, default=3, help="timed rounds, every variant once per round, after one warm-up round"),
+             arg("--chunk-elements", type=int, default=None),
+             arg("--eta", type=float, default=0.0, help="the intervention's eta (0 < eta < 1 also scores the text queries: "
+                                                          "each query's logsumexp)"),
+             arg("--dose", default="redistribute", choices=["redistribute", "renormalise"]),
+             arg("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
+             arg("--device", default="cpu"), _threads_argument()])
 def attention_bench(args: argparse.Namespace) -> int:
     import json as _json
+    import statistics as stats
     import subprocess
     import sys
 
+    import torch
+
     from mabook import softmax
 
+    _set_threads(args.threads)
     heads = args.heads or (24 if args.device != "cpu" else 4)
     chunk = args.chunk_elements or softmax.CHUNK_ELEMENTS
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if not 0 <= args.eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     print(f"random q, k, v: 1 x {heads} heads x ({args.text_tokens} text + {args.image_tokens} image) tokens x "
-          f"{args.head_dim}; chunk {chunk} score elements; {args.device}"
+          f"{args.head_dim}, {args.dtype}; chunk {chunk} score elements; {args.device}, {torch.get_num_threads()} thread(s); "
+          f"intervention: top-1 sink, score path, eta={args.eta:g} ({args.dose})"
           + ("" if heads == 24 else " (FLUX.1 has 24 heads: time scales ~linearly with heads, memory too)"))
-    rows = []
-    for variant in ("sdpa", "capture", "intervene"):
-        # a fresh process per variant: peak RSS only grows within a process
-        code = (f"import json; from mabook.bench import _attention_variant as f; "
+    shape = (heads, args.image_tokens, args.text_tokens, args.head_dim, args.device)
+    times = _attention_times(*shape, args.repeats, chunk, args.eta, args.dose, args.dtype)
+    memory = {}
+    for variant in ATTENTION_VARIANTS:
+        # peak memory in a fresh process per variant: peak RSS only grows within a process
+        code = (f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); "
+                f"from mabook.bench import _attention_variant as f; "
                 f"print(json.dumps(f({variant!r}, {heads}, {args.image_tokens}, {args.text_tokens}, {args.head_dim}, "
-                f"{args.device!r}, {args.repeats}, {chunk})))")
+                f"{args.device!r}, 1, {chunk}, {args.eta!r}, {args.dose!r}, {args.dtype!r})))")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        rows.append(_json.loads(result.stdout.strip().splitlines()[-1]))
-    sdpa = rows[0]["seconds"]
+        memory[variant] = _json.loads(result.stdout.strip().splitlines()[-1])["extra_bytes"]
+    sdpa = stats.median(times["sdpa"])
     scores = heads * (args.image_tokens + args.text_tokens) ** 2 * 4
-    print(f"{'variant':10s} {'time':>9s} {'x SDPA':>7s} {'peak extra memory':>18s}")
-    for r in rows:
-        print(f"{r['variant']:10s} {r['seconds']:8.2f}s {r['seconds'] / sdpa:7.2f} {r['extra_bytes'] / 2**20:15.1f} MiB")
-    print(f"(materialising every probability would take {scores / 2**20:.0f} MiB in float32)")
+    targets = {"capture": 2.0, "intervene": 2.5}
+    print(f"{'variant':10s} {'median':>9s} {'x SDPA':>7s} {'target':>7s} {'runs':>28s} {'peak extra memory':>18s}")
+    for name in ATTENTION_VARIANTS:
+        t = stats.median(times[name])
+        target = f"<= {targets[name]:.1f}" if name in targets else ""
+        runs = ", ".join(f"{x:.2f}" for x in times[name])
+        peak = "n/a" if memory[name] is None else f"{memory[name] / 2**20:.1f} MiB"
+        print(f"{name:10s} {t:8.3f}s {t / sdpa:7.2f} {target:>7s} {runs:>28s} {peak:>18s}")
+    print(f"(ratios of medians over {args.repeats} interleaved round(s) in one process; 'explicit' is the intervention through "
+          f"the explicit chunked softmax; materialising every probability would take {scores / 2**20:.0f} MiB in float32)")
     return 0
 
 
@@ -557,7 +627,8 @@ def sweep_bench(args: argparse.Namespace) -> int:
              arg("--out", default=None, help="measurements JSON (default: mabook/results/bench/realshape.json)"),
              arg("--md", default=None, help="also write the plan's tables into this page (e.g. book/real_model.md)"),
              arg("--plan-only", action="store_true", help="measure nothing: write the tables from --out into --md (default: "
-                                                          "book/real_model.md)")])
+                                                          "book/real_model.md)"),
+             _threads_argument()])
 def realshape(args: argparse.Namespace) -> int:
     from mabook import realshape as realshape_mod
 

@@ -62,6 +62,9 @@ def _check(methods: Sequence[Method], trajectories: Sequence[str]) -> None:
         if m.kind not in ("channels", "pixel") or m.mask is not None:
             raise ValueError(f"method {m.name!r}: chapter 5 runs channel transport and the pixel blend, without masks "
                              f"(kind {m.kind!r}, mask {m.mask!r}); a reference has no text to blend")
+        if m.stream not in (None, "img"):
+            raise ValueError(f"method {m.name!r}: stream {m.stream!r}; allowed: None or 'img' (a reference's record keeps "
+                             "the image stream only)")
     bad = [t for t in trajectories if t not in inversion.METHODS]
     if bad or not trajectories:
         raise ValueError(f"unknown trajectories {bad}; allowed: {list(inversion.METHODS)}")
@@ -79,7 +82,8 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[Pair]], methods:
     trajectory, recorded once with every image-stream channel and the conditioning (a record of all
     channels serves every channel set, as a subset), the targets are generated once from the same
     noise, then every `text_transport.Method` ("channels" or "pixel"; no masks, no text embeddings)
-    runs at every alpha (or at its own `alphas`; `text_transport.method_outputs`). Rows carry
+    runs at every alpha (or at its own `alphas`; `text_transport.method_outputs`; the AdaLN
+    conditioning moves only for a method that sets `conditioning=True`). Rows carry
     `text_transport.score(pair, output, target image)` (took_source: the output shows the
     reference's attributes) and the trajectory."""
     start_time = time.perf_counter()
@@ -118,7 +122,7 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[Pair]], methods:
                                                     batch_size=batch_size):
                     images.setdefault((name, m.name, m.seed, alpha), []).append(out)
                     rows += score_rows(part, out, target_images, trajectory=name, method=m.name, method_kind=m.kind,
-                                       seed=m.seed, alpha=alpha)
+                                       seed=m.seed, alpha=alpha, **m.settings("img", False))
                 for label, ims in (("reference image", refs), ("reconstruction", rec.images), ("target image", target_images)):
                     rows += score_rows(part, ims, target_images, trajectory=name, method=label, method_kind="reference",
                                        seed=None, alpha=None)

@@ -15,6 +15,14 @@ the processor that serves every capture and intervention stacked on a layer.
 Contexts nest: each `Processor` wraps the processor it found, and the outermost serves the whole
 stack in one pass (`chain`): captures observe, interventions (`Swap.edits`) choose keys, and the
 output is the stock processor's unless an intervention acts at this call.
+
+What a call costs over the stock one: q, k and v are projected once (`softmax.qkv`) and serve both
+the measurement and the output. A capture adds one score pass (the mass) and computes the output
+with the stock processor's own attention call (`softmax.stock_attention`: bit-identical). An
+intervention adds the same score pass (the mass its keys are chosen from, and each query's
+logsumexp where its dose needs it) and computes the output with one SDPA call
+(`softmax.edited_attention`); a capture nested in it adds a second score pass (the post-edit
+probabilities it records).
 """
 
 from __future__ import annotations
@@ -185,25 +193,38 @@ class Processor:
             raise ValueError(f"attention masks are not supported by mabook.attention (one reached {self.layer})")
         captures = [p for p in active if not p.swap.edits]
         edits = [p for p in active if p.swap.edits]
+        if not edits and not softmax.copies_stock(self.kind, attn, hidden_states):  # project twice rather than differ
+            with torch.no_grad():
+                query, key, value = softmax.qkv(self.kind, attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+                for p in active:
+                    p.swap.observe(p.layer, p.swap.layout(self.kind, key.shape[2], encoder_hidden_states), query, key, value)
+            return stock(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         with torch.no_grad():  # measurements and edits only: nothing here is meant to be differentiated
+            # one projection serves the measurements and the output
             query, key, value = softmax.qkv(self.kind, attn, hidden_states, encoder_hidden_states, image_rotary_emb)
             layouts = [p.swap.layout(self.kind, key.shape[2], encoder_hidden_states) for p in active]
             image = layouts[0].image_slice
-            if not edits:  # capturing only: the stock processor computes the output
+            if not edits:  # capturing only: the stock processor's attention, computed as it computes it (bit-identical)
                 for p, layout in zip(active, layouts):
                     p.swap.observe(p.layer, layout, query, key, value)
-                return stock(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+                out = softmax.stock_attention(self.kind, stock, query, key, value)
+                return softmax.finish(self.kind, attn, out, hidden_states, encoder_hidden_states)
             chunk_elements = min(p.swap.chunk_elements for p in active)
-            before = softmax.image_query_mass(query, key, image, chunk_elements)  # every sample: sinks are per sample
+            if any(p.swap.needs_logsumexp for p in edits):  # every sample: sinks are per sample
+                before, lse = softmax.image_query_mass(query, key, image, chunk_elements, lse=True)
+            else:
+                before, lse = softmax.image_query_mass(query, key, image, chunk_elements), None
             chosen = [p.swap.choose(p.layer, before) for p in edits]
-            keep = any(p.swap.keep_probabilities for p in captures)
-            out, after, probs = softmax.attention(query, key, value, chosen, chunk_elements, image if captures else None, keep)
-            hit = torch.zeros_like(before, dtype=torch.bool)
-            for e in chosen:
-                hit.scatter_(-1, e.chosen, True)
-            for p, layout in zip(active, layouts):
-                if not p.swap.edits:
-                    p.swap.record(p.layer, layout, before, after, probs, hit)
+            out = softmax.edited_attention(query, key, value, chosen, lse, chunk_elements)  # one score pass so far, then SDPA
+            if captures:  # the post-edit probabilities, explicitly (a second score pass, for the captures only)
+                keep = any(p.swap.keep_probabilities for p in captures)
+                _, after, probs = softmax.attention(query, key, value, chosen, chunk_elements, image, keep, output=False)
+                hit = torch.zeros_like(before, dtype=torch.bool)
+                for e in chosen:
+                    hit.scatter_(-1, e.chosen, True)
+                for p, layout in zip(active, layouts):
+                    if not p.swap.edits:
+                        p.swap.record(p.layer, layout, before, after, probs, hit)
             return softmax.finish(self.kind, attn, out, hidden_states, encoder_hidden_states)
 
 
@@ -221,6 +242,7 @@ class Swap:
 
     verb = "swap"
     edits = False  # whether this context edits the attention (an intervention) or only reads it (a capture)
+    needs_logsumexp = False  # whether its edit needs each query's logsumexp (`softmax.needs_logsumexp`)
 
     def __init__(self, adapter: Adapter, layers, steps, cfg: str, chunk_elements: int | None):
         if cfg not in probe.CFG_MODES:

@@ -588,6 +588,12 @@ def main(args) -> int:
     """`python -m mabook.bench realshape` (its arguments are declared in mabook/bench.py)."""
     if "torch" not in sys.modules:  # before OpenMP starts: idle threads sleep rather than spin, so CPU time is the work's
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if getattr(args, "threads", None) is not None:  # e.g. 1 where other processes load the cores
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if not args.plan_only:
         run(args.device, args.resolutions, args.repeats, tuple(args.models), args.quick, args.out)
     if args.plan_only or args.md:

@@ -292,24 +292,31 @@ def _sinks_text_alignment(data: dict) -> Reading:
 @_check("sinks-perceptual-shift")
 def _sinks_perceptual_shift(data: dict) -> Reading:
     window = _sink_window(data)
-    mse = _one(data["paired_ratios"], "paired_ratios", control="random", k=K_SINK, op="score eta=0", window=window,
+    # the mass-matched random control (random keys holding the sinks' attention mass) when the big run has it:
+    # count-matched random keys hold less mass than the sinks, the confound the paper's own ratio carries
+    control = "random-mass" if any(r.get("control") == "random-mass" and r["k"] == K_SINK and r["op"] == "score eta=0"
+                                   and r["window"] == window for r in data["paired_ratios"]) else "random"
+    name = "mass-matched random" if control == "random-mass" else "random"
+    mse = _one(data["paired_ratios"], "paired_ratios", control=control, k=K_SINK, op="score eta=0", window=window,
                metric="pixel_mse")
     linear = [r for r in data.get("paired_ratios_linear", {}).get("pixel_mae", [])
-              if r["control"] == "random" and r["k"] == K_SINK and r["op"] == "score eta=0" and r["window"] == window]
+              if r["control"] == control and r["k"] == K_SINK and r["op"] == "score eta=0" and r["window"] == window]
     if linear:  # a paired ratio on a metric linear in the change: the closest to LPIPS's scale we have
         mae = linear[0]
-        result = (f"proxy: mean |difference| sink / random {with_ci(mae['ratio'], mae['ci'], 'x')} (paired); pixel MSE "
+        result = (f"proxy: mean |difference| sink / {name} {with_ci(mae['ratio'], mae['ci'], 'x')} (paired); pixel MSE "
                   f"{with_ci(mse['ratio'], mse['ci'], 'x')}")
         value, ci = mae["ratio"], tuple(mae["ci"])
     else:
         sink = _one(data["summary"], "summary", kind="sink", k=K_SINK, op="score eta=0", window=window)
-        rnd = _one(data["summary"], "summary", kind="random", k=K_SINK, op="score eta=0", window=window)
-        result = (f"proxy: pixel MSE sink / random {with_ci(mse['ratio'], mse['ci'], 'x')} (paired, {mse['n_units']} units); "
+        rnd = _one(data["summary"], "summary", kind=control, k=K_SINK, op="score eta=0", window=window)
+        result = (f"proxy: pixel MSE sink / {name} {with_ci(mse['ratio'], mse['ci'], 'x')} (paired, {mse['n_units']} units); "
                   f"mean |difference| {num(sink['pixel_mae'] / rnd['pixel_mae'])}x (ratio of means, no CI stored)")
         value, ci = mse["ratio"], tuple(mse["ci"])
     return Reading(result, NOT_TESTABLE, ratio_verdict(ci),
                    "The direction is the paper's (sink-specific when the CI is above 1); the size is not comparable with "
-                   "its LPIPS 6.5x, nor is a squared metric's ratio with a linear one's.", value, ci)
+                   "its LPIPS 6.5x, nor is a squared metric's ratio with a linear one's."
+                   + (" The control holds the sinks' attention mass (mass-matched), not only their number." if control == "random-mass"
+                      else ""), value, ci)
 
 
 @_check("sinks-hps")

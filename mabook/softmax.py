@@ -8,11 +8,20 @@ processor swap so that it can be read, tested and timed on plain tensors (`maboo
   names the key layout ("flux_double", "flux_single", "joint", "self": `mabook.processors.kind_of`).
 * `image_query_mass`: each key's incoming attention mass averaged over the image queries, chunked
   over queries and summed on the fly (memory holds one chunk of scores).
-* `attention` / `attend`: explicit softmax attention with at most one score-path `Edit` (the
-  chosen keys' probabilities scaled by eta, `scaled_probabilities`) and one value-path `Edit` (the
-  chosen keys' value rows replaced by zero or the mean value); eta=1 equals SDPA up to rounding.
+* `attention`: explicit softmax attention with at most one score-path `Edit` (the chosen keys'
+  probabilities scaled by eta, `scaled_probabilities`) and one value-path `Edit` (the chosen keys'
+  value rows replaced by zero or the mean value); eta=1 equals SDPA up to rounding. It gives every
+  post-edit probability (what a capture nested in an intervention records).
+* `edited_attention` / `attend`: the same output from one fused SDPA call: the chosen keys get a
+  finite bias no logit survives (`suppress_bias`: the paper's -1e4 logit bias, made exact; finite,
+  it cannot make a NaN) and, for 0 < eta < 1 under the paper's dose, their eta * p is added back
+  from each query's logsumexp (`image_query_mass(..., lse=True)` gives it from the score pass the
+  sinks are chosen with). What an intervention's output costs: that one score pass and SDPA
+  (`mabook.processors`).
+* `stock_attention`: SDPA called exactly as the copied processor calls it (bit-identical output).
 
 Scores are float32 and scaled by 1/sqrt(head_dim), SDPA's default, as every copied processor uses.
+Key and value are cast to float32 once per call, outside the chunk loop.
 """
 
 from __future__ import annotations
@@ -23,12 +32,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-# Scores held at once while computing probabilities: chunk of queries x keys x heads x batch. 2**24
-# float32 elements is 64 MiB (the softmax holds two or three such buffers): at FLUX-1024^2 shapes
-# (4608 keys, 24 heads, CFG batch 2) ~150 queries a chunk, against 3.9 GiB for every probability at
+# Scores held at once while computing probabilities: chunk of queries x keys x heads x batch. 2**23
+# float32 elements is 32 MiB (a score pass holds two such buffers, `Scratch`): at FLUX-1024^2 shapes
+# (4608 keys, 24 heads, CFG batch 2) ~75 queries a chunk, against 3.9 GiB for every probability at
 # once. Read when a context or function is called (pass chunk_elements, or patch this constant).
-CHUNK_ELEMENTS = 2**24
+# (2**24 before issue 23: on a CPU with a 32 MiB cache, 2**23 makes a score pass ~15% cheaper.)
+CHUNK_ELEMENTS = 2**23
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +118,27 @@ def finish(kind: str, attn, out, hidden_states, encoder_hidden_states):
     return out
 
 
+def copies_stock(kind: str, attn, hidden_states) -> bool:
+    """Whether `qkv` and `finish` reproduce the stock processor at this call exactly (AttnProcessor2_0
+    also has a spatial norm, a group norm and image-shaped inputs, which they do not copy)."""
+    if kind != "self":
+        return True
+    return attn.spatial_norm is None and attn.group_norm is None and hidden_states.ndim == 3
+
+
+def stock_attention(kind: str, processor, query, key, value) -> torch.Tensor:
+    """The attention output (batch_size, heads, queries, head_dim) computed from q, k, v exactly as
+    the stock `processor` computes it (so `finish` of it is the stock output, bit for bit): FLUX's
+    through diffusers' attention dispatch with the processor's backend, the others through SDPA."""
+    if kind in ("flux_double", "flux_single"):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn  # deferred, as apply_rotary_emb
+
+        out = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=None,
+                                    backend=processor._attention_backend, parallel_config=processor._parallel_config)
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Explicit softmax attention, chunked over queries
 # ---------------------------------------------------------------------------------------------
@@ -126,14 +158,30 @@ def queries_per_chunk(q: torch.Tensor, num_keys: int, chunk_elements: int) -> in
     return max(1, chunk_elements // max(1, B * H * num_keys))
 
 
-def logits(q_chunk: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def logits(q_chunk: torch.Tensor, key: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """q k^T / sqrt(head_dim) in float32 (SDPA's default scale, as every copied processor uses):
-    (batch_size, heads, queries of the chunk, keys)."""
+    (batch_size, heads, queries of the chunk, keys), written into `out` if given (a `scratch` view),
+    scaled in place. Callers looping over chunks pass `key` cast to float32 once (`.float()` of a
+    float32 tensor is the tensor itself: no copy per chunk)."""
     scale = q_chunk.shape[-1] ** -0.5
-    return (q_chunk.float() @ key.float().transpose(-1, -2)) * scale
+    return torch.matmul(q_chunk.float(), key.float().transpose(-1, -2), out=out).mul_(scale)
 
 
-def scaled_probabilities(scores: torch.Tensor, chosen: torch.Tensor, eta: float, dose: str) -> torch.Tensor:
+class Scratch:
+    """Float32 buffers for one chunk's scores and probabilities, allocated once per call and reused by
+    every chunk: on the CPU a fresh 32 MiB tensor per chunk is a fresh mmap, paid in page faults (it
+    doubled the cost of a score pass); on CUDA it spares the allocator. `view(i, shape)` is buffer i
+    seen as a contiguous (batch_size, heads, queries, keys) tensor (a chunk may be shorter)."""
+
+    def __init__(self, count: int, B: int, H: int, rows: int, S: int, device):
+        self.buffers = [torch.empty(B * H * max(rows, 0) * S, dtype=torch.float32, device=device) for _ in range(count)]
+
+    def view(self, i: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.buffers[i][: math.prod(shape)].view(shape)
+
+
+def scaled_probabilities(scores: torch.Tensor, chosen: torch.Tensor, eta: float, dose: str,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Post-intervention probabilities (batch_size, heads, queries, keys) float32 from `scores` of
     the same shape (overwritten), with the chosen keys (batch_size, heads, k) scaled by eta.
 
@@ -144,34 +192,85 @@ def scaled_probabilities(scores: torch.Tensor, chosen: torch.Tensor, eta: float,
     "renormalise": the chosen keys' probability is multiplied by eta and the row renormalised (a
     log(eta) logit bias): a chosen key keeps eta * p / (1 - P_chosen + eta * P_chosen).
     eta = 0 is the paper's -1e4 logit bias under both rules (-inf here: exactly 0, and never NaN,
-    since at least one key is not chosen)."""
+    since at least one key is not chosen).
+
+    A query with all its mass on the chosen keys (the others' probabilities underflow to 0, a
+    logit gap above ~104 in float32): the others' shares among themselves come from their own
+    softmax, which stays defined (their logits are finite), so the freed (1 - eta) * P_chosen goes
+    to them in proportion to exp(logit), the limit of the exact rule, and equals what the -1e4 bias
+    gives at eta = 0. Rows stay finite and sum to 1; nothing here divides by P_others."""
     if eta == 1:
-        return torch.softmax(scores, -1)
+        return torch.softmax(scores, -1, out=out)
     index = chosen[:, :, None, :].expand(*scores.shape[:3], chosen.shape[-1])
     if eta == 0 or dose == "renormalise":
         bias = math.log(eta) if eta > 0 else float("-inf")
-        return torch.softmax(scores.scatter_(3, index, scores.gather(3, index) + bias), -1)
+        return torch.softmax(scores.scatter_(3, index, scores.gather(3, index) + bias), -1, out=out)
     total = torch.logsumexp(scores, -1, keepdim=True)
     kept = torch.exp(scores.gather(3, index) - total)  # the chosen keys' unedited probabilities
     scores.scatter_(3, index, float("-inf"))
     others = torch.exp(torch.logsumexp(scores, -1, keepdim=True) - total)  # P_others, from their own sum
-    p = torch.softmax(scores, -1)  # the other keys' share among themselves; 0 at the chosen keys
+    p = torch.softmax(scores, -1, out=out)  # the other keys' share among themselves; 0 at the chosen keys
     p *= others + (1 - eta) * kept.sum(-1, keepdim=True)
     return p.scatter_(3, index, eta * kept)
 
 
-def image_query_mass(query: torch.Tensor, key: torch.Tensor, image: slice, chunk_elements: int | None = None) -> torch.Tensor:
+def image_query_mass(query: torch.Tensor, key: torch.Tensor, image: slice, chunk_elements: int | None = None,
+                     lse: bool = False):
     """Incoming mass per key averaged over the image queries: (batch_size, heads, keys) float32.
 
     query, key: (batch_size, heads, tokens, head_dim); image: the image queries' positions.
-    chunk_elements: scores held at once (None: CHUNK_ELEMENTS)."""
+    chunk_elements: scores held at once (None: CHUNK_ELEMENTS). lse: also return every query's
+    logsumexp of its scores, (batch_size, heads, queries) float32 (then every query is scored, the
+    text queries too; the mass is the same), read off the softmax (`row_logsumexp`)."""
     chunk_elements = check_chunk_elements(chunk_elements)
     B, H, S, _ = key.shape
+    Q = query.shape[2]
+    key = key.float()  # once, not per chunk
     total = torch.zeros(B, H, S, dtype=torch.float32, device=key.device)
+    out = torch.empty(B, H, Q, dtype=torch.float32, device=key.device) if lse else None
     step = queries_per_chunk(query, S, chunk_elements)
-    for start in range(image.start, image.stop, step):
-        total += torch.softmax(logits(query[:, :, start:min(image.stop, start + step)], key), -1).sum(2)
-    return total / (image.stop - image.start)
+    scratch = Scratch(2, B, H, min(step, max(image.stop - image.start, Q - image.stop + image.start if lse else 0)), S,
+                      key.device)
+    for start in range(image.start, image.stop, step):  # the image queries, chunked as without lse: the same mass
+        stop = min(image.stop, start + step)
+        shape = (B, H, stop - start, S)
+        scores = logits(query[:, :, start:stop], key, scratch.view(0, shape))
+        p = torch.softmax(scores, -1, out=scratch.view(1, shape))
+        total += p.sum(2)
+        if out is not None:
+            out[:, :, start:stop] = row_logsumexp(scores, p)
+    if out is not None:  # the other (text) queries: their logsumexp only
+        query_logsumexp(query, key, chunk_elements, slice(0, image.start), out, scratch)
+        query_logsumexp(query, key, chunk_elements, slice(image.stop, Q), out, scratch)
+    mass = total / (image.stop - image.start)
+    return (mass, out) if lse else mass
+
+
+def row_logsumexp(scores: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Each row's logsumexp from its scores and their softmax p: p at the row's max is exp(0) / sum,
+    so lse = max + log(sum) = max(scores) - log(max(p)) (two max passes: ~10x cheaper on the CPU than
+    torch.logsumexp, which allocates two score-sized temporaries; within float32 rounding of it)."""
+    return scores.amax(-1) - p.amax(-1).log()
+
+
+def query_logsumexp(query: torch.Tensor, key: torch.Tensor, chunk_elements: int | None = None, rows: slice | None = None,
+                    out: torch.Tensor | None = None, scratch: Scratch | None = None) -> torch.Tensor:
+    """Each query's logsumexp of its float32 scores: (batch_size, heads, queries) float32, written
+    into `out` at `rows` (default: every query into a new tensor), chunked over queries."""
+    chunk_elements = check_chunk_elements(chunk_elements)
+    B, H, S, _ = key.shape
+    Q = query.shape[2]
+    rows = slice(0, Q) if rows is None else rows
+    out = torch.empty(B, H, Q, dtype=torch.float32, device=key.device) if out is None else out
+    key = key.float()
+    step = queries_per_chunk(query, S, chunk_elements)
+    scratch = scratch or Scratch(2, B, H, min(step, rows.stop - rows.start), S, key.device)
+    for start in range(rows.start, rows.stop, step):
+        stop = min(rows.stop, start + step)
+        shape = (B, H, stop - start, S)
+        scores = logits(query[:, :, start:stop], key, scratch.view(0, shape))
+        out[:, :, start:stop] = row_logsumexp(scores, torch.softmax(scores, -1, out=scratch.view(1, shape)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -184,39 +283,65 @@ class Edit:
     dose: str = "redistribute"
 
 
-def attention(query, key, value, edits: Sequence[Edit] = (), chunk_elements: int | None = None,
-               image: slice | None = None, keep: bool = False):
-    """Explicit softmax attention with at most one score-path and one value-path edit.
-
-    query, key, value: (batch_size, heads, tokens, head_dim). Value-path edits replace the chosen
-    keys' value rows (only those) by zero / the mean value over all keys of the head; the
-    score-path edit scales the chosen keys' probabilities (`scaled_probabilities`). Returns (out, mass, probs):
-    out (batch_size, heads, queries, head_dim) in query's dtype; mass (batch_size, heads, keys)
-    float32, the post-intervention probabilities averaged over the `image` queries (None without
-    `image`); probs (batch_size, heads, queries, keys) float32, every post-intervention probability
-    (None unless `keep`)."""
-    chunk_elements = check_chunk_elements(chunk_elements)
-    B, H, S, D = key.shape
-    Q = query.shape[2]
+def split_edits(edits: Sequence[Edit]) -> tuple[Edit | None, Edit | None]:
+    """(the score-path edit, the value-path edit), each None if absent; more than one of a kind is refused."""
     score = [e for e in edits if e.path == "score"]
     values = [e for e in edits if e.path != "score"]
     if len(score) > 1 or len(values) > 1:
         raise ValueError(f"at most one score-path and one value-path edit per attention call, got "
                          f"{[e.path for e in edits]}")
-    for e in values:  # the chosen keys still receive their attention, but carry zero / the mean value
-        replacement = torch.zeros_like(value) if e.path == "value_zero" else value.mean(2, keepdim=True).expand_as(value)
-        index = e.chosen[..., None].expand(B, H, e.chosen.shape[-1], D)
-        value = value.scatter(2, index, replacement.gather(2, index))
-    value = value.float()
-    out = torch.empty(B, H, Q, D, dtype=torch.float32, device=query.device)
+    return (score[0] if score else None), (values[0] if values else None)
+
+
+def needs_logsumexp(path: str, eta: float, dose: str) -> bool:
+    """Whether `edited_attention` needs each query's logsumexp for this edit: the paper's dose at 0 < eta < 1
+    (it adds eta * p back to the chosen keys; eta = 0 and 1 and the value path are one SDPA call each)."""
+    return path == "score" and dose == "redistribute" and 0 < eta < 1
+
+
+def edited_values(value: torch.Tensor, edit: Edit | None) -> torch.Tensor:
+    """value with the chosen keys' rows (only those) replaced by zero / the mean value over all keys of the head."""
+    if edit is None:
+        return value
+    B, H, _, D = value.shape
+    replacement = torch.zeros_like(value) if edit.path == "value_zero" else value.mean(2, keepdim=True).expand_as(value)
+    index = edit.chosen[..., None].expand(B, H, edit.chosen.shape[-1], D)
+    return value.scatter(2, index, replacement.gather(2, index))
+
+
+def attention(query, key, value, edits: Sequence[Edit] = (), chunk_elements: int | None = None,
+               image: slice | None = None, keep: bool = False, output: bool = True):
+    """Explicit softmax attention with at most one score-path and one value-path edit.
+
+    query, key, value: (batch_size, heads, tokens, head_dim). Value-path edits replace the chosen
+    keys' value rows (only those) by zero / the mean value over all keys of the head; the
+    score-path edit scales the chosen keys' probabilities (`scaled_probabilities`). Returns (out, mass, probs):
+    out (batch_size, heads, queries, head_dim) in query's dtype (None when not `output`: the
+    probabilities only); mass (batch_size, heads, keys) float32, the post-intervention probabilities
+    averaged over the `image` queries (None without `image`); probs (batch_size, heads, queries, keys)
+    float32, every post-intervention probability (None unless `keep`)."""
+    chunk_elements = check_chunk_elements(chunk_elements)
+    B, H, S, D = key.shape
+    Q = query.shape[2]
+    score, values = split_edits(edits)
+    key = key.float()  # once, not per chunk
+    value = edited_values(value, values).float() if output else None
+    out = torch.empty(B, H, Q, D, dtype=torch.float32, device=query.device) if output else None
     mass = torch.zeros(B, H, S, dtype=torch.float32, device=key.device) if image is not None else None
     probs = torch.empty(B, H, Q, S, dtype=torch.float32, device=key.device) if keep else None
     step = queries_per_chunk(query, S, chunk_elements)
+    scratch = Scratch(1 if keep else 2, B, H, min(step, Q), S, key.device)
     for start in range(0, Q, step):
         stop = min(Q, start + step)
-        scores = logits(query[:, :, start:stop], key)
-        p = scaled_probabilities(scores, score[0].chosen, score[0].eta, score[0].dose) if score else torch.softmax(scores, -1)
-        out[:, :, start:stop] = p @ value
+        if not output and not keep and image is not None and (stop <= image.start or start >= image.stop):
+            continue  # nothing of this chunk is asked for
+        shape = (B, H, stop - start, S)
+        scores = logits(query[:, :, start:stop], key, scratch.view(0, shape))
+        p_out = None if keep else scratch.view(1, shape)  # kept probabilities are each chunk's own tensor
+        p = (scaled_probabilities(scores, score.chosen, score.eta, score.dose, p_out) if score
+             else torch.softmax(scores, -1, out=p_out))
+        if out is not None:
+            out[:, :, start:stop] = p @ value
         if mass is not None:
             lo, hi = max(start, image.start), min(stop, image.stop)
             if lo < hi:
@@ -225,11 +350,56 @@ def attention(query, key, value, edits: Sequence[Edit] = (), chunk_elements: int
             probs[:, :, start:stop] = p
     if mass is not None:
         mass /= image.stop - image.start
-    return out.to(query.dtype), mass, probs
+    return (None if out is None else out.to(query.dtype)), mass, probs
+
+
+def suppress_bias(dtype: torch.dtype) -> float:
+    """The bias the chosen keys' logits get in SDPA's mask: the most negative finite value of `dtype`.
+    exp(logit + bias - max) is exactly 0 for any logit (the paper's -1e4 gives 0 for logit gaps up to
+    ~9900), and, finite, it cannot make a NaN, also where a kernel sees a block of suppressed keys
+    only (-inf there would give exp(-inf + inf))."""
+    return torch.finfo(dtype).min
+
+
+def edited_attention(query, key, value, edits: Sequence[Edit] = (), lse: torch.Tensor | None = None,
+                     chunk_elements: int | None = None) -> torch.Tensor:
+    """What `attention` outputs, from one fused SDPA call (batch_size, heads, queries, head_dim) in query's dtype.
+
+    The value-path edit replaces the chosen value rows. A score-path edit: eta = 1 is SDPA itself;
+    eta = 0 (either dose) is SDPA with the chosen keys' logits biased by `suppress_bias`: the other
+    keys' own softmax, the paper's -1e4 logit bias. The paper's dose at 0 < eta < 1 adds back what
+    the chosen keys keep: out = (1 - eta P) * SDPA(chosen suppressed) + eta * sum_c p_c v_c, with
+    p_c = exp(logit_c - lse) and P = sum_c p_c (exactly `scaled_probabilities`' rule: the others
+    share 1 - eta P in proportion to their own softmax, also when their probabilities underflow).
+    lse: each query's logsumexp (batch_size, heads, queries), from `image_query_mass(..., lse=True)`;
+    None: computed here (one more score pass). The old dose ("renormalise") at 0 < eta < 1 runs the
+    explicit `attention` (a log(eta) bias would be rounded to the query's dtype in SDPA's mask)."""
+    score, values = split_edits(edits)
+    if score is not None and score.dose == "renormalise" and 0 < score.eta < 1:
+        return attention(query, key, value, edits, chunk_elements)[0]
+    value = edited_values(value, values)
+    if score is None or score.eta == 1:
+        return F.scaled_dot_product_attention(query, key, value)
+    B, H, S, D = key.shape
+    chosen = score.chosen
+    mask = torch.zeros(B, H, 1, S, dtype=query.dtype, device=query.device)
+    mask.scatter_(-1, chosen[:, :, None, :], suppress_bias(query.dtype))
+    others = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # the other keys' own softmax
+    if score.eta == 0:
+        return others
+    if lse is None:
+        lse = query_logsumexp(query, key, chunk_elements)
+    chosen = chosen.sort(-1).values  # a key listed twice (padded key lists) counts once, as in the mask
+    once = torch.ones_like(chosen, dtype=torch.float32)
+    once[..., 1:] = (chosen[..., 1:] != chosen[..., :-1]).float()
+    index = chosen[..., None].expand(B, H, chosen.shape[-1], D)
+    p = torch.exp(logits(query, key.gather(2, index)) - lse[..., None]) * once[:, :, None, :]  # (B, H, queries, k): p_c
+    kept = p @ value.gather(2, index).float()  # sum_c p_c v_c
+    return ((1 - score.eta * p.sum(-1, keepdim=True)) * others.float() + score.eta * kept).to(query.dtype)
 
 
 def attend(query, key, value, chosen: torch.Tensor, path: str, eta: float, chunk_elements: int | None = None,
            dose: str = "redistribute") -> torch.Tensor:
-    """Attention with the chosen keys (batch_size, heads, k) suppressed on one path; (B, H, queries, D)."""
-    return attention(query, key, value, [Edit(chosen, path, float(eta), dose)], chunk_elements)[0]
-
+    """Attention with the chosen keys (batch_size, heads, k) suppressed on one path; (B, H, queries, D).
+    `edited_attention` (one SDPA call; each query's logsumexp computed here where the dose needs it)."""
+    return edited_attention(query, key, value, [Edit(chosen, path, float(eta), dose)], None, chunk_elements)

@@ -15,9 +15,13 @@ image moves toward the source while keeping the target's content. Two steps:
    organism captions, says per attribute whether it took the source's value (`took_source_<a>`)
    and kept the target's (`kept_target_<a>`).
 
-Masks: `kmeans_mask(rec, tap, step)` is chapter 3's K-means foreground of each recorded unit
-(`spatial.foreground_tokens`, on the recorded channels); the target's comes from a record of the
-targets, the union is `a | b` (`MASKS` names the three).
+Masks: `kmeans_mask(rec, tap, step)` is chapter 3's K-means clustering of each recorded unit's
+tokens (on the recorded channels), with the foreground cluster chosen by a rule that never sees
+the truth (`MASK_RULES`): "border" (default) calls background the cluster that holds the most of
+the image's border tokens and foreground the rest (`border_foreground`); "oracle" matches the
+clusters to the caption's rendered objects (`spatial.foreground_tokens`) -- it sees the answer, so
+it is an upper bound, labelled as such wherever it is used. The target's mask comes from a record
+of the targets, the union is `a | b` (`MASKS` names the three).
 
 Baselines: `pixel_blend` (the two final images mixed at the same alpha), `embedding_blend` (the
 two prompts' text embeddings mixed, same noise; organism), all-channel transport
@@ -32,16 +36,22 @@ per FLUX.1 image at 1024x1024 -- is refused unless `max_bytes` allows it; the or
 The AdaLN conditioning. Every block's modulation and the final `norm_out` read `temb` (timestep +
 projected pooled text embedding), an input of the blocks, not a block output. `record(...,
 conditioning=True)` also keeps it (all its channels, one vector per sample and step, through
-`probe.conditioning_tap`), and `transport` then mixes it at the same alpha. Default: on for
-channels="all", off for channel sets -- the paper transports channels of the hidden states, and a
-global conditioning vector would move the whole image whatever the mask.
+`probe.conditioning_tap`; by default a record of channels="all" keeps it), and `transport(...,
+conditioning=True)` then mixes it at the same alpha. Moving it is an explicit option, off by
+default for every channel set, "all" included: the paper transports channels of the hidden
+states, and a global conditioning vector would move the whole image whatever the mask. The one
+place it is on is the exactness check below.
 
-Exactness. alpha = 0 edits nothing numerically (torch.lerp returns the target bitwise). alpha = 1
-with every channel at every step and the conditioning reproduces the source's image bitwise (the
-last block's image output and `temb` are all `norm_out` and `proj_out` read; the image stream
-alone suffices). Without the conditioning every block output is still the source's, but the image
-is not: `norm_out` modulates the source's hidden states with the target's pooled text. The tests
-pin all three facts.
+Streams. `transport(..., stream=)` moves the chosen channels of the image stream ("img", the
+default), of the text stream ("txt": the text tokens' hidden states at every block output, which
+the image tokens read through joint attention), or of both ("both").
+
+Exactness. alpha = 0 edits nothing numerically (torch.lerp returns the target bitwise), on any
+stream. alpha = 1 with every channel at every step and the conditioning reproduces the source's
+image bitwise (the last block's image output and `temb` are all `norm_out` and `proj_out` read; the
+image stream alone suffices, and both streams do too). Without the conditioning every block output
+is still the source's, but the image is not: `norm_out` modulates the source's hidden states with
+the target's pooled text. The tests pin all three facts.
 
 Chapters 4 and 5 run this on shapes-world caption pairs: `mabook.text_transport` (pairs, methods,
 scores, the comparison of text-conditioned transport) and `mabook.image_transport` (the same on
@@ -67,6 +77,13 @@ from mabook.probe import Edit
 
 STREAMS = ("img", "txt", "both")
 MASKS = ("source", "target", "union")  # whose K-means foreground (`kmeans_mask`): the source's, the target's, both
+MASK_RULES = ("border", "oracle")  # which K-means cluster is foreground: truth-free (default), or matched to the truth
+MASK_RULE_DEFINITIONS = {  # for tables and results files: what each rule calls foreground, and what it reads
+    "border": "truth-free: the background is the K-means cluster holding the most of the image's border tokens (the "
+              "outermost token cells), the foreground every other cluster; it reads the cluster labels and the grid only",
+    "oracle": "sees the truth: the clusters matched to the caption's rendered objects (chapter 3's assignment); an upper "
+              "bound for a mask of these clusters, not a method",
+}
 ATTRIBUTES = world.ATTRIBUTES
 
 
@@ -368,7 +385,7 @@ def _edits(rec: Record, editor_box: dict, taps: list[str], steps: list[int], alp
 def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, mask=None, stream: str = "img",
               channels: dict[str, Sequence[int]] | Sequence[int] | None = None, steps: Sequence[int] | None = None,
               target_seeds: Sequence[int] | None = None, num_inference_steps: int | None = None, batch_size: int = 16,
-              target_images: np.ndarray | None = None, *, conditioning: bool | None = None, **pipe_kwargs) -> Transport:
+              target_images: np.ndarray | None = None, *, conditioning: bool = False, **pipe_kwargs) -> Transport:
     """Regenerate each target unit with the recorded source channels mixed in at strength alpha.
 
     target_prompts: one per source unit (pair i = source unit i; seeds default to the source's, so
@@ -376,14 +393,15 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
     the record's token mask. stream: "img", "txt" or "both". channels: default every recorded
     channel; or a subset of them (a list for every tap, or {tap name: ints}) -- one record of all
     channels serves every set. steps: the window, default every recorded step. conditioning: also
-    mix the AdaLN conditioning (default: if the record has it and no channel subset is given, the
-    rule `record` follows); it is one vector per sample, so a mask does not restrict it.
+    mix the AdaLN conditioning (default False, for every channel set; the record must have kept
+    it); it is one vector per sample, so a mask does not restrict it. A mask needs the image
+    stream ("img" or "both"): the text stream has no image tokens to select.
     target_images: the unedited targets if already generated (else generated here). A record made
     from `latents` starts every target from its unit's latents.
     """
     alpha = check_alpha(alpha)
     streams = check_stream(stream)
-    conditioning = _check_conditioning(rec, channels, conditioning)
+    conditioning = _check_conditioning(rec, conditioning)
     units, n_steps = _target_units(rec, target_prompts, target_seeds, num_inference_steps)
     kwargs = {**rec.pipe_kwargs, **pipe_kwargs}
     grid = rec.adapter.grid(kwargs.get("height"), kwargs.get("width"))
@@ -401,6 +419,9 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
     if conditioning:
         taps = taps + [str(probe.conditioning_tap(rec.adapter))]
     if mask is not None:
+        if "img" not in streams:
+            raise ValueError(f"mask selects image tokens; stream {stream!r} has none; allowed: mask=None with "
+                             "stream 'txt', or stream 'img' or 'both'")
         mask = _check_mask(mask, len(units), rec.tokens, "mask")
         if (mask & ~rec.token_mask).any():
             raise ValueError("mask reaches tokens the record did not keep; use a mask within the record's token_mask")
@@ -426,12 +447,10 @@ def transport(rec: Record, target_prompts: Sequence[str], alpha: float = 1.0, ma
     return Transport(images, target_images, table, units)
 
 
-def _check_conditioning(rec: Record, channels, conditioning) -> bool:
-    """`transport`'s conditioning: None -> whether the record has it and no channel subset is given."""
-    if conditioning is None:
-        conditioning = rec.conditioning and (channels is None or (isinstance(channels, str) and channels == "all"))
+def _check_conditioning(rec: Record, conditioning) -> bool:
+    """`transport`'s conditioning: True or False, and True only on a record that kept it."""
     if not isinstance(conditioning, bool):
-        raise ValueError(f"conditioning must be True, False or None, got {conditioning!r}")
+        raise ValueError(f"conditioning must be True or False, got {conditioning!r}")
     if conditioning and not rec.conditioning:
         raise ValueError("conditioning=True, but this record did not keep the conditioning; record with conditioning=True")
     return conditioning
@@ -468,7 +487,10 @@ def _check_subset(rec: Record, channels, taps: list[str]) -> dict[str, list[int]
 
 
 def _table(rec: Record, units, target_images, images, alpha, stream, mask, k, conditioning) -> list[dict]:
-    """disruption's metrics against the unedited target, plus source/target attribute agreement."""
+    """disruption's metrics against the unedited target, plus source/target attribute agreement:
+    took_source_<a> (the output shows the source's value), kept_target_<a>, differs_<a>, and
+    no_transport_took_source_<a> -- the unedited target judged against the source's caption, the
+    rate took_source_<a> would have with no transport at all (the flip baseline)."""
     base = SimpleNamespace(adapter=rec.adapter, images=target_images, units=units, clip=None)  # what unit_metrics reads
     rows = disruption.unit_metrics(base, images)
     judged = judge.applies(rec.adapter, [p for p, _ in units] + [p for p, _ in rec.units])
@@ -477,29 +499,67 @@ def _table(rec: Record, units, target_images, images, alpha, stream, mask, k, co
                    masked_tokens=int(rec.tokens if mask is None else mask[i].sum()))
         if judged:
             src, tgt = judge.judge(images[i], rec.units[i][0]), judge.judge(images[i], units[i][0])
+            unedited = judge.judge(target_images[i], rec.units[i][0])
             s_scene, t_scene = world.parse_caption(rec.units[i][0]), world.parse_caption(units[i][0])
             for a in ATTRIBUTES:
                 row[f"took_source_{a}"] = float(np.mean([c[a] for c in src.correct]))
+                row[f"no_transport_took_source_{a}"] = float(np.mean([c[a] for c in unedited.correct]))
                 row[f"kept_target_{a}"] = float(np.mean([c[a] for c in tgt.correct]))
                 row[f"differs_{a}"] = len(s_scene.objects) != len(t_scene.objects) or any(
                     getattr(o, a) != getattr(p, a) for o, p in zip(s_scene.objects, t_scene.objects))
     return rows
 
 
-def kmeans_mask(rec: Record, tap: str, step: int, n_clusters: int = 2, seed: int = 0,
-                source: str | None = "rendered", channels: Sequence[int] | None = None) -> torch.Tensor:
-    """(units, image tokens) bool: chapter 3's K-means foreground of each recorded unit, clustered on
-    the recorded channels (or the subset `channels` of them) of the conditional half at (tap, step)
-    -- the source's mask; record the targets with the same channels for theirs, and `a | b` is the
-    union.
+def border_foreground(labels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(tokens,) bool: the foreground of one K-means labelling by the truth-free "border" rule.
 
-    source: "rendered" or "judged" match clusters to the caption's objects (`spatial.foreground_tokens`,
-    which this is); None calls the smallest cluster foreground (real models: no truth)."""
+    The background is the cluster holding the most of the image's border tokens (the outermost
+    row and column of token cells on every side); foreground is every other cluster. Ties: the
+    larger cluster is background, then the lower label. The rule reads the labels and the grid
+    only -- never a caption, a render or the judge -- and rests on one assumption about
+    images: the subject sits inside the frame and the background surrounds it, so the background
+    owns the frame. It is not "the smaller cluster": a subject larger than its background is still
+    foreground as long as the background holds more of the border. A single cluster (a constant
+    map) is all background: an empty foreground."""
+    labels = np.asarray(labels).ravel()
+    h, w = grid
+    if labels.shape != (h * w,):
+        raise ValueError(f"labels has {labels.size} tokens; the {h}x{w} grid has {h * w}")
+    border = np.zeros((h, w), dtype=bool)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    clusters = np.unique(labels)
+    on_border = {int(c): int((labels[border.ravel()] == c).sum()) for c in clusters}
+    size = {int(c): int((labels == c).sum()) for c in clusters}
+    background = max(on_border, key=lambda c: (on_border[c], size[c], -c))
+    return labels != background
+
+
+def kmeans_mask(rec: Record, tap: str, step: int, n_clusters: int = 2, seed: int = 0, rule: str = "border",
+                channels: Sequence[int] | None = None) -> torch.Tensor:
+    """(units, image tokens) bool: chapter 3's K-means (K = n_clusters) of each recorded unit's
+    tokens, clustered on the recorded channels (or the subset `channels` of them) of the conditional
+    half at (tap, step) -- the source's mask; record the targets with the same channels for theirs,
+    and `a | b` is the union.
+
+    rule: which clusters are foreground (`MASK_RULES`) --
+    "border"  (default) truth-free: background is the cluster holding the most border tokens,
+              foreground the rest (`border_foreground`); it never sees a caption's truth and runs on
+              any model;
+    "oracle"  the clusters matched to the caption's rendered objects (`spatial.foreground_tokens`,
+              source "rendered"): it sees the answer, so it is an upper bound for a mask, not a
+              method; shapes-world captions only.
+    A unit whose foreground is empty (a constant map) gets the whole image."""
+    if rule not in MASK_RULES:
+        raise ValueError(f"unknown mask rule {rule!r}; allowed: {list(MASK_RULES)}")
     if (tap, step) not in rec.values or not tap.endswith(".img"):
         raise ValueError(f"({tap!r}, {step}) is not a recorded image tap and step; recorded: "
                          f"{sorted({t for t, _ in rec.values if t.endswith('.img')})[:4]}..., steps {rec.steps}")
     if not rec.token_mask.all():
         raise ValueError("kmeans_mask needs every image token; this record kept a token mask")
+    prompts = [p for p, _ in rec.units]
+    if rule == "oracle" and not judge.applies(rec.adapter, prompts):
+        raise ValueError("mask rule 'oracle' matches clusters to the truth, which only shapes-world captions on the organism "
+                         "have; allowed here: rule 'border'")
     grid = rec.adapter.grid(rec.pipe_kwargs.get("height"), rec.pipe_kwargs.get("width"))
     x = rec.dense(tap, step, "cond", 0, len(rec.units)).float().cpu().numpy()
     if channels is not None:
@@ -508,7 +568,10 @@ def kmeans_mask(rec: Record, tap: str, step: int, n_clusters: int = 2, seed: int
             raise ValueError(f"kmeans_mask channels must be a non-empty subset of the {len(rec.channels[tap])} recorded at "
                              f"{tap}; not recorded: {missing[:8]}")
         x = x[..., [rec.channels[tap].index(int(c)) for c in channels]]
-    fg = spatial.foreground_tokens(x, [p for p, _ in rec.units], grid, rec.images, n_clusters, seed, source)
+    if rule == "oracle":
+        fg = spatial.foreground_tokens(x, prompts, grid, rec.images, n_clusters, seed, "rendered")
+    else:
+        fg = np.stack([border_foreground(spatial.kmeans(x[u], n_clusters, seed=seed), grid) for u in range(len(prompts))])
     fg[~fg.any(1)] = True  # a constant map: nothing to call foreground; the whole image stands in
     return torch.from_numpy(fg)
 

@@ -729,6 +729,128 @@ def test_a_query_with_all_its_mass_on_the_suppressed_key_gives_no_nan(dose, gap)
             assert (probs[..., 0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dose", attention.DOSES)
+@pytest.mark.parametrize("eta", [0.0, 0.01])
+def test_all_mass_on_the_suppressed_key_in_float32_and_bfloat16_gives_finite_rows_summing_to_one(dtype, dose, eta):
+    """Logit gap 200 (every other key's probability underflows to exactly 0, also in float32 scores
+    from bfloat16 inputs): the explicit probabilities, the fused output (`attend`: one SDPA call) and
+    the whole processor stay finite, every row sums to 1 (the fused path's: a value column of ones),
+    and they match float64 computed independently from the same (rounded) q, k, v. The freed mass
+    goes to the other keys in proportion to their own softmax (the documented fallback)."""
+    torch.manual_seed(0)
+    B, H, S, D = 2, 2, 7, 4
+    q = torch.zeros(B, H, S, D)
+    q[..., 0] = 1.0
+    k = 0.1 * torch.randn(B, H, S, D)
+    k[:, :, 0, 0] = 200.0 * D**0.5  # key 0's logit is 200 above the others' (|logit| < 0.5)
+    v = torch.randn(B, H, S, D)
+    v[..., 0] = 1.0  # the output's first column is each row's probability sum
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    chosen = torch.zeros(B, H, 1, dtype=torch.long)
+    qd, kd, vd = (t.double().numpy() for t in (q, k, v))  # float64 from the rounded inputs
+    p = np_softmax(qd @ kd.transpose(0, 1, 3, 2) / np.sqrt(D))
+    assert (p[..., 1:] < 1e-80).all()  # underflows to 0 in float32
+    expected = expected_probabilities(p, one_hot(chosen.numpy(), S), eta, dose)
+    assert np.isfinite(expected).all()
+    edit = softmax.Edit(chosen, "score", eta, dose)
+    _, mass, probs = softmax.attention(q, k, v, [edit], image=slice(0, S), keep=True)
+    assert torch.isfinite(probs).all() and torch.isfinite(mass).all()
+    np.testing.assert_allclose(probs.double().sum(-1).numpy(), 1, atol=1e-6)
+    np.testing.assert_allclose(probs.double().numpy(), expected, rtol=1e-5, atol=1e-12)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bfloat16 outputs
+    for lse in (None, softmax.image_query_mass(q, k, slice(0, S), lse=True)[1]):
+        out = softmax.edited_attention(q, k, v, [edit], lse)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        np.testing.assert_allclose(out[..., 0].double().numpy(), 1, **tolerance)  # the row sums
+        np.testing.assert_allclose(out.double().numpy(), expected @ vd, **tolerance)
+    assert torch.equal(softmax.attend(q, k, v, chosen, "score", eta, dose=dose), softmax.edited_attention(q, k, v, [edit]))
+
+
+def test_logsumexp_from_the_mass_pass_matches_float64_and_leaves_the_mass_unchanged():
+    torch.manual_seed(0)
+    B, H, S, D = 2, 3, 40, 8
+    q, k = 3 * torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    image = slice(9, 33)  # text queries on both sides
+    for chunk_elements in (None, B * H * S * 5, 1):
+        mass, lse = softmax.image_query_mass(q, k, image, chunk_elements, lse=True)
+        assert torch.equal(mass, softmax.image_query_mass(q, k, image, chunk_elements))
+        scores = q.double().numpy() @ k.double().numpy().transpose(0, 1, 3, 2) / np.sqrt(D)
+        top = scores.max(-1, keepdims=True)
+        expected = (top + np.log(np.exp(scores - top).sum(-1, keepdims=True)))[..., 0]
+        np.testing.assert_allclose(lse.double().numpy(), expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(softmax.query_logsumexp(q, k, chunk_elements).double().numpy(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_edits_match_the_explicit_softmax_and_float64(dtype):
+    """`edited_attention` (one SDPA call) against float64 and against the explicit chunked softmax, for
+    every path, dose and eta, and a score and a value edit combined."""
+    torch.manual_seed(0)
+    B, H, S, D = 2, 3, 48, 16
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    k[:, :, 5] *= 4  # a key that draws much of the mass
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    qd, kd, vd = (t.double().numpy() for t in (q, k, v))
+    p = np_softmax(qd @ kd.transpose(0, 1, 3, 2) / np.sqrt(D))
+    chosen = torch.stack([torch.randperm(S)[:3] for _ in range(B * H)]).view(B, H, 3)
+    chosen[:, :, 0] = 5
+    mask = one_hot(chosen.numpy(), S)
+    tolerance = dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    for path in attention.PATHS:
+        for dose in attention.DOSES:
+            for eta in (0.0, 0.01, 0.3, 1.0):
+                edits = [softmax.Edit(chosen, path, eta, dose)]
+                if path == "score":
+                    expected = expected_probabilities(p, mask, eta, dose) @ vd
+                else:
+                    replacement = np.zeros_like(vd) if path == "value_zero" else np.broadcast_to(vd.mean(2, keepdims=True), vd.shape)
+                    expected = p @ np.where(mask[:, :, 0, :, None], replacement, vd)
+                fused = softmax.edited_attention(q, k, v, edits)
+                assert fused.dtype == dtype and fused.shape == q.shape
+                np.testing.assert_allclose(fused.double().numpy(), expected, **tolerance)
+                explicit = softmax.attention(q, k, v, edits)[0]
+                np.testing.assert_allclose(fused.double().numpy(), explicit.double().numpy(), **tolerance)
+    padded = chosen.clone()
+    padded[..., 2] = padded[..., 0]  # a key listed twice (sinks.MassMatched pads its lists so) counts once
+    for eta in (0.0, 0.3):
+        edits = [softmax.Edit(padded, "score", eta)]
+        expected = expected_probabilities(p, one_hot(padded.numpy(), S), eta, "redistribute") @ vd
+        np.testing.assert_allclose(softmax.edited_attention(q, k, v, edits).double().numpy(), expected, **tolerance)
+    edits = [softmax.Edit(chosen, "score", 0.1), softmax.Edit(chosen[..., :1], "value_zero")]
+    expected = expected_probabilities(p, mask, 0.1, "redistribute") @ np.where(one_hot(chosen[..., :1].numpy(), S)[:, :, 0, :, None], 0, vd)
+    np.testing.assert_allclose(softmax.edited_attention(q, k, v, edits).double().numpy(), expected, **tolerance)
+
+
+@pytest.mark.parametrize("family", ["organism", "flux", "sd3", "sd3.5", "pixart"])
+def test_capture_and_intervention_project_q_k_v_once_and_capture_stays_bit_identical(request, family):
+    """Each attention call a context acts on projects q, k and v once (the copied projections serve the
+    measurement and the output): the capture's output is the stock processor's, bit for bit."""
+    adapter, run = family_run(request, family)
+    base = run()
+    modules = adapter.attention_modules()
+    layer = attention.layers(adapter)[0]
+    module = modules[layer]
+    projection = module.to_qkv if getattr(module, "fused_projections", False) else module.to_q
+    calls, stock_calls = [], []
+    handle = projection.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        run()
+        stock_calls = list(calls)
+        assert stock_calls
+        calls.clear()
+        with attention.capture(adapter, layers=layer) as cap:
+            images = run()
+        assert torch.equal(images, base) and cap.captured
+        assert len(calls) == len(stock_calls)  # not twice: the capture's projection is the output's
+        calls.clear()
+        with attention.intervene(adapter, KeyIntervention("sink", k=1, eta=0.01, layers=layer)):
+            run()
+        assert len(calls) == len(stock_calls)
+    finally:
+        handle.remove()
+
+
 # -- (i) the chunked path: 1, 2 and many chunks agree ----------------------------------------------------------------
 
 
@@ -739,7 +861,7 @@ def test_one_two_and_many_chunks_give_the_same_mass_and_outputs(organism, monkey
     heads = adapter.transformer.config.num_attention_heads
     sizes = []
     logits = softmax.logits
-    monkeypatch.setattr(softmax, "logits", lambda q, k: sizes.append(q.shape[2]) or logits(q, k))
+    monkeypatch.setattr(softmax, "logits", lambda q, k, out=None: sizes.append(q.shape[2]) or logits(q, k, out))
     iv = KeyIntervention("sink", k=2, eta=0.01, layers=layer)
 
     def once(chunk_elements):
@@ -752,7 +874,7 @@ def test_one_two_and_many_chunks_give_the_same_mass_and_outputs(organism, monkey
             images = generate(pipe)
         return capture_sizes, images, plain, cap, ctx
 
-    one = once(None)  # CHUNK_ELEMENTS = 2**24: one chunk
+    one = once(None)  # CHUNK_ELEMENTS = 2**23: one chunk
     two = once(heads * keys * 32)  # 32 of the 64 image queries of the conditional sample per chunk
     monkeypatch.setattr(softmax, "CHUNK_ELEMENTS", 1)  # read at call time: one query per chunk
     many = once(None)

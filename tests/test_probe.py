@@ -193,6 +193,30 @@ def test_median_abs_over_long_sequences_reads_a_fixed_token_subset():
     np.testing.assert_allclose(split.get("median_abs", tap).numpy(), expected, rtol=1e-6)
 
 
+def test_lower_median_equals_torch_median_and_numpy_with_ties_nan_and_every_length():
+    """The probe's median (a selection in numpy on the CPU, issue 23's cost fix) gives torch.median's
+    values exactly -- the lower median, sorted index (n - 1) // 2, checked in float64 numpy too -- and
+    NaN where a row holds one; channel_moments' median row is the same as with torch.median."""
+    torch.manual_seed(0)
+    for n in (1, 2, 3, 8, 63, 64, 257):
+        a = torch.randn(3, 5, n).abs() * torch.logspace(-3, 4, 5)[:, None]
+        a[0, 0] = 0.5  # a row of ties
+        a[1, 1, : n // 2] = 0.0
+        if n > 2:
+            a[2, 3, 1] = float("nan")
+        expected = a.median(-1).values
+        got = statistics.lower_median(a.clone(), a.amax((0, 2)))
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(-1.0), expected.nan_to_num(-1.0))
+        finite = ~expected.isnan().numpy()
+        lower = np.sort(a.double().numpy(), -1)[..., (n - 1) // 2]
+        np.testing.assert_array_equal(got.double().numpy()[finite], lower[finite])
+    x = massive_hidden_states(2, tokens=statistics.MEDIAN_TOKENS + 44, seed=3)  # the token-subset path
+    rows, _ = statistics.channel_moments(x)
+    idx = statistics.median_tokens(x.shape[1])
+    assert torch.equal(rows[3], x[:, idx].abs().median(1).values.sum(0, dtype=torch.float64))
+
+
 def test_norm_share_of_a_massive_channel_at_a_real_model_width():
     """One channel at 3e3 among 3072 (a real DiT's width and magnitude): it holds > 0.9 of the
     LayerNorm variance, as numpy says; the shares sum to 1; and two batches merged, one batch, and

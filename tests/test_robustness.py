@@ -285,3 +285,38 @@ def test_rederive_origins_control_organism(trained_organism):
     mine["decomposition"] = _as_made(mine["decomposition"], committed["decomposition"])  # one seed: seed_var is 0
     reproduce.assert_agrees(mine, {k: committed[k] for k in mine}, "origins.json's control organism")
     reproduce.assert_agrees(origins.emergence(pipe.card), committed["emergence"], "origins.json's control emergence")
+
+
+def test_rederive_spatial_big_run_head(adapter):
+    """spatial_full.json's first units again from scratch: regenerated (2 units, the big run's
+    settings), clustered with the channel sets the big run measured, and scored against the rendered
+    truth at the focus layer and step -- token, pixel and object IoU of every K-means row within
+    `mabook.reproduce`'s tolerance. (The sets themselves come from all 72 generations' statistics,
+    which chapter 3's big run ranks; 2 generations cannot re-rank them.) ~20 s on one thread."""
+    from mabook import spatial
+
+    full = _committed("spatial_full.json")
+    if "rows_head" not in full:
+        pytest.fail("mabook/results/spatial_full.json has no rows_head to re-derive: regenerate it with "
+                    f"`{full['command']}`")
+    head = full["rows_head"]
+    units = list(dict.fromkeys((r["prompt"], r["seed"]) for r in head))
+    tap, step = full["focus"]
+    cap = spatial.capture(adapter, [p for p, _ in units], sorted({s for _, s in units}), full["num_inference_steps"],
+                          taps=[tap], steps=[step])
+    assert [tuple(u) for u in cap.units] == units
+    sets = {name: spec for name, spec in full["channel_sets"].items()}
+    mine = spatial.measure(cap, sets, n_clusters=2, sources=sorted({r["source"] for r in head}), thresholds=(),
+                           chance=False, seed=0, n_init=full["n_init"])
+
+    def by_row(rows):  # (prompt, seed, set, source) -> the IoUs of its rows in order (random sets share one name)
+        out = {}
+        for r in rows:
+            out.setdefault(f"{r['prompt']} | {r['seed']} | {r['set']} | {r['source']}", []).append(
+                [None if x is None or np.isnan(x) else x for x in (r["token_iou"], r["pixel_iou"], r["object_iou"])])
+        return out
+
+    committed = by_row(head)
+    mine = {k: v for k, v in by_row(mine).items() if k in committed}
+    assert len(committed) >= 2 * len(units)
+    reproduce.assert_agrees(mine, committed, "spatial_full.json's rows_head")

@@ -123,8 +123,8 @@ def test_alpha_zero_reproduces_target_exactly(full):
 
 @pytest.mark.parametrize("stream", ["both", "img"])
 def test_alpha_one_all_channels_with_conditioning_reproduces_source_exactly(full, stream):
-    assert full.conditioning  # channels="all" keeps the conditioning by default
-    out = transport.transport(full, [TARGET, SOURCE], alpha=1.0, stream=stream)
+    assert full.conditioning  # channels="all" keeps the conditioning by default; moving it is asked for
+    out = transport.transport(full, [TARGET, SOURCE], alpha=1.0, stream=stream, conditioning=True)
     assert not np.array_equal(out.target, full.images)
     assert torch.equal(torch.from_numpy(out.images), torch.from_numpy(full.images))  # bitwise
     assert all(r["conditioning"] for r in out.table)
@@ -407,20 +407,21 @@ def test_compare_runs_every_method_on_the_same_pairs(adapter):
     pairs = {kind: text_transport.pairs(kind, 1, seed=0) for kind in text_transport.PAIR_KINDS}
     taps = image_taps(adapter)
     top = {t: [66, 5] for t in taps}
-    methods = [Method("top-2", channels=top), Method("all channels", channels="all"), Method("pixel blend", "pixel"),
-               Method("text embedding blend", "embedding"), Method("top-2 in union mask", channels=top, mask="union"),
-               Method("top-2, step 0", channels=top, steps=(0,), alphas=(1.0,))]
+    methods = [Method("top-2", channels=top), Method("all channels + conditioning", channels="all", conditioning=True),
+               Method("pixel blend", "pixel"), Method("text embedding blend", "embedding"),
+               Method("top-2 in union mask", channels=top, mask="union"), Method("top-2, step 0", channels=top, steps=(0,), alphas=(1.0,))]
     c = text_transport.compare(adapter, pairs, methods, alphas=(0.0, 1.0), num_inference_steps=STEPS, batch_size=2, chunk=2,
                           mask_at=(taps[4], 1), mask_channels=top)
-    assert c.sources.shape == c.targets.shape == (3, 32, 32, 3) and c.masks["union"].shape == (3, 64)
+    assert c.sources.shape == c.targets.shape == (3, 32, 32, 3) and c.masks["border"]["union"].shape == (3, 64)
     for m in methods[:5]:
         assert np.array_equal(c.images[(m.name, None, 0.0)], c.targets)
-    for name in ("all channels", "pixel blend", "text embedding blend"):
+    for name in ("all channels + conditioning", "pixel blend", "text embedding blend"):
         assert np.array_equal(c.images[(name, None, 1.0)], c.sources)
     assert ("top-2, step 0", None, 0.0) not in c.images
     assert {r["method"] for r in c.rows} >= {"source image", "target image", "top-2 in union mask"}
     assert len([r for r in c.rows if r["method"] == "top-2"]) == 3 * 2
-    assert all((c.masks["union"] == (c.masks["source"] | c.masks["target"])).flatten())
+    union = c.masks["border"]
+    assert all((union["union"] == (union["source"] | union["target"])).flatten()) and list(c.masks) == ["border"]
     assert_no_hooks(adapter)
 
 
@@ -436,7 +437,9 @@ def test_compare_runs_every_method_on_the_same_pairs(adapter):
      "mask has shape \\(2, 16\\); expected \\(units, tokens\\) = \\(2, 64\\)"),
     (dict(stream="pooled"), "unknown stream 'pooled'; allowed: \\['img', 'txt', 'both'\\]"),
     (dict(steps=[STEPS + 2]), f"steps \\[{STEPS + 2}\\] were not recorded"),
-    (dict(conditioning="yes"), "conditioning must be True, False or None, got 'yes'"),
+    (dict(conditioning="yes"), "conditioning must be True or False, got 'yes'"),
+    (dict(conditioning=None), "conditioning must be True or False, got None"),
+    (dict(stream="txt", mask=torch.ones(2, 64, dtype=torch.bool)), "mask selects image tokens; stream 'txt' has none"),
 ])
 def test_bad_input_is_refused_clearly(full, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,11 +1,15 @@
 """`mabook transport`: copy the top-k channels of a source into a target's generation (chapters 4 and 5).
 
 From a prompt (``--source``): the source is generated and recorded once, its channels moved into
-the target's generation (same noise) at each ``--alpha``; ``--mask source|target|union`` restricts
-it to chapter 3's K-means foreground, ``--window early|mid|late`` to a third of the steps, ``--k 0``
-moves every channel and the AdaLN conditioning (alpha = 1 is then the source exactly; on a model
-other than the organism only with ``--max-record-gb``, the record being tens of GB per image),
-``--baselines`` adds pixel blend and (organism) text-embedding blend rows.
+the target's generation (same noise) at each ``--alpha``; ``--stream img|txt|both`` picks the image
+stream, the text stream or both; ``--mask source|target|union`` restricts it to chapter 3's K-means
+foreground, chosen by ``--mask-rule`` (``border``: truth-free, the cluster holding the image border
+is background; ``oracle``: matched to a shapes-world caption's objects, an upper bound);
+``--window early|mid|late`` to a third of the steps; ``--k 0`` moves every channel, and with it the
+AdaLN conditioning unless ``--conditioning off`` (alpha = 1 is then the source exactly; on a model
+other than the organism only with ``--max-record-gb``, the record being tens of GB per image); a
+top-k set moves the conditioning only with ``--conditioning on``. ``--baselines`` adds pixel blend
+and (organism) text-embedding blend rows.
 From an image (``--reference IMG``): the image is inverted onto the pipeline's schedule (or noised,
 ``--trajectory noise``), regenerated along it once for the statistics that pick the top-k, and
 those channels are recorded; the strip adds its reconstruction and the JSON the reconstruction error.
@@ -46,12 +50,16 @@ class Config(Units):
     stream: str = option("img", "the stream transported", choices=("img", "txt", "both"))
     mask: str = option("none", "transport only inside the source's, the target's or both K-means foregrounds (chapter 3)",
                        choices=("none", *transport_mod.MASKS))
+    mask_rule: str = option("border", "which K-means cluster is the foreground: border (truth-free: not the cluster holding "
+                            "the image border) or oracle (matched to a shapes-world caption's objects: an upper bound)",
+                            choices=transport_mod.MASK_RULES)
     mask_tap: str | None = option(None, "image tap the mask is clustered at (default: the middle one)", type=str)
     mask_step: int | None = option(None, "step the mask is clustered at (default: the middle one)", type=int)
     mask_channels: int = option(4, "the mask clusters the top-N channels")
-    window: str = option("all", "the steps transported (equal thirds: the first, centred or last n // 3)", choices=("all", *disruption.PARTS))
-    conditioning: str = option("auto", "also transport the AdaLN conditioning (auto: with all channels, --k 0, only)",
-                               choices=("auto", "on", "off"))
+    window: str = option("all", "the steps transported (equal thirds: the first, centred or last n // 3)",
+                         choices=("all", *disruption.PARTS))
+    conditioning: str = option("auto", "also transport the AdaLN conditioning (auto: on with every channel, --k 0, the "
+                               "exactness check; off for a top-k set)", choices=("auto", "on", "off"))
     baselines: bool = option(False, "also pixel blend and (organism) text-embedding blend at each alpha", flag=True)
     max_record_gb: float | None = option(None, "--k 0 on a model other than the organism: the host memory (GB) the "
                                          "all-channel record may take (refused without it; the error states the need)",
@@ -77,6 +85,8 @@ class Config(Units):
         check_positive(self, "mask_channels")
         if self.mask != "none" and self.stream == "txt":
             raise ValueError(f"--mask {self.mask} selects image tokens; allowed with --stream img or both, not txt")
+        if self.mask_rule != "border" and self.mask == "none":
+            raise ValueError(f"--mask-rule {self.mask_rule} chooses a mask's foreground; allowed with --mask source, target or union")
         if self.mask_step is not None and not 0 <= self.mask_step < self.num_inference_steps:
             raise ValueError(f"--mask-step {self.mask_step} is out of range; allowed: 0 <= step < {self.num_inference_steps}")
         if self.max_record_gb is not None and not self.max_record_gb > 0:
@@ -96,8 +106,9 @@ class Config(Units):
         return None if self.window == "all" else disruption.window(["-"], self.num_inference_steps, "all", self.window)[1]
 
     @property
-    def with_conditioning(self) -> bool | None:
-        return {"auto": None, "on": True, "off": False}[self.conditioning]
+    def with_conditioning(self) -> bool:
+        """Whether the conditioning is recorded and moved: auto is on for every channel (--k 0) only."""
+        return {"auto": self.k == 0, "on": True, "off": False}[self.conditioning]
 
     @property
     def max_bytes(self) -> int | None:
@@ -123,13 +134,15 @@ def _mask(config: Config, adapter, stats):
     tap = spatial.image_tap(adapter, config.mask_tap)
     step = config.num_inference_steps // 2 if config.mask_step is None else config.mask_step
     channels = {tap: disruption.channel_set(stats, config.mask_channels, "top")[tap]}
-    truth = "rendered" if judge.applies(adapter, [config.source, config.target]) else None
+    if config.mask_rule == "oracle" and not judge.applies(adapter, [config.source, config.target]):
+        raise ValueError("--mask-rule oracle matches clusters to the truth, which only shapes-world captions on the organism "
+                         "have; allowed here: --mask-rule border")
     masks = {}
     for side in ("source", "target"):
         rec = transport_mod.record(adapter, [getattr(config, side)], config.seeds, taps=[tap], steps=[step],
                                    channels=channels, num_inference_steps=config.num_inference_steps,
                                    batch_size=config.batch_size)
-        masks[side] = transport_mod.kmeans_mask(rec, tap, step, source=truth)
+        masks[side] = transport_mod.kmeans_mask(rec, tap, step, rule=config.mask_rule)
     return masks["source"] | masks["target"] if config.mask == "union" else masks[config.mask]
 
 
@@ -138,7 +151,8 @@ def _alphas(config: Config, rec, targets, **kwargs) -> tuple[list[dict], dict, n
     rows, strip, target_images = [], {}, None
     for a in config.alpha:
         result = transport_mod.transport(rec, targets, a, stream=config.stream, steps=config.steps,
-                                         batch_size=config.batch_size, target_images=target_images, **kwargs)
+                                         batch_size=config.batch_size, target_images=target_images,
+                                         conditioning=config.with_conditioning, **kwargs)
         target_images = result.target
         rows += [{**r, "method": "transport", "window": config.window} for r in result.table]
         strip[f"alpha={a:g}"] = result.images
@@ -162,7 +176,7 @@ def _from_prompt(config: Config, adapter) -> SimpleNamespace:
     # 4. transport at every alpha, and the baselines at the same alphas
     targets = [config.target] * len(rec.units)
     rows, strip, target_images = _alphas(config, rec, targets, mask=mask)
-    rows = [{**r, "mask": config.mask} for r in rows]
+    rows = [{**r, "mask": config.mask, "mask_rule": config.mask_rule if config.mask != "none" else None} for r in rows]
     baselines = {}
     if config.baselines:
         baselines = {f"pixel blend alpha={a:g}": transport_mod.pixel_blend(rec.images, target_images, a) for a in config.alpha}
@@ -188,7 +202,7 @@ def _from_reference(config: Config, adapter) -> SimpleNamespace:
     # 2. the top-k by the statistics of a regeneration along it (a one-channel record), then those
     #    channels recorded (--k 0: every channel); 3. transport at every alpha
     taps = [str(t) for t in probe.taps(adapter, config.streams)]
-    conditioning = config.k == 0 if config.with_conditioning is None else config.with_conditioning
+    conditioning = config.with_conditioning
     channels = "all"
     if config.k:
         with probe.collect(adapter, taps=taps, cfg="both") as collected:
@@ -221,8 +235,9 @@ def write(config: Config, result: SimpleNamespace, out: Path, record: dict) -> l
              f"recorded {result.rec.nbytes / 2**10:.1f} KiB"]
     for a in config.alpha:
         r = [x for x in result.rows if x["alpha"] == a and x["method"] == "transport"]
-        took = [np.mean([x[f"took_source_{k}"] for k in ATTRIBUTES if x.get(f"differs_{k}")] or [np.nan])
-                for x in r if "took_source_color" in x]
+        took, null = ([np.mean([x[f"{what}_{k}"] for k in ATTRIBUTES if x.get(f"differs_{k}")] or [np.nan])
+                       for x in r if "took_source_color" in x] for what in ("took_source", "no_transport_took_source"))
         line = f"alpha={a:<5g} pixel MSE vs target {np.mean([x['pixel_mse'] for x in r]):.4f}"
-        lines.append(line + (f"; took the source's differing attributes {np.nanmean(took):.2f}" if took else ""))
+        lines.append(line + (f"; took the source's differing attributes {np.nanmean(took):.2f} (no transport, the unedited "
+                             f"target: {np.nanmean(null):.2f})" if took else ""))
     return lines
