@@ -258,10 +258,11 @@ def test_rederive_chapter2_big_run_decomposition_and_baseline(adapter):
     the machine that made it). ~30 s on one CPU thread."""
     full = _committed("disruption_full.json")
     prompts = world.heldout_captions(full["units"] // 2, n_objects=1, seed=0)  # the chapter's N_PROMPTS x SEEDS (0, 1)
-    base = disruption.baseline(adapter, prompts, (0, 1), full["num_inference_steps"])
+    selection = full.get("selection", {}).get("prompts")  # held-out prompts that chose the channels (None: the units)
+    base = disruption.baseline(adapter, prompts, (0, 1), full["num_inference_steps"], selection_prompts=selection)
     assert len(base.units) == full["units"]
-    top = disruption.channel_set(base.stats, 4, "top")  # the chapter's K_FOCUS
-    rand = disruption.channel_set(base.stats, 4, "random", seed=0)
+    top = disruption.channel_set(base.selector, 4, "top")  # the chapter's K_FOCUS, chosen where the chapter chose it
+    rand = disruption.channel_set(base.selector, 4, "random", seed=0)
     for name, channels in (("decomposition_top", top), ("decomposition_random", rand)):
         reproduce.assert_agrees(_as_made(disruption.decomposition(base, channels), full[name]), full[name], name)
     rows = [{**m, "condition": "baseline", "kind": "baseline", "k": 0, "op": "none", "window": "none"} for m in base.metrics]
