@@ -68,6 +68,7 @@ from mabook.claims import (  # noqa: F401  (re-exported: scorecard.CLAIMS, score
     anchor,
 )
 from mabook.files import number
+from mabook.notebook import is_static
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # The committed organism's card, `mabook.organism.card_path(mabook.organism.CHECKPOINT)`: named here so
@@ -607,4 +608,10 @@ def findings(chapter: str, results: dict[str, dict] | None = None, checkpoint: s
     missing = [f for f in files if f not in results]
     sources += "".join(f"; `{f}` is missing" for f in missing)
     return ("\n".join(lines) + f"\n\nFrom {sources}. Verdict words and their thresholds: "
-            "[the scorecard](../book/scorecard.ipynb), fixed before the numbers were read.")
+            f"[the scorecard]({_scorecard_link()}), fixed before the numbers were read.")
+
+
+def _scorecard_link() -> str:
+    """The scorecard page from a chapter: its built page on the static site (a Markdown output's link
+    is not resolved by the book build), the notebook in Jupyter."""
+    return "../book/scorecard.html" if is_static() else "../book/scorecard.ipynb"

@@ -374,3 +374,18 @@ def test_findings_follow_the_json(committed):
     assert "**fails**" in scorecard.findings("02_disruption.ipynb", changed, brief=True).splitlines()[0]
     with pytest.raises(ValueError, match="01_channel_discovery.ipynb"):
         scorecard.findings("01_channel_discovery.ipynb", committed)
+
+
+def test_findings_link_to_the_scorecard_resolves_in_jupyter_and_on_the_static_site(monkeypatch):
+    """A Markdown output's link is not rewritten by the book build: in Jupyter it must name the
+    notebook next to the chapters, on the static site the page the build writes for it."""
+    import re
+
+    def target() -> str:
+        text = scorecard.findings("03_spatial_organization.ipynb")
+        return re.search(r"\[the scorecard\]\(([^)]+)\)", text).group(1)
+
+    monkeypatch.delenv("MABOOK_STATIC", raising=False)
+    assert (ROOT / "notebooks" / target()).resolve() == PAGE.resolve()
+    monkeypatch.setenv("MABOOK_STATIC", "1")
+    assert target() == "../book/" + PAGE.with_suffix(".html").name
