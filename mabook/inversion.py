@@ -495,9 +495,11 @@ def _invert_step(v, x: torch.Tensor, t, dt, iterations: int, relaxation: float, 
         better = r < best_r
         best = torch.where(better.reshape(B, *[1] * (x.dim() - 1)), guess, best)
         best_r = torch.where(better, r, best_r)
-        if bool((best_r < tolerance).all()):
+        done = best_r < tolerance
+        if bool(done.all()):
             break
-        guess = guess + relaxation * (new - guess)
+        # a solved sample keeps its guess while the others iterate: its result does not depend on its batch-mates
+        guess = torch.where(done.reshape(B, *[1] * (x.dim() - 1)), guess, guess + relaxation * (new - guess))
     return best, best_r.cpu(), calls
 
 
@@ -511,7 +513,8 @@ def invert(adapter: Adapter, images, prompt: str = "", num_inference_steps: int 
     guidance as the pipeline's default (or guidance_scale=). fixed_point_iterations: at most this
     many relaxed fixed-point iterations per step (0: the plain inversion); relaxation: the step of
     each (undamped iterations cycle at high noise on the organism); tolerance: stop once every
-    reference's relative forward residual is below it. pipe_kwargs: height, width, guidance_scale,
+    reference's relative forward residual is below it (a solved reference keeps its solution while
+    the rest of its batch iterates, so its result does not depend on its batch-mates). pipe_kwargs: height, width, guidance_scale,
     max_sequence_length. Cost: between 2 and 1 + fixed_point_iterations transformer calls per step
     and batch (`Trajectory.evaluations`)."""
     refs = _check_common(adapter, images, prompt, num_inference_steps, resize, pipe_kwargs, "invert")

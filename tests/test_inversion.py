@@ -170,6 +170,25 @@ def test_fixed_point_step_solves_the_implicit_euler_equation():
     assert n == 1 and torch.isnan(r).all() and calls <= 61
 
 
+def test_a_solved_sample_does_not_depend_on_its_batch_mates():
+    """A sample whose residual is under the tolerance keeps its solution while a slower batch-mate
+    iterates: inverted alone or beside it, bit for bit (a big run's first pairs, re-derived on their
+    own, must get the pairs' numbers). Per-sample linear velocities, computed row by row in numpy."""
+    rng = np.random.default_rng(1)
+    A = [rng.normal(size=(6, 6)) * s for s in (0.2, 2.0)]  # sample 0 converges in a few iterations, sample 1 slowly
+    b = rng.normal(size=6)
+    x_next = rng.normal(size=(2, 1, 6))
+
+    def v(x, t):
+        return torch.from_numpy(np.stack([x.numpy()[i] @ A[i].T + b for i in range(len(x))]))
+
+    alone, r_alone, calls_alone = inversion._invert_step(v, torch.from_numpy(x_next[:1]), None, -0.2, 60, 0.3, 1e-3)
+    both, r_both, calls_both = inversion._invert_step(v, torch.from_numpy(x_next), None, -0.2, 60, 0.3, 1e-3)
+    assert calls_both > calls_alone  # the batch-mate kept the batch iterating
+    np.testing.assert_array_equal(both.numpy()[:1], alone.numpy())
+    np.testing.assert_array_equal(r_both.numpy()[:1], r_alone.numpy())
+
+
 # ---------------------------------------------------------------------------------------------
 # Inversion on the trained organism
 # ---------------------------------------------------------------------------------------------
