@@ -136,10 +136,11 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("sinks-perceptual-shift", SINKS,
           "Suppressing the sinks shifts the image far more than suppressing equal-budget random keys (LPIPS 0.347 vs "
           "0.053 at k = 1, about 6.5x, SD3 layer 12).",
-          f"Sink / random-key paired ratio of the shift to the baseline at k = {K_SINK}, one block, all steps, on pixel "
-          "metrics (not LPIPS).",
-          "attention_full.json", (f"paired_ratios[control=random, k={K_SINK}, op=score eta=0, window=<layer>, all steps]"
-                                  ".ratio, ci", "paired_ratios_linear[pixel_mae] (when stored)",
+          f"Sink / control paired ratio of the shift to the baseline at k = {K_SINK}, one block, all steps, on pixel "
+          "metrics (not LPIPS); the control is random keys holding the sinks' attention mass (mass-matched) where the big "
+          "run has it, else random keys of the same number.",
+          "attention_full.json", (f"paired_ratios[control=random-mass (else random), k={K_SINK}, op=score eta=0, "
+                                  "window=<layer>, all steps].ratio, ci", "paired_ratios_linear[pixel_mae] (when stored)",
                                   "summary[kind=sink | random, same k and window].pixel_mae"),
           "06_attention_sinks.ipynb", "3. Suppressing the sinks: score path vs equal-budget controls",
           proxy="LPIPS needs ImageNet backbone weights; proxy: pixel-space shift (mean |difference| or MSE, which squares "

@@ -414,6 +414,8 @@ CLI_ROWS = [
     cli_row("cluster-channels-too-many", ["cluster", "--n-channels", "300", *GEN], "k=300 is out of range"),
     cli_row("cluster-zero-channels", ["cluster", "--n-channels", "0"], "--n-channels must be >= 1"),
     cli_row("sinks-eta-above-one", ["sinks", "--eta", "1.5", *GEN], "eta must be a number in [0, 1]"),
+    cli_row("sinks-eta-half-default-controls", ["sinks", "--eta", "0.5", *GEN],
+            "--controls random-mass (a default) needs --eta 0 or 1 under --dose redistribute, got --eta 0.5"),
     cli_row("sinks-k-zero", ["sinks", "--k", "0", *GEN], "k must be an int >= 1"),
     cli_row("sinks-unknown-layer", ["sinks", "--layer", "transformer_blocks.0.ff", *GEN], "has no attention"),
     cli_row("sinks-unknown-path", ["sinks", "--path", "logits"], "invalid choice: 'logits'"),

@@ -168,10 +168,10 @@ def test_sinks_writes_sink_tables_summary_and_grid(checkpoint, tmp_path, capsys)
                      "--n-random", "2", "--num-inference-steps", "2"])
     assert code == 0
     rows = list(csv.DictReader(open(out / "table.csv")))
-    assert len(rows) == 2 * (1 + 2 * (1 + 1 + 2))  # units x (baseline + k x (sink, bottom, 2 random))
+    assert len(rows) == 2 * (1 + 2 * (1 + 1 + 2 + 2))  # units x (baseline + k x (sink, bottom, 2 random, 2 mass-matched random))
     assert {r["kind"] for r in csv.DictReader(open(out / "sinks.csv"))} <= {"text", "pad", "image"}
     summary = json.loads((out / "summary.json").read_text())
-    assert {r["control"] for r in summary["paired_ratios"]} == {"random", "bottom"}
+    assert {r["control"] for r in summary["paired_ratios"]} == {"random", "bottom", "random-mass"}  # the default controls
     assert "sink / random" in capsys.readouterr().out
 
 

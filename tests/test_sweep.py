@@ -125,10 +125,10 @@ def test_disrupt_stopped_on_one_process_resumes_on_two_and_equals_the_one_proces
 def test_sinks_sweep_equals_attention_run(organism, reference_base, tmp_path):
     result = sweep.run(sinks_verb.Config(prompts=UNITS_PROMPTS, seeds=UNITS_SEEDS, num_inference_steps=STEPS,
                                          batch_size=UNITS_BATCH, k=[1], n_random=1), organism, tmp_path / "shards")
-    ivs = [attention.KeyIntervention(keys, 1) for keys in ("sink", "bottom", "random")]
+    ivs = [sinks.intervention(keys, 1) for keys in ("sink", "bottom", "random", "random-mass")]  # the default controls
     reference = sinks.run(reference_base, ivs, UNITS_BATCH)
     assert _json(result.table) == _json(reference.table)
-    assert result.counts.total == 2 + 3 * 2
+    assert result.counts.total == 2 + 4 * 2
     for name, images in reference.images.items():  # the grid's images, too
         assert np.array_equal(result.images[name], images), name
     assert np.array_equal(result.base.images, reference_base.images)
@@ -139,7 +139,7 @@ def test_sinks_sweep_equals_attention_run(organism, reference_base, tmp_path):
                      "--n-random", "1", "--num-inference-steps", str(STEPS), "--batch-size", str(UNITS_BATCH),
                      "--shards", str(tmp_path / "shards"), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["sweep"]["reused"], summary["sweep"]["computed"]) == (8, 0)
+    assert (summary["sweep"]["reused"], summary["sweep"]["computed"]) == (10, 0)
     assert summary["table"] == _json(reference.table)
     assert summary["paired_ratios"] == _json(sinks.paired_ratios(reference.table)) != []
     assert (out / "grid.png").is_file()

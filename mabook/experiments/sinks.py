@@ -12,9 +12,9 @@ of the perceptual metrics ("metric_models"), means with bootstrap 95 % CIs, pair
 ratios -- of pixel MSE, and of LPIPS when asked ("paired_ratios_perceptual": the paper's ~6x is one
 of these, on SD3) --, the mass each intervention removed against the sinks' ("mass_removed",
 `sinks.mass_removed`), the mass by kind, the table; written last). The controls (--controls):
-"random" (k random keys: matched on count), "bottom" (the k lowest-mass keys) and, when asked,
-"random-mass" (random keys drawn until they hold the sinks' mass: matched on mass,
-`sinks.MassMatched`). The baselines' attention mass is captured in their shards, so a sweep writes
+"random" (k random keys: matched on count), "bottom" (the k lowest-mass keys) and "random-mass"
+(random keys drawn until they hold the sinks' mass: matched on mass, `sinks.MassMatched`), all three
+by default. The baselines' attention mass is captured in their shards, so a sweep writes
 the same files. (sinks.csv and movement.csv read the mass averaged over the units; chapter 6 reads
 each sample's own, `sinks.capture_samples`.)
 """
@@ -43,17 +43,17 @@ class Config(Scored):
                        "the row)", choices=attention.DOSES)
     layer: list = option(["all"], "attention module paths, or 'all'")
     n_random: int = option(3, "seeded random key sets per k (of each random control)")
-    controls: list = option(["random", "bottom"], "the controls beside the sinks: random (k random keys, matched on "
+    controls: list = option(list(sinks.CONTROLS), "the controls beside the sinks: random (k random keys, matched on "
                             "count), bottom (the k lowest-mass keys), random-mass (random keys holding the sinks' attention "
-                            f"mass, within {sinks.MASS_TOLERANCE:.0%}: matched on mass; chapter 6's big run uses it)",
+                            f"mass, within {sinks.MASS_TOLERANCE:.0%}: matched on mass, as chapter 6's big run)",
                             choices=sinks.CONTROLS)
 
     def check(self) -> None:
         super().check()
         check_positive(self, "top", "n_random")
         if "random-mass" in self.controls and self.path == "score" and self.dose == "redistribute" and 0 < self.eta < 1:
-            raise ValueError(f"--controls random-mass needs --eta 0 or 1 under --dose redistribute, got --eta {self.eta:g}; "
-                             "allowed: --dose renormalise, a value --path, or --controls without random-mass")
+            raise ValueError(f"--controls random-mass (a default) needs --eta 0 or 1 under --dose redistribute, got --eta "
+                             f"{self.eta:g}; allowed: --dose renormalise, a value --path, or --controls random bottom")
         self.conditions(None)  # builds (and so checks) every intervention
 
     def check_adapter(self, adapter) -> None:
