@@ -113,7 +113,8 @@ def compare(adapter: Adapter, pairs_by_kind: dict[str, Sequence[Pair]], methods:
                     traj = inversion.noise(adapter, refs, seeds, num_inference_steps=num_inference_steps)
                 rec = inversion.record(traj, taps=taps, channels="all", conditioning=True, batch_size=batch_size,
                                        captions=[p.source for _, _, p in part])
-                target_images = _targets(adapter, units, traj.noise, num_inference_steps, batch_size)
+                # the targets on the trajectory's sampler (SANA: its Euler twin), as transport generates the outputs
+                target_images = _targets(traj.adapter, units, traj.noise, num_inference_steps, batch_size)
                 kept[name].append(traj)
                 targets[name].append(target_images)
                 reconstructions[name].append(rec.images)

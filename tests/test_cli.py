@@ -363,13 +363,16 @@ def test_every_verb_runs_on_a_real_family_with_world_prompts_and_never_judges(fa
         (line,) = [x for x in err.splitlines() if "error" in x]
         assert code == cli.EXIT_BAD_INPUT and line.startswith("mabook sinks: error:") and "softmax" in line
         return
-    if family == "pixart" and verb == "transport --reference":  # DDPM: no flow to invert; noising runs
-        (line,) = [x for x in err.splitlines() if "error" in x]
-        assert code == cli.EXIT_BAD_INPUT and line.startswith("mabook transport: error:") and family in line
-        assert "--trajectory noise" in line
-        code = cli.main(argv + ["--trajectory", "noise"])
-        err = capsys.readouterr().err
     assert code == 0, err
+    if verb == "transport --reference":  # the default trajectory is the family's: PixArt (DDPM, no flow) is noised
+        made = json.loads((out / "transport.json").read_text())["trajectory"]
+        assert made["asked"] == "auto" and made["method"] == ("noise" if family == "pixart" else "invert")
+        assert made["sampler"], made
+        if family == "pixart":  # asked to invert, it refuses in one line naming the way out
+            code = cli.main(argv + ["--trajectory", "invert"])
+            (line,) = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+            assert code == cli.EXIT_BAD_INPUT and line.startswith("mabook transport: error:") and family in line
+            assert "--trajectory noise" in line
     judged_columns = {"cleanliness", "color", "shape", "all_correct", "took_source_color"}
     for table in out.glob("*.csv"):
         header = set(next(csv.reader(open(table))))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mabook import attention, cli, discovery, disruption, sinks, sweep, world
+from mabook import cli, discovery, disruption, sinks, sweep, world
 from mabook.experiments import discover, disrupt
 from mabook.experiments import sinks as sinks_verb
 from mabook.statistics import STATISTICS, Statistics

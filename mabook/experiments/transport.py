@@ -41,8 +41,9 @@ class Config(Units):
     source: str | None = option(None, "the source prompt (or --reference)", type=str)
     reference: str | None = option(None, "instead of --source: an RGB image of the generation's size (organism: 32x32), "
                                    "inverted", type=str, metavar="IMG")
-    trajectory: str = option("invert", "with --reference: flow-matching inversion, or noising to each step's level "
-                             "(first --seeds)", choices=inversion.METHODS)
+    trajectory: str = option("auto", "with --reference: flow-matching inversion, or noising to each step's level "
+                             "(first --seeds); auto: invert where the family can (organism, FLUX, SD3, SANA), noise "
+                             "on PixArt's DDPM path", choices=("auto", *inversion.METHODS))
     resize: bool = option(False, "with --reference: resize / convert it to the generation's RGB size", flag=True)
     target: str | None = option(None, "the target prompt (same seed: same noise)", type=str, required=True)
     alpha: list = option([0.0, 0.25, 0.5, 0.75, 1.0], "how much of the source: 0 is the target, 1 the source's channels")
@@ -197,7 +198,8 @@ def _from_reference(config: Config, adapter) -> SimpleNamespace:
     references = inversion.check_references(adapter, [config.reference], resize=config.resize)
     n = config.num_inference_steps
     # 1. the reference on its trajectory: inverted (unconditionally), or noised with the first seed
-    traj = (inversion.invert(adapter, references, num_inference_steps=n) if config.trajectory == "invert"
+    method = inversion.default_method(adapter) if config.trajectory == "auto" else config.trajectory
+    traj = (inversion.invert(adapter, references, num_inference_steps=n) if method == "invert"
             else inversion.noise(adapter, references, config.seeds[0], num_inference_steps=n))
     # 2. the top-k by the statistics of a regeneration along it (a one-channel record), then those
     #    channels recorded (--k 0: every channel); 3. transport at every alpha
@@ -217,7 +219,9 @@ def _from_reference(config: Config, adapter) -> SimpleNamespace:
     residual = (float(np.nanmax(traj.residuals)) if traj.residuals is not None and not np.isnan(traj.residuals).all()
                 else None)
     strip = {"reference": references, "reconstruction": rec.images, **strip, "target": target_images, **baselines}
-    extra = {"reconstruction_error": error, "inversion": {"evaluations": traj.evaluations, "max_residual": residual}}
+    extra = {"reconstruction_error": error, "trajectory": {"method": traj.method, "sampler": traj.sampler,
+                                                           "asked": config.trajectory},
+             "inversion": {"evaluations": traj.evaluations, "max_residual": residual}}
     return SimpleNamespace(rec=rec, rows=rows, strip=strip, extra=extra)
 
 
@@ -228,7 +232,9 @@ def write(config: Config, result: SimpleNamespace, out: Path, record: dict) -> l
     files.write_json(out / "transport.json", {**record, **result.extra, "strip_rows": list(result.strip),
                                               "table": result.rows}, default=str)
     if config.reference is not None:
-        return [f"reference {config.reference} {config.trajectory}ed; the record regenerates it with mean |error| "
+        made = result.extra["trajectory"]
+        done = {"invert": "inverted", "noise": "noised"}[made["method"]]
+        return [f"reference {config.reference} {done} ({made['sampler']}); the record regenerates it with mean |error| "
                 f"{result.extra['reconstruction_error']['mae']:.4f}; k={config.k or 'all'} ({config.stream})"] + [
             f"alpha={r['alpha']:<5g} pixel MSE vs target {r['pixel_mse']:.4f}" for r in result.rows]
     lines = [f"{len(config.seeds)} seeds x {len(config.alpha)} alphas, k={config.k or 'all'} ({config.stream}); "
