@@ -321,3 +321,28 @@ def test_rederive_spatial_big_run_head(adapter):
     mine = {k: v for k, v in by_row(mine).items() if k in committed}
     assert len(committed) >= 2 * len(units)
     reproduce.assert_agrees(mine, committed, "spatial_full.json's rows_head")
+
+
+HISTORY_4500 = RESULTS.parent / "organism" / "checkpoints" / "history" / "4500-step" / "organism.safetensors"
+
+
+def test_rederive_emergence_of_the_previous_organism():
+    """emergence_4500_step_run.json (chapter 2b's previous organism: the same recipe trained 4500
+    steps, with its step-500 and step-2000 snapshots, kept in checkpoints/history/) measured again
+    from those checkpoints (`train.measure_run`): each snapshot's top channel, top-4, |mean| ratio
+    and max |x| per layer within `mabook.reproduce`'s tolerance. ~15 s on one thread."""
+    from mabook import train
+
+    full = json.loads((RESULTS / "emergence_4500_step_run.json").read_text())
+    if organism.sha256(HISTORY_4500) != full["checkpoint_sha256"]:
+        pytest.fail(f"mabook/results/emergence_4500_step_run.json was made on checkpoint {full['checkpoint_sha256'][:12]}, "
+                    "not the one in mabook/organism/checkpoints/history/4500-step/: regenerate it with "
+                    f"`{full['command']}`")
+    mine = train.measure_run(HISTORY_4500)
+    keys = ("tap", "top", "top_k", "ratio", "max_abs")  # what the file holds (it predates the LayerNorm share)
+
+    def rows(run):
+        return [{"step": r["step"], "ema": [{k: layer[k] for k in keys} for layer in r["ema"]]} for r in run["emergence"]]
+
+    assert mine["checkpoint_sha256"] == full["checkpoint_sha256"]
+    reproduce.assert_agrees(json.loads(json.dumps(rows(mine))), rows(full), "emergence_4500_step_run.json")

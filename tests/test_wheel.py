@@ -79,19 +79,23 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+NOT_PACKAGE_DATA = ("/partial/", "/history/")
+
+
 def test_wheel_holds_the_checkpoints_and_results(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    # A training run's resumable state (``checkpoints/variants/partial/<variant>/``) is committed so that a
-    # long run can continue on another machine; it is not package data and stays out of the wheel.
+    # A training run's resumable state (``checkpoints/variants/partial/<variant>/``), committed so that a long run
+    # can continue on another machine, and an earlier organism kept to re-derive a results file
+    # (``checkpoints/history/``) are not package data: they stay out of the wheel.
     committed = [f for f in _source_files() if f.startswith(("mabook/organism/checkpoints/", "mabook/results/"))
-                 and "/partial/" not in f]
+                 and not any(d in f for d in NOT_PACKAGE_DATA)]
     assert any(f.endswith("checkpoints/organism.safetensors") for f in committed)
     assert any(f.startswith("mabook/results/") and f.endswith(".json") for f in committed)
     missing = [f for f in committed if f.endswith((".safetensors", ".json")) and f not in names]
     assert not missing, f"not in the wheel: {missing}"
     modules = [f for f in _source_files() if f.startswith("mabook/") and f.endswith(".py")]
     assert not [m for m in modules if m not in names], "Python modules missing from the wheel"
-    assert not [n for n in names if "/partial/" in n], "a resumable training state is not package data"
+    assert not [n for n in names if any(d in n for d in NOT_PACKAGE_DATA)], "training states and earlier organisms are not package data"
 
 
 def _dependencies_view(dest: Path) -> Path:
