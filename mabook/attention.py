@@ -44,9 +44,9 @@ processor swap; `layers` and `resolve_layers` are re-exported here) and `mabook.
 explicit, chunked softmax with key edits, and the projections copied from diffusers).
 
 What this is not: the chapter's experiment (`mabook.sinks`: reading captures, interventions over
-a baseline, sinks <-> massive channels); nor a general attention-editing library. SANA's self-attention is linear (no
-softmax, hence no probability mass to sink into): it is refused with an error. Attention masks
-and cross-attention are refused too.
+a baseline; `mabook.sink_links`: sinks <-> massive channels); nor a general attention-editing
+library. SANA's self-attention is linear (no softmax, hence no probability mass to sink into): it
+is refused with an error. Attention masks and cross-attention are refused too.
 """
 
 from __future__ import annotations

@@ -382,17 +382,17 @@ def _attention_inputs(heads: int, image: int, text: int, head_dim: int, device: 
 def _attention_variant(variant: str, heads: int, image: int, text: int, head_dim: int, device: str, repeats: int,
                        chunk_elements: int, eta: float = 0.0, dose: str = "redistribute", dtype: str = "float32") -> dict:
     """Peak memory of one variant: run it (after one warm-up call) on random (1, heads, text + image, head_dim) tensors in this
-    (fresh) process; what the call added over its inputs at its worst moment (`realshape._memory`: on
+    (fresh) process; what the call added over its inputs at its worst moment (`realshape.memory_mark`: on
     CUDA the allocator's peak, on CPU the resident set's high-water mark, reset before the call)."""
-    from mabook.realshape import _memory
+    from mabook.realshape import memory_mark
 
     q, k, v, image_slice = _attention_inputs(heads, image, text, head_dim, device, dtype)
     _attention_call(variant, q, k, v, image_slice, chunk_elements, eta, dose)  # warm-up: kernels' one-time buffers
-    base = _memory(device)
+    base = memory_mark(device)
     start = time.perf_counter()
     for _ in range(repeats):
         _attention_call(variant, q, k, v, image_slice, chunk_elements, eta, dose)
-    extra = None if base is None else _memory(device, base)
+    extra = None if base is None else memory_mark(device, base)
     return {"variant": variant, "seconds": (time.perf_counter() - start) / repeats, "extra_bytes": extra}
 
 

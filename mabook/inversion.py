@@ -2,7 +2,8 @@
 
 Image-conditioned transport (arXiv 2605.13974's second use) needs a *source trajectory* for an
 image that no prompt generated. Two ways to make one, both on the pipeline's own schedule
-(sigma_0 = 1 > sigma_1 > ... > sigma_N = 0, the scheduler's `sigmas`):
+(sigma_0 = 1 > sigma_1 > ... > sigma_N = 0, the scheduler's `sigmas`; the latents, schedule and
+velocity are the pipeline's own, computed in `mabook.sampling`):
 
 1. `invert(adapter, images)`: flow-matching inversion. The pipeline's Euler step is
    x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, t_i); run backwards from the clean latents x_N it
@@ -14,42 +15,38 @@ image that no prompt generated. Two ways to make one, both on the pipeline's own
    x_0 retraces the reference's path and ends on it (`regenerate`, `pixel_error`); on the organism
    the plain inversion does not (chapter 5 measures both).
 2. `noise(adapter, images, seeds)`: no model in the loop: step i sits at
-   x_i = (1 - sigma_i) x_N + sigma_i eps with one fixed eps per reference (`at_level`; PixArt's
-   DDPM path in the table below, `level`, `Trajectory.point`). Exact
+   x_i = (1 - sigma_i) x_N + sigma_i eps with one fixed eps per reference (`sampling.at_level`; PixArt's
+   DDPM path in the table below, `sampling.level`, `Trajectory.point`). Exact
    at every step, but a trajectory the model itself would not follow (`path_residuals` says how far
    its own Euler step misses the next point).
 
 `record(trajectory, ...)` then records the reference's channels along it with `mabook.transport.record`
-(the pipeline regenerates from the inverted noise; for noising, a `NoisingScheduler` swapped in for
+(the pipeline regenerates from the inverted noise; for noising, a `sampling.NoisingScheduler` swapped in for
 the call makes the pipeline step along x_i instead of its own prediction), and
 `mabook.transport.transport(rec, target_prompts, ...)` moves them into a new prompt's generation,
 which starts from the same noise (the record's `latents`). Chapter 5's table on shapes-world pairs
 (trajectories x methods x alphas) is `mabook.image_transport`.
 
-Per family (`Family.path` says which noising path the model was trained on):
+Per family (`Family.path` says which noising path the model was trained on; how each family's
+latents, schedule and velocity are computed: the table in `mabook.sampling`):
 
 ========  =================================================================================
-organism  flow; invert and noise; pixels in [-1, 1], 4x4-pixel patches (`organism.patchify`):
-          (B, 64, 48); no VAE
-flux      flow; invert and noise; VAE encoder (mode of the posterior), (z - shift_factor) *
-          scaling_factor, then 2x2 latent pixels packed per token (`FluxPipeline._pack_latents`):
-          (B, h/2 * w/2, 4C)
-sd3       flow; invert and noise; VAE encoder, (z - shift_factor) * scaling_factor: (B, C, h, w)
-sana      flow; invert and noise; DC-AE encoder, z * scaling_factor: (B, C, h, w). SanaPipeline
-          samples SANA's flow with DPMSolverMultistepScheduler (2nd-order multistep, use_flow_sigmas),
-          whose steps have no one-step inverse; the trajectory instead runs on Euler steps of the same
-          flow: FlowMatchEulerDiscreteScheduler(shift = the scheduler's flow_shift), as FLUX and SD3
-          sample. `Trajectory.adapter` is then a twin of the loaded pipeline (every module shared,
-          nothing copied, the loaded pipeline left as it was) with that scheduler, so `regenerate`,
-          `record` and `transport.transport` (through the record's adapter) all generate with it;
-          `Trajectory.sampler` says so. A SanaPipeline already on FlowMatchEulerDiscreteScheduler runs as is.
+organism  flow; invert and noise
+flux      flow; invert and noise
+sd3       flow; invert and noise
+sana      flow; invert and noise. SanaPipeline samples SANA's flow with DPMSolverMultistepScheduler,
+          whose steps have no one-step inverse; the trajectory instead runs on Euler steps of the
+          same flow (`sampling.sampler`). `Trajectory.adapter` is then a twin of the loaded pipeline
+          (every module shared, nothing copied, the loaded pipeline left as it was) with that
+          scheduler, so `regenerate`, `record` and `transport.transport` (through the record's
+          adapter) all generate with it; `Trajectory.sampler` says so. A SanaPipeline already on
+          FlowMatchEulerDiscreteScheduler runs as is.
 pixart    ddpm; noise only: PixArt-Sigma predicts DDPM noise (DPM-Solver), so there is no flow ODE to
-          run backwards (`invert` refuses, naming `trajectory="noise"`); VAE encoder, z *
-          scaling_factor: (B, C, h, w). Step i sits at the noise level of the timestep t_i its
-          transformer is given, x_i = sqrt(abar_{t_i}) x_N + sqrt(1 - abar_{t_i}) eps (the
-          scheduler's `add_noise`; `Trajectory.sigmas` holds sqrt(1 - abar_{t_i}), `level`), and
-          the generation starts at x_0, not at eps (abar_{t_0} > 0): `Trajectory.noise` is x_0,
-          `Trajectory.eps` the eps.
+          run backwards (`invert` refuses, naming `trajectory="noise"`). Step i sits at the noise
+          level of the timestep t_i its transformer is given, x_i = sqrt(abar_{t_i}) x_N +
+          sqrt(1 - abar_{t_i}) eps (the scheduler's `add_noise`; `Trajectory.sigmas` holds
+          sqrt(1 - abar_{t_i}), `sampling.levels`), and the generation starts at x_0, not at eps
+          (abar_{t_0} > 0): `Trajectory.noise` is x_0, `Trajectory.eps` the eps.
 ========  =================================================================================
 
 `default_method(adapter)` is "invert" where the family can invert, else "noise".
@@ -65,8 +62,6 @@ PixArt's DDPM sampler (DDIM inversion would be one; noising is what it gets here
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -75,19 +70,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
-from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from PIL import Image
 
-from mabook import transport
+from mabook import sampling, transport
 from mabook.images import to_uint8
-from mabook.models import FAMILIES as FAMILY_TABLE
 from mabook.models import INVERTIBLE, Adapter
+from mabook.sampling import NOISABLE
 
 METHODS = ("invert", "noise")
 FAMILIES = INVERTIBLE  # the families `invert` supports: trained on the flow path (the Family table says which)
-NOISABLE = tuple(FAMILY_TABLE)  # the families `noise` supports: every family, on its own path (flow or ddpm)
 PIPE_KWARGS = ("height", "width", "guidance_scale", "max_sequence_length")  # what invert/noise pass on
 _PIPELINE_MULTIPLE = {"sana": 32, "pixart": 8}  # what SanaPipeline / PixArtSigmaPipeline.check_inputs demand of a size
 
@@ -98,16 +89,14 @@ _PIPELINE_MULTIPLE = {"sana": 32, "pixart": 8}  # what SanaPipeline / PixArtSigm
 
 
 def _check_family(adapter: Adapter, method: str = "noise") -> None:
-    """Refuse, in one line, a family `method` does not support, or an adapter without a pipeline."""
+    """Refuse, in one line, a family `method` does not support, or an adapter without a pipeline
+    (`sampling.check_family`; `noise` supports every family, `NOISABLE`)."""
     name = adapter.family.name
-    if name not in NOISABLE:
-        raise ValueError(f"reference trajectories support the families {list(NOISABLE)}; {name} is not one of them")
-    if method == "invert" and name not in FAMILIES:
+    if method == "invert" and name in NOISABLE and name not in FAMILIES:
         raise ValueError(f"{name} cannot be inverted: inversion runs a flow-matching ODE backwards, and {name} predicts "
                          f"DDPM noise; noising works (trajectory 'noise': --trajectory noise, inversion.noise); "
                          f"invertible families: {list(FAMILIES)}")
-    if adapter.pipe is None:
-        raise ValueError("inversion needs a pipeline; this adapter wraps a bare transformer")
+    sampling.check_family(adapter)
 
 
 def default_method(adapter: Adapter) -> str:
@@ -208,187 +197,7 @@ def check_references(adapter: Adapter, images, resize: bool = False, height: int
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Latents, schedule, velocity: what the pipeline does, per family
-# ---------------------------------------------------------------------------------------------
-
-
-def encode(adapter: Adapter, images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) in [0, 1] -> clean latents as the pipeline's `latents=` takes them (float32; table above)."""
-    from mabook import organism  # deferred: organism pulls in diffusers' pipelines and transformers (~9 s)
-
-    _check_family(adapter)
-    pipe = adapter.pipe
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1  # (B, 3, H, W)
-    if adapter.family.name == "organism":
-        return organism.patchify(x, pipe.organism_config.patch_size).to(adapter.transformer.device)
-    vae = pipe.vae
-    with torch.no_grad():
-        out = vae.encode(x.to(vae.device, vae.dtype))
-        z = (out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latent).float()  # AutoencoderDC: no posterior
-    z = (z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
-    if adapter.family.name == "flux":
-        B, C, h, w = z.shape
-        z = pipe._pack_latents(z, B, C, h, w)
-    return z.to(adapter.transformer.device)
-
-
-def _is_flow_dpm(scheduler) -> bool:
-    """A DPM-Solver on the flow path (SanaPipeline's scheduler: use_flow_sigmas, flow_prediction)."""
-    config = scheduler.config
-    return bool(config.get("use_flow_sigmas")) and config.get("prediction_type") == "flow_prediction"
-
-
-def _copy_scheduler(adapter: Adapter):
-    """A fresh scheduler of the kind the trajectory runs on: the pipeline's own (flow: its
-    FlowMatchEulerDiscreteScheduler; ddpm: any scheduler with `alphas_cumprod` and a step index), or
-    for SANA's flow DPM-Solver the Euler one on the same flow (module docstring)."""
-    scheduler, name = adapter.pipe.scheduler, adapter.family.name
-    kind = type(scheduler).__name__
-    if adapter.family.path == "ddpm":
-        if (not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "_init_step_index")
-                or float(scheduler.init_noise_sigma) != 1.0 or scheduler.config.get("prediction_type") == "flow_prediction"):
-            raise ValueError(f"noising {name} needs a DDPM scheduler with alphas_cumprod, a step index and init_noise_sigma 1 "
-                             f"(DPMSolverMultistepScheduler, the pipeline's own); this pipeline has {kind}")
-        return type(scheduler).from_config(scheduler.config)
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return type(scheduler).from_config(scheduler.config)
-    if name == "sana" and isinstance(scheduler, DPMSolverMultistepScheduler) and _is_flow_dpm(scheduler):
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=scheduler.config.num_train_timesteps,
-                                               shift=float(scheduler.config.flow_shift))
-    allowed = "FlowMatchEulerDiscreteScheduler" + (", or DPMSolverMultistepScheduler with use_flow_sigmas and "
-                                                   "prediction_type='flow_prediction'" if name == "sana" else "")
-    raise ValueError(f"a {name} trajectory needs the flow-matching Euler scheduler; this pipeline has {kind}; allowed: {allowed}")
-
-
-def _sampler(adapter: Adapter) -> tuple[Adapter, str]:
-    """(the adapter whose pipeline runs the trajectory, which scheduler it samples with): the loaded
-    adapter, or for SANA on its flow DPM-Solver a twin pipeline (every module shared) on Euler steps."""
-    scheduler = adapter.pipe.scheduler
-    euler = _copy_scheduler(adapter)
-    if type(euler) is type(scheduler):
-        return adapter, type(scheduler).__name__
-    pipe = type(adapter.pipe)(**{**adapter.pipe.components, "scheduler": euler})  # not from_pipe: it casts to float32
-    if hasattr(adapter.pipe, "_progress_bar_config"):
-        pipe._progress_bar_config = dict(adapter.pipe._progress_bar_config)
-    return (Adapter(adapter.family, adapter.transformer, pipe),
-            f"FlowMatchEulerDiscreteScheduler(shift={euler.config.shift:g}) in place of the pipeline's {type(scheduler).__name__}")
-
-
-def _set_schedule(adapter: Adapter, scheduler, num_inference_steps: int, height=None, width=None) -> None:
-    """Call scheduler.set_timesteps as the family's pipeline does (FLUX: its own sigmas and resolution shift)."""
-    # deferred: pipeline_flux pulls in transformers (~6 s) and prints two torchvision warnings; only FLUX and SD3 use it
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-    device = adapter.transformer.device
-    if adapter.family.name == "organism":
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        return
-    if adapter.family.name in ("sana", "pixart"):  # SanaPipeline / PixArtSigmaPipeline.__call__, step 4
-        retrieve_timesteps(scheduler, num_inference_steps, device)
-        return
-    h, w = adapter.grid(height, width)
-    config = scheduler.config
-    if adapter.family.name == "flux":  # FluxPipeline.__call__, step 5
-        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        mu = calculate_shift(h * w, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
-    else:  # StableDiffusion3Pipeline.__call__, step 5
-        kwargs = {}
-        if config.get("use_dynamic_shifting"):
-            kwargs["mu"] = calculate_shift(h * w, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                           config.get("base_shift", 0.5), config.get("max_shift", 1.16))
-        retrieve_timesteps(scheduler, num_inference_steps, device, **kwargs)
-
-
-def schedule(adapter: Adapter, num_inference_steps: int, height: int | None = None,
-             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps (N,), sigmas (N + 1,)) exactly as the pipeline sets them, from a copy of its scheduler
-    (SANA on its flow DPM-Solver: of the Euler scheduler its trajectories run on; PixArt: DPM-Solver's
-    own sigmas, sqrt((1 - abar) / abar), not a noising trajectory's `sigmas`)."""
-    _check_family(adapter)
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    scheduler = _copy_scheduler(adapter)
-    _set_schedule(adapter, scheduler, num_inference_steps, height, width)
-    return scheduler.timesteps, scheduler.sigmas
-
-
-def default_guidance_scale(adapter: Adapter) -> float:
-    """The pipeline's own default `guidance_scale` (organism 4.0, FLUX.1 3.5, SD3 7.0)."""
-    return float(inspect.signature(adapter.pipe.__call__).parameters["guidance_scale"].default)
-
-
-def _velocity(adapter: Adapter, prompt: str, batch: int, guidance_scale: float, height=None, width=None,
-              max_sequence_length: int | None = None):
-    """v(latents, t): the velocity the pipeline's denoising loop computes for `prompt` at timestep t,
-    guidance included (an empty prompt has cond = uncond, so its guidance batch is skipped -- except
-    on SANA, whose pipeline prefixes a positive prompt, "" too, with its complex human instruction)."""
-    pipe, transformer, family = adapter.pipe, adapter.transformer, adapter.family.name
-    if adapter.family.path != "flow":
-        raise ValueError(f"{family} predicts DDPM noise, not a flow velocity; allowed families: {list(FAMILIES)}")
-    device, dtype = transformer.device, transformer.dtype
-    cfg = guidance_scale > 1.0 and (prompt != "" or family == "sana") and family != "flux"  # FLUX.1 embeds guidance
-    msl = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-    with torch.no_grad():
-        if family == "organism":
-            from mabook import organism  # deferred: organism pulls in diffusers' pipelines and transformers (~9 s)
-
-            embeds, pooled = pipe.encode_prompt([prompt] * batch)
-            if cfg:
-                neg, neg_pooled = pipe.encode_prompt([""] * batch)
-                embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
-            grid = pipe.organism_config.grid
-            extra = dict(img_ids=organism.image_ids(grid, device).to(dtype),
-                         txt_ids=torch.zeros(pipe.organism_config.max_text_length, 3, device=device, dtype=dtype))
-            scale_t = 1000.0
-        elif family == "flux":
-            embeds, pooled, text_ids = pipe.encode_prompt(prompt=[prompt] * batch, prompt_2=None, device=device, **msl)
-            h, w = adapter.grid(height, width)
-            guidance = (torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
-                        if transformer.config.guidance_embeds else None)
-            extra = dict(txt_ids=text_ids, img_ids=pipe._prepare_latent_image_ids(batch, h, w, device, dtype),
-                         guidance=guidance)
-            scale_t = 1000.0
-        elif family == "sd3":
-            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=[prompt] * batch, prompt_2=None, prompt_3=None,
-                                                                 device=device, do_classifier_free_guidance=cfg, **msl)
-            if cfg:
-                embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
-            extra, scale_t = {}, 1.0  # SD3's transformer takes the scheduler's timestep as is
-        else:  # sana: SanaPipeline.__call__, steps 3 and 7, with the call's own defaults
-            call = inspect.signature(pipe.__call__).parameters
-            text = {k: call[k].default for k in ("clean_caption", "complex_human_instruction", "max_sequence_length")}
-            text.update(msl)
-            embeds, mask, neg, neg_mask = pipe.encode_prompt([prompt] * batch, do_classifier_free_guidance=cfg,
-                                                             negative_prompt="", device=device, **text)
-            if cfg:
-                embeds, mask = torch.cat([neg, embeds]), torch.cat([neg_mask, mask])
-            embeds, pooled, extra = embeds.to(dtype), None, dict(encoder_attention_mask=mask)
-            scale_t = 1.0 / float(transformer.config.timestep_scale)  # the pipeline multiplies t by timestep_scale
-
-    def v(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([latents] * 2) if cfg else latents
-        timestep = (t / scale_t).expand(x.shape[0])
-        args = dict(hidden_states=x.to(dtype), encoder_hidden_states=embeds, return_dict=False, **extra)
-        if family == "sana":  # SANA's pipeline passes the timestep in float32 and has no pooled projection
-            args["timestep"] = timestep
-        else:
-            args.update(timestep=timestep.to(dtype), pooled_projections=pooled)
-        with torch.no_grad():
-            out = transformer(**args)[0].float()
-        if cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        if family == "sana" and transformer.config.out_channels // 2 == transformer.config.in_channels:
-            out = out.chunk(2, dim=1)[0]  # a learned sigma: the pipeline keeps the first half
-        return out
-
-    return v
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Trajectories: inversion and noising
+# 2. Trajectories: inversion and noising
 # ---------------------------------------------------------------------------------------------
 
 
@@ -397,7 +206,7 @@ class Trajectory:
     """References on the pipeline's schedule: clean latents x_N and the start x_0.
 
     `noise` is what the pipeline's `latents=` takes to (re)start the trajectory: the inverted noise,
-    or noising's start x_0 (the flow path: its eps, sigma_0 = 1; PixArt's: `level(clean, eps, sigmas[0])`).
+    or noising's start x_0 (the flow path: its eps, sigma_0 = 1; PixArt's: `sampling.level(clean, eps, sigmas[0])`).
     images: the references (B, H, W, 3) in [0, 1]. adapter: the one whose pipeline runs the trajectory
     (SANA on its DPM-Solver: the Euler twin, `sampler`)."""
 
@@ -432,7 +241,7 @@ class Trajectory:
                              "regeneration's)")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= self.num_inference_steps:
             raise ValueError(f"step must be an int in 0..{self.num_inference_steps}, got {step!r}")
-        return level(self.clean, self.eps, self.sigmas[int(step)], self.path)
+        return sampling.level(self.clean, self.eps, self.sigmas[int(step)], self.path)
 
 
 def _check_common(adapter: Adapter, images, prompt, num_inference_steps, resize, pipe_kwargs, method: str):
@@ -445,38 +254,6 @@ def _check_common(adapter: Adapter, images, prompt, num_inference_steps, resize,
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     return check_references(adapter, images, resize, pipe_kwargs.get("height"), pipe_kwargs.get("width"))
-
-
-def at_level(clean: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
-    """The rectified-flow path: (1 - sigma) * clean + sigma * noise (sigma a float or 0-d tensor)."""
-    if clean.shape != noise.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and noise {tuple(noise.shape)} differ in shape")
-    return (1 - sigma) * clean + sigma * noise
-
-
-def level(clean: torch.Tensor, eps: torch.Tensor, sigma, path: str = "flow") -> torch.Tensor:
-    """A point of a family's noising path with eps's coefficient sigma: "flow", `at_level`;
-    "ddpm", sqrt(1 - sigma^2) * clean + sigma * eps (sigma = sqrt(1 - abar_t): DDPM's q(x_t | x_0))."""
-    if path == "flow":
-        return at_level(clean, eps, sigma)
-    if path != "ddpm":
-        raise ValueError(f"unknown path {path!r}; allowed: 'flow', 'ddpm'")
-    if clean.shape != eps.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and eps {tuple(eps.shape)} differ in shape")
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    return (torch.sqrt(1 - sigma ** 2) * clean.double() + sigma * eps.double()).to(clean.dtype)
-
-
-def _levels(adapter: Adapter, timesteps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """(N + 1,) eps's coefficient at each step: flow, the scheduler's sigmas; ddpm, sqrt(1 - abar_{t_i})
-    at the timestep the transformer is given (the scheduler's `alphas_cumprod`), then 0."""
-    if adapter.family.path == "flow":
-        return sigmas.cpu()
-    abar = adapter.pipe.scheduler.alphas_cumprod.double().cpu()
-    t = timesteps.cpu()
-    if (t.is_floating_point() and not torch.equal(t, t.round())) or not ((t >= 0) & (t < len(abar))).all():
-        raise ValueError(f"noising {adapter.family.name} needs integer timesteps in 0..{len(abar) - 1}, got {t.tolist()}")
-    return torch.cat([torch.sqrt(1 - abar[t.long()]), torch.zeros(1, dtype=torch.float64)])
 
 
 def _invert_step(v, x: torch.Tensor, t, dt, iterations: int, relaxation: float, tolerance: float):
@@ -526,15 +303,15 @@ def invert(adapter: Adapter, images, prompt: str = "", num_inference_steps: int 
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    sampler, which = _sampler(adapter)
+    sampler, which = sampling.sampler(adapter)
     height, width = pipe_kwargs.get("height"), pipe_kwargs.get("width")
-    guidance = float(pipe_kwargs.get("guidance_scale", default_guidance_scale(sampler)))
-    timesteps, sigmas = schedule(sampler, num_inference_steps, height, width)
-    clean = encode(sampler, refs)
+    guidance = float(pipe_kwargs.get("guidance_scale", sampling.default_guidance_scale(sampler)))
+    timesteps, sigmas = sampling.schedule(sampler, num_inference_steps, height, width)
+    clean = sampling.encode(sampler, refs)
     noise, residuals, calls = [], np.full((num_inference_steps, len(refs)), np.nan), 0
     for start in range(0, len(refs), batch_size):
         x = clean[start:start + batch_size]
-        v = _velocity(sampler, prompt, len(x), guidance, height, width, pipe_kwargs.get("max_sequence_length"))
+        v = sampling.velocity(sampler, prompt, len(x), guidance, height, width, pipe_kwargs.get("max_sequence_length"))
         for i in reversed(range(num_inference_steps)):  # from sigma_N = 0 back to sigma_0 = 1
             dt = sigmas[i + 1] - sigmas[i]  # < 0, as in the scheduler's step
             x, r, n = _invert_step(v, x, timesteps[i], dt, fixed_point_iterations, float(relaxation), float(tolerance))
@@ -548,8 +325,8 @@ def invert(adapter: Adapter, images, prompt: str = "", num_inference_steps: int 
 def noise(adapter: Adapter, images, seeds: Sequence[int] | int = 0, prompt: str = "", num_inference_steps: int = 20,
           resize: bool = False, **pipe_kwargs) -> Trajectory:
     """Noising to each step's level -> Trajectory(method="noise"): eps ~ N(0, I) from each reference's
-    seed (a list, one per reference, or one int for all), step i at `level(clean, eps, sigmas[i], path)`
-    (`Trajectory.point(i)`): the flow path `at_level(clean, eps, sigma_i)`, or PixArt's DDPM
+    seed (a list, one per reference, or one int for all), step i at `sampling.level(clean, eps, sigmas[i], path)`
+    (`Trajectory.point(i)`): the flow path `sampling.at_level(clean, eps, sigma_i)`, or PixArt's DDPM
     q(x_t | x_0) at the timestep t_i of step i. Every family."""
     refs = _check_common(adapter, images, prompt, num_inference_steps, resize, pipe_kwargs, "noise")
     one = isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool)
@@ -557,90 +334,18 @@ def noise(adapter: Adapter, images, seeds: Sequence[int] | int = 0, prompt: str 
     if (not isinstance(seeds, list) or len(seeds) != len(refs)
             or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise ValueError(f"seeds must be one non-negative int per reference ({len(refs)}) or one int, got {seeds!r}")
-    sampler, which = _sampler(adapter)
-    timesteps, sigmas = schedule(sampler, num_inference_steps, pipe_kwargs.get("height"), pipe_kwargs.get("width"))
-    levels = _levels(sampler, timesteps, sigmas)
-    clean = encode(sampler, refs)
+    sampler, which = sampling.sampler(adapter)
+    timesteps, sigmas = sampling.schedule(sampler, num_inference_steps, pipe_kwargs.get("height"), pipe_kwargs.get("width"))
+    levels = sampling.levels(sampler, timesteps, sigmas)
+    clean = sampling.encode(sampler, refs)
     eps = torch.cat([torch.randn((1, *clean.shape[1:]), generator=torch.Generator("cpu").manual_seed(int(s)))
                      for s in seeds]).to(clean.device)
-    start = eps if sampler.family.path == "flow" else level(clean, eps, levels[0], "ddpm")  # flow: sigma_0 = 1
+    start = eps if sampler.family.path == "flow" else sampling.level(clean, eps, levels[0], "ddpm")  # flow: sigma_0 = 1
     return Trajectory(sampler, "noise", refs, clean, start, prompt, num_inference_steps, levels,
                       [int(s) for s in seeds], dict(pipe_kwargs), eps=eps, timesteps=timesteps.cpu(), sampler=which)
 
 
-class _Noising:
-    """A scheduler whose `step` ignores the model and returns the next point of the noising path
-    x_i = level(clean, eps, levels[i], path) (`levels` default: the scheduler's own sigmas, flow):
-    the pipeline then walks a noised trajectory (and the probe sees the transformer at every x_i).
-    Generations take the rows of `clean` / `noise` in order, one batch after another; each must
-    start at its rows' x_0 (checked)."""
-
-    def attach(self, clean: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor | None = None,
-               path: str = "flow") -> "_Noising":
-        self._clean, self._noise, self._levels, self._path, self._row, self._rows = clean, noise, levels, path, 0, None
-        return self
-
-    def _point(self, rows: slice, i: int) -> torch.Tensor:
-        levels = self.sigmas if self._levels is None else self._levels
-        if len(levels) != len(self.timesteps) + 1:
-            raise ValueError(f"NoisingScheduler: the trajectory has {len(levels) - 1} steps, the generation "
-                             f"{len(self.timesteps)}; pass the trajectory's num_inference_steps")
-        return level(self._clean[rows], self._noise[rows], levels[i], self._path)
-
-    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if self.step_index == 0 or self._rows is None:  # a new generation: its batch is the next rows
-            rows = slice(self._row, self._row + sample.shape[0])
-            start = self._point(rows, self.step_index).to(sample)
-            if start.shape != sample.shape or not torch.allclose(start, sample, atol=1e-5):
-                raise ValueError(f"NoisingScheduler: the generation does not start at the noised references "
-                                 f"{rows.start}..{rows.stop - 1} (batch {tuple(sample.shape)}); pass their noise as latents")
-            self._rows, self._row = rows, rows.stop
-        prev = self._point(self._rows, self.step_index + 1)
-        self._step_index += 1
-        prev = prev.to(device=sample.device, dtype=model_output.dtype)
-        if self.step_index >= len(self.timesteps):
-            self._rows = None
-        output = FlowMatchEulerDiscreteSchedulerOutput if isinstance(self, FlowMatchEulerDiscreteScheduler) else SchedulerOutput
-        return output(prev_sample=prev) if return_dict else (prev,)
-
-
-class NoisingScheduler(_Noising, FlowMatchEulerDiscreteScheduler):
-    """The flow-matching Euler scheduler walking a noising path (`_Noising`)."""
-
-
-@functools.cache
-def _noising_class(cls: type) -> type:
-    """NoisingScheduler for FlowMatchEulerDiscreteScheduler, else the same walk on `cls` (PixArt's DPM-Solver)."""
-    return NoisingScheduler if cls is FlowMatchEulerDiscreteScheduler else type(f"Noising{cls.__name__}", (_Noising, cls), {})
-
-
-@contextlib.contextmanager
-def noising_scheduler(adapter: Adapter, clean: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor | None = None):
-    """Inside: the pipeline's scheduler walks the noising path of clean / noise (same config); restored after.
-
-    Flow (default): points at_level(clean, noise, sigma_i) on the scheduler's own sigmas, which must be
-    a FlowMatchEulerDiscreteScheduler's. `levels` (a Trajectory's `sigmas`, N + 1): eps's coefficient
-    per step on the family's path -- PixArt's DDPM path needs them, and noise is then eps."""
-    pipe = adapter.pipe
-    original = pipe.scheduler
-    path = adapter.family.path
-    if path == "flow" and not isinstance(original, FlowMatchEulerDiscreteScheduler):
-        raise ValueError(f"noising needs a FlowMatchEulerDiscreteScheduler, the pipeline has {type(original).__name__}")
-    if path == "ddpm":
-        _copy_scheduler(adapter)  # refuses a scheduler without alphas_cumprod / step index
-        if levels is None:
-            raise ValueError(f"noising {adapter.family.name} (DDPM) needs levels: the trajectory's sigmas")
-    pipe.scheduler = _noising_class(type(original)).from_config(original.config).attach(clean, noise, levels, path)
-    try:
-        yield pipe.scheduler
-    finally:
-        pipe.scheduler = original
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Reconstruction and recording
+# 3. Reconstruction and recording
 # ---------------------------------------------------------------------------------------------
 
 
@@ -663,7 +368,7 @@ def path_residuals(traj: Trajectory, batch_size: int = 16) -> np.ndarray:
     """(N, B): how far the model's own Euler step from each point of the trajectory lands from the
     next point, relative to it: |x_i + (sigma_{i+1} - sigma_i) v(x_i, t_i) - x_{i+1}| / |x_{i+1}|.
     Inversion: its solve's residuals (`Trajectory.residuals`, NaN for the plain inversion); noising:
-    computed here at x_i = at_level(clean, eps, sigma_i), with the trajectory's prompt -- a path the
+    computed here at x_i = sampling.at_level(clean, eps, sigma_i), with the trajectory's prompt -- a path the
     model would follow has residuals near 0. Flow families only (PixArt's sampler is not an Euler
     step on a velocity: refused)."""
     if traj.method == "invert":
@@ -673,16 +378,16 @@ def path_residuals(traj: Trajectory, batch_size: int = 16) -> np.ndarray:
                          f"noise; allowed families: {list(FAMILIES)}")
     adapter, N = traj.adapter, traj.num_inference_steps
     kwargs = traj.pipe_kwargs
-    timesteps, sigmas = schedule(adapter, N, kwargs.get("height"), kwargs.get("width"))
-    guidance = float(kwargs.get("guidance_scale", default_guidance_scale(adapter)))
+    timesteps, sigmas = sampling.schedule(adapter, N, kwargs.get("height"), kwargs.get("width"))
+    guidance = float(kwargs.get("guidance_scale", sampling.default_guidance_scale(adapter)))
     out = np.zeros((N, len(traj)))
     for start in range(0, len(traj), batch_size):
         clean = traj.clean[start:start + batch_size]
         eps = (traj.noise if traj.eps is None else traj.eps)[start:start + batch_size]
-        v = _velocity(adapter, traj.prompt, len(clean), guidance, kwargs.get("height"), kwargs.get("width"),
+        v = sampling.velocity(adapter, traj.prompt, len(clean), guidance, kwargs.get("height"), kwargs.get("width"),
                       kwargs.get("max_sequence_length"))
         for i in range(N):
-            x, x_next = at_level(clean, eps, sigmas[i]), at_level(clean, eps, sigmas[i + 1])
+            x, x_next = sampling.at_level(clean, eps, sigmas[i]), sampling.at_level(clean, eps, sigmas[i + 1])
             miss = x + (sigmas[i + 1] - sigmas[i]) * v(x, timesteps[i]) - x_next
             out[i, start:start + len(clean)] = (miss.reshape(len(clean), -1).norm(dim=1)
                                                 / x_next.reshape(len(clean), -1).norm(dim=1).clamp_min(1e-12)).cpu().numpy()
@@ -708,7 +413,7 @@ def record(traj: Trajectory, taps: Sequence[str] | None = None, steps: Sequence[
     """Record the references' channels along their trajectory (`transport.record` with `latents`).
 
     Inversion: the pipeline regenerates from the inverted noise with the trajectory's prompt (the
-    record's images are the reconstructions). Noising: the same call under `noising_scheduler`
+    record's images are the reconstructions). Noising: the same call under `sampling.noising_scheduler`
     (the record's images are the references, through the VAE). The record's adapter is the
     trajectory's (SANA on its DPM-Solver: the Euler twin), so `transport.transport` generates the
     targets with the same scheduler. captions: what each reference shows,
@@ -728,7 +433,7 @@ def record(traj: Trajectory, taps: Sequence[str] | None = None, steps: Sequence[
     if traj.method == "invert":
         rec = transport.record(traj.adapter, prompts, [0], **args)
     else:
-        with noising_scheduler(traj.adapter, traj.clean, traj.noise if traj.eps is None else traj.eps, traj.sigmas):
+        with sampling.noising_scheduler(traj.adapter, traj.clean, traj.noise if traj.eps is None else traj.eps, traj.sigmas):
             rec = transport.record(traj.adapter, prompts, [0], **args)
     labels = list(captions) if captions is not None else prompts
     rec.units = [(label, seed) for label, seed in zip(labels, traj.seeds)]

@@ -328,14 +328,7 @@ def load(
     (torchao, bitsandbytes) need no option here: pass `quantization_config=` (a
     `PipelineQuantizationConfig`) or a quantized `transformer=`, which go to `from_pretrained`.
     """
-    if not isinstance(name_or_path, (str, Path)):
-        raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32, torch.bfloat16), got {dtype!r}")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device; allowed: 'cpu', 'cuda', 'cuda:N', 'mps'") from None
+    _check_load_arguments(name_or_path, device, dtype)
     if str(name_or_path) == "organism":
         if gguf is not None:
             raise ValueError("gguf= is for a real model's transformer; the organism has no quantized weights")
@@ -358,46 +351,70 @@ def load(
         raise ModelNotFoundError(f"model directory {str(name_or_path)!r} does not exist ({local.expanduser().resolve()}); "
                                  f"pass {_WHAT_TO_PASS}")
     if local.is_dir() and not (local / "model_index.json").is_file():
-        config_file = local / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{local} holds neither a pipeline (model_index.json) nor a model (config.json)")
-        class_name = json.loads(config_file.read_text()).get("_class_name")
-        family = next((f for f in FAMILIES.values() if f.transformer_class == class_name), None)
-        if family is None:
-            raise _unsupported(f"{local} (transformer class {class_name})")
-        if cpu_offload:
-            raise ValueError(f"cpu_offload=True offloads a pipeline's components in turn; {str(local)!r} holds a transformer only")
-        import diffusers  # deferred: diffusers takes ~6 s to import; every module imports this one, which needs only torch
+        return None, _load_transformer_directory(local, device, dtype, cpu_offload, gguf, from_pretrained_kwargs)
 
-        if gguf is not None:
-            transformer = _gguf_transformer(gguf, class_name, str(local), None, dtype)
-        else:
-            transformer = getattr(diffusers, class_name).from_pretrained(local, torch_dtype=dtype, **from_pretrained_kwargs)
-        transformer = transformer.to(device).eval()
-        return None, Adapter(family, transformer)
-
-    from diffusers import DiffusionPipeline  # deferred: diffusers' pipelines take ~15 s to import; only a load needs them
-
-    try:
-        if gguf is not None:
-            class_name = DiffusionPipeline.load_config(str(name_or_path)).get("transformer", [None, None])[1]
-            from_pretrained_kwargs["transformer"] = _gguf_transformer(gguf, class_name, str(name_or_path), "transformer", dtype)
-        pipe = DiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype, **from_pretrained_kwargs)
-    except OSError as e:  # diffusers' "Cannot load model ...": no such directory, repository, cache entry or network
-        if local.is_dir():
-            raise ModelNotFoundError(f"cannot load the pipeline in directory {str(local)!r}: {_reason(e)}") from e
-        raise _not_loadable(str(name_or_path), e) from e
-    except ValueError as e:  # huggingface_hub's HFValidationError: not even a well-formed hub id
-        if local.exists() or "repo id" not in str(e).lower() and "repo_id" not in str(e):
-            raise
-        raise ModelNotFoundError(f"model {str(name_or_path)!r} is not 'organism', not a local directory and not a valid "
-                                 f"hub id (namespace/name): {_reason(e)}; pass {_WHAT_TO_PASS}") from e
+    pipe = _load_pipeline(str(name_or_path), local, dtype, gguf, from_pretrained_kwargs)
     adapter = adapter_for(pipe)  # fail on an unsupported family before moving weights around
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     return pipe, adapter
+
+
+def _check_load_arguments(name_or_path, device, dtype) -> None:
+    """`load`'s one-line errors for a name, dtype or device of the wrong kind."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32, torch.bfloat16), got {dtype!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; allowed: 'cpu', 'cuda', 'cuda:N', 'mps'") from None
+
+
+def _load_transformer_directory(local: Path, device, dtype: torch.dtype, cpu_offload: bool, gguf,
+                                from_pretrained_kwargs: dict) -> Adapter:
+    """A directory holding only a transformer (config.json, no model_index.json) -> its Adapter (no pipeline)."""
+    config_file = local / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{local} holds neither a pipeline (model_index.json) nor a model (config.json)")
+    class_name = json.loads(config_file.read_text()).get("_class_name")
+    family = next((f for f in FAMILIES.values() if f.transformer_class == class_name), None)
+    if family is None:
+        raise _unsupported(f"{local} (transformer class {class_name})")
+    if cpu_offload:
+        raise ValueError(f"cpu_offload=True offloads a pipeline's components in turn; {str(local)!r} holds a transformer only")
+    import diffusers  # deferred: diffusers takes ~6 s to import; every module imports this one, which needs only torch
+
+    if gguf is not None:
+        transformer = _gguf_transformer(gguf, class_name, str(local), None, dtype)
+    else:
+        transformer = getattr(diffusers, class_name).from_pretrained(local, torch_dtype=dtype, **from_pretrained_kwargs)
+    transformer = transformer.to(device).eval()
+    return Adapter(family, transformer)
+
+
+def _load_pipeline(name: str, local: Path, dtype: torch.dtype, gguf, from_pretrained_kwargs: dict):
+    """`DiffusionPipeline.from_pretrained(name)` (the transformer from `gguf` if given), with a one-line
+    `ModelNotFoundError` for a name that is no directory, no reachable repository and no hub id."""
+    from diffusers import DiffusionPipeline  # deferred: diffusers' pipelines take ~15 s to import; only a load needs them
+
+    try:
+        if gguf is not None:
+            class_name = DiffusionPipeline.load_config(name).get("transformer", [None, None])[1]
+            from_pretrained_kwargs["transformer"] = _gguf_transformer(gguf, class_name, name, "transformer", dtype)
+        return DiffusionPipeline.from_pretrained(name, torch_dtype=dtype, **from_pretrained_kwargs)
+    except OSError as e:  # diffusers' "Cannot load model ...": no such directory, repository, cache entry or network
+        if local.is_dir():
+            raise ModelNotFoundError(f"cannot load the pipeline in directory {str(local)!r}: {_reason(e)}") from e
+        raise _not_loadable(name, e) from e
+    except ValueError as e:  # huggingface_hub's HFValidationError: not even a well-formed hub id
+        if local.exists() or "repo id" not in str(e).lower() and "repo_id" not in str(e):
+            raise
+        raise ModelNotFoundError(f"model {name!r} is not 'organism', not a local directory and not a valid "
+                                 f"hub id (namespace/name): {_reason(e)}; pass {_WHAT_TO_PASS}") from e
 
 
 def _check_gguf(gguf) -> None:

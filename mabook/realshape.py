@@ -216,7 +216,7 @@ def _mode(mode: str, adapter):
     return hooks
 
 
-def _memory(device: str, start: int | None = None) -> int | None:
+def memory_mark(device: str, start: int | None = None) -> int | None:
     """Before a call (start None): reset the peak and return the baseline; after it: the peak added
     in bytes. None where the OS gives no resettable peak (CPU without Linux's /proc/self/clear_refs)."""
     import torch
@@ -266,13 +266,13 @@ def measure(key: str, resolution: int, device: str = "cpu", dtype=None, repeats:
     times, cpu, peaks, last = {m: [] for m in MODES}, {m: [] for m in MODES}, {m: None for m in MODES}, {}
     for r in range(warmup + repeats):
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
-            start, clock, cpu_clock = _memory(device), time.perf_counter(), time.process_time()
+            start, clock, cpu_clock = memory_mark(device), time.perf_counter(), time.process_time()
             with torch.no_grad(), _mode(mode, adapter) as ctx:
                 out = transformer(**kwargs, return_dict=False)[0]
             if device != "cpu":
                 torch.cuda.synchronize()
             seconds, cpu_seconds = time.perf_counter() - clock, time.process_time() - cpu_clock
-            added = None if start is None else _memory(device, start)
+            added = None if start is None else memory_mark(device, start)
             if r >= warmup:
                 times[mode].append(seconds)
                 cpu[mode].append(cpu_seconds)

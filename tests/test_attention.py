@@ -18,7 +18,7 @@ import torch
 from test_models import built, tiny_sd3
 
 import mabook
-from mabook import attention, sinks, softmax, world
+from mabook import attention, sink_links, sinks, softmax, world
 from mabook.attention import KeyIntervention
 
 torch.set_num_threads(1)
@@ -424,10 +424,10 @@ def test_sink_activation_link_matches_numpy(organism, small_base):
 
     pipe, adapter = organism
     layer, step = "single_transformer_blocks.1.attn", 1
-    assert str(sinks.feeding_tap(adapter, layer)) == "single_transformer_blocks.0.img"
+    assert str(sink_links.feeding_tap(adapter, layer)) == "single_transformer_blocks.0.img"
     with pytest.raises(ValueError, match="first block"):
-        sinks.feeding_tap(adapter, "transformer_blocks.0.attn")
-    link = sinks.sink_activation_link(small_base, layer, step=step)[layer]
+        sink_links.feeding_tap(adapter, "transformer_blocks.0.attn")
+    link = sink_links.sink_activation_link(small_base, layer, step=step)[layer]
     tap = "single_transformer_blocks.0.img"
     channel = int(np.argmax(small_base.stats.get("abs_mean", tap).numpy()))
     assert link.channels == [channel] and link.tap == tap
@@ -447,7 +447,7 @@ def test_sink_activation_link_matches_numpy(organism, small_base):
     s = link.summary()
     assert s["pearson"] == pytest.approx(np.nanmean(link.pearson)) and s["pearson_ci"][0] <= s["pearson"] <= s["pearson_ci"][1]
     assert s["n_units"] == len(small_base.units) and s["chance"] == 1 / 64
-    assert set(sinks.sink_activation_link(small_base, step=0)) == set(attention.layers(adapter)[1:])
+    assert set(sink_links.sink_activation_link(small_base, step=0)) == set(attention.layers(adapter)[1:])
 
 
 def test_sink_shift_identity_edit_keeps_every_sink(organism, small_base):
@@ -455,7 +455,7 @@ def test_sink_shift_identity_edit_keeps_every_sink(organism, small_base):
     tap = "transformer_blocks.1.img"
     edits = {"identity": [mabook.probe.Edit(tap, [0], "scale", value=1.0)],
              "zero-all": [mabook.probe.Edit(tap, list(range(adapter.width)), "zero")]}
-    rows = sinks.sink_shift(small_base, edits, layers=["transformer_blocks.2.attn", "single_transformer_blocks.3.attn"])
+    rows = sink_links.sink_shift(small_base, edits, layers=["transformer_blocks.2.attn", "single_transformer_blocks.3.attn"])
     assert len(rows) == 2 * 2 * len(small_base.units)
     ident = [r for r in rows if r["edit"] == "identity"]
     assert all(r["top1_same"] == 1 and r["kind_same"] == 1 for r in ident)
@@ -481,7 +481,7 @@ def test_sink_shift_identity_edit_keeps_every_sink(organism, small_base):
     assert row["old_sink_mass"] == pytest.approx(np.take_along_axis(wiped_mass, top_plain[..., None], -1).mean(), rel=1e-6)
     assert row["edited_sink_mass"] == pytest.approx(wiped_mass.max(-1).mean(), rel=1e-6)
     with pytest.raises(ValueError, match="non-empty"):
-        sinks.sink_shift(small_base, {})
+        sink_links.sink_shift(small_base, {})
 
 
 # -- (g) post-intervention probabilities and outputs against an independent float64 computation ------------------

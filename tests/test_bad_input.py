@@ -32,6 +32,7 @@ from mabook import (
     models,
     organism,
     probe,
+    sink_links,
     sinks,
     spatial,
     stats,
@@ -252,7 +253,7 @@ FUNCTION_ROWS = [
     row("capture-intervene-inside", lambda c: _nested(c), ValueError, "outside attention.capture()"),
     row("attention-run-empty", lambda c: sinks.run(c.base, []), ValueError, "non-empty list of KeyIntervention"),
     row("attention-run-not-interventions", lambda c: sinks.run(c.base, [1]), TypeError, "KeyIntervention objects"),
-    row("sink-link-step-out-of-range", lambda c: sinks.sink_activation_link(c.base, step=STEPS), ValueError, "step must be an int in"),
+    row("sink-link-step-out-of-range", lambda c: sink_links.sink_activation_link(c.base, step=STEPS), ValueError, "step must be an int in"),
     # -- transport ------------------------------------------------------------------------------------------
     row("record-empty-prompts", lambda c: transport.record(c.adapter, []), ValueError, "non-empty list of str"),
     row("record-step-outside", lambda c: transport.record(c.adapter, [CAPTION], steps=[5], num_inference_steps=2), ValueError,

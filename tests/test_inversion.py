@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 import mabook
-from mabook import image_transport, inversion, probe, text_transport, transport, world
+from mabook import image_transport, inversion, probe, sampling, text_transport, transport, world
 
 torch.set_num_threads(1)
 CAPTIONS = ["a large cyan square at the right on a white background",
@@ -113,7 +113,7 @@ def test_the_organism_takes_its_own_size_only(adapter):
 
 
 def test_schedule_is_the_one_the_pipeline_sets(adapter):
-    timesteps, sigmas = inversion.schedule(adapter, STEPS)
+    timesteps, sigmas = sampling.schedule(adapter, STEPS)
     pipe = adapter.pipe
     pipe("a", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
     assert torch.equal(timesteps, pipe.scheduler.timesteps) and torch.equal(sigmas, pipe.scheduler.sigmas)
@@ -128,7 +128,7 @@ def test_noising_is_the_rectified_flow_path(adapter, references):
     eps = torch.randn((1, 64, 48), generator=torch.Generator().manual_seed(5)).numpy()[0]
     np.testing.assert_array_equal(traj.noise[1].numpy(), eps)
     for sigma in (0.0, 0.3, 1.0):
-        np.testing.assert_allclose(inversion.at_level(traj.clean, traj.noise, sigma).numpy(),
+        np.testing.assert_allclose(sampling.at_level(traj.clean, traj.noise, sigma).numpy(),
                                    (1 - sigma) * clean + sigma * traj.noise.numpy(), atol=1e-6)
 
 
@@ -137,12 +137,12 @@ def test_noising_scheduler_walks_the_path_and_ends_on_the_reference(adapter, ref
     sigmas = traj.sigmas.numpy().astype(np.float64)
 
     def run():
-        with inversion.noising_scheduler(adapter, traj.clean, traj.noise):
+        with sampling.noising_scheduler(adapter, traj.clean, traj.noise):
             return adapter.pipe(["", ""], num_inference_steps=4, latents=traj.noise, output_type="np").images
 
     seen, images = transformer_inputs(adapter, run)
     assert isinstance(adapter.pipe.scheduler, FlowMatchEulerDiscreteScheduler)
-    assert not isinstance(adapter.pipe.scheduler, inversion.NoisingScheduler)  # restored
+    assert not isinstance(adapter.pipe.scheduler, sampling.NoisingScheduler)  # restored
     clean, eps = traj.clean.numpy(), traj.noise.numpy()
     for i, x in enumerate(seen):  # each call is [uncond; cond] of the same x_i
         expected = (1 - sigmas[i]) * clean + sigmas[i] * eps
@@ -232,15 +232,15 @@ def test_noised_record_holds_the_reference_and_its_channels(adapter, references)
     np.testing.assert_allclose(rec.images, references[:1] / 255, atol=1e-5)
     assert rec.units == [("", 3)] and set(rec.channels) == {tap}
     # step 1 of the record is the transformer at x_1 = (1 - sigma_1) x_N + sigma_1 eps: call it there directly
-    timesteps, _ = inversion.schedule(adapter, 3)
-    x1 = inversion.at_level(traj.clean, traj.noise, traj.sigmas[1])
+    timesteps, _ = sampling.schedule(adapter, 3)
+    x1 = sampling.at_level(traj.clean, traj.noise, traj.sigmas[1])
     seen = {}
 
     def keep(t, step, hidden_states):
         seen[step] = hidden_states[..., [66, 5]].clone()
 
     with probe.hooks(adapter, keep, taps=[tap], cfg="both"):
-        inversion._velocity(adapter, "", 1, 4.0)(x1, timesteps[1])
+        sampling.velocity(adapter, "", 1, 4.0)(x1, timesteps[1])
     torch.testing.assert_close(rec.dense(tap, 1, "cond", 0, 1), seen[0], rtol=1e-4, atol=1e-5)
 
 
@@ -308,7 +308,7 @@ def test_empty_mask_and_alpha_outside_0_1_are_clear_errors(adapter, inverted):
 def test_no_hook_survives_an_exception_and_the_scheduler_is_restored(adapter, references):
     traj = inversion.noise(adapter, references[:2], seeds=[1, 2], num_inference_steps=2)
     with pytest.raises(ValueError, match="does not start at the noised references 0..1"):
-        with inversion.noising_scheduler(adapter, traj.clean, traj.noise):  # latents not where the path starts
+        with sampling.noising_scheduler(adapter, traj.clean, traj.noise):  # latents not where the path starts
             transport.record(adapter, ["", ""], channels=[66], num_inference_steps=2, latents=traj.noise.flip(0))
     assert type(adapter.pipe.scheduler) is FlowMatchEulerDiscreteScheduler
     assert_no_hooks(adapter)
@@ -363,7 +363,7 @@ def flux(tmp_path_factory):
 def test_flux_reference_goes_through_the_vae_and_2x2_packing(flux):
     rng = np.random.default_rng(0)
     images = rng.random((2, 16, 16, 3)).astype(np.float32)
-    latents = inversion.encode(flux, images)
+    latents = sampling.encode(flux, images)
     vae = flux.pipe.vae
     with torch.no_grad():
         z = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode().numpy()
@@ -380,11 +380,11 @@ def test_flux_reference_goes_through_the_vae_and_2x2_packing(flux):
 
 def test_flux_schedule_and_velocity_are_the_pipelines(flux):
     pipe = flux.pipe
-    timesteps, sigmas = inversion.schedule(flux, 3, 16, 16)
+    timesteps, sigmas = sampling.schedule(flux, 3, 16, 16)
     z = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
     stepped = pipe("a red circle", num_inference_steps=3, latents=z, output_type="latent", **FLUX_CALL).images
     assert torch.equal(sigmas, pipe.scheduler.sigmas) and sigmas[1] != 2 / 3  # the resolution shift is applied
-    v = inversion._velocity(flux, "a red circle", 1, inversion.default_guidance_scale(flux), 16, 16, 8)
+    v = sampling.velocity(flux, "a red circle", 1, sampling.default_guidance_scale(flux), 16, 16, 8)
     x = z
     for i in range(3):  # the pipeline's Euler loop, rebuilt from the inversion's velocity
         x = x + (sigmas[i + 1] - sigmas[i]) * v(x, timesteps[i])
@@ -461,15 +461,15 @@ def test_sd3_encode_schedule_and_velocity_are_the_pipelines(tmp_path):
     adapter = mabook.adapter_for(pipe)
     call = dict(height=8, width=8, max_sequence_length=8)
     images = np.random.default_rng(2).random((1, 8, 8, 3)).astype(np.float32)
-    latents = inversion.encode(adapter, images)
+    latents = sampling.encode(adapter, images)
     with torch.no_grad():
         z = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode()
     torch.testing.assert_close(latents, (z - 0.2) * 1.5)  # unpacked: (1, 4, 8, 8)
-    timesteps, sigmas = inversion.schedule(adapter, 3, 8, 8)
+    timesteps, sigmas = sampling.schedule(adapter, 3, 8, 8)
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     out = pipe("a red circle", num_inference_steps=3, latents=x0, output_type="latent", **call).images
     assert torch.equal(sigmas, pipe.scheduler.sigmas)
-    v = inversion._velocity(adapter, "a red circle", 1, inversion.default_guidance_scale(adapter), 8, 8, 8)
+    v = sampling.velocity(adapter, "a red circle", 1, sampling.default_guidance_scale(adapter), 8, 8, 8)
     x = x0
     for i in range(3):  # classifier-free guidance batch included, as the pipeline makes it
         x = x + (sigmas[i + 1] - sigmas[i]) * v(x, timesteps[i])
@@ -536,8 +536,8 @@ def test_sana_velocity_is_the_pipelines_euler_step(tiny, name):
     """The pipeline's loop (guidance 4.5 and the complex human instruction, SANA's defaults: a
     guidance batch even for "") rebuilt from the inversion's velocity, on the trajectory's scheduler."""
     adapter = tiny[name]
-    sampler, which = inversion._sampler(adapter)
-    timesteps, sigmas = inversion.schedule(adapter, 3, 32, 32)
+    sampler, which = sampling.sampler(adapter)
+    timesteps, sigmas = sampling.schedule(adapter, 3, 32, 32)
     if name == "sana-dpm":  # Euler on SANA's flow: FlowMatchEulerDiscreteScheduler(shift=3), sigma_0 = 1
         assert sampler is not adapter and sampler.transformer is adapter.transformer and sampler.pipe.vae is adapter.pipe.vae
         assert which == "FlowMatchEulerDiscreteScheduler(shift=3) in place of the pipeline's DPMSolverMultistepScheduler"
@@ -548,7 +548,7 @@ def test_sana_velocity_is_the_pipelines_euler_step(tiny, name):
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     for prompt in ("", "a red circle"):
         out = sampler.pipe(prompt, num_inference_steps=3, latents=z, output_type="latent", **SANA_CALL).images
-        v = inversion._velocity(sampler, prompt, 1, inversion.default_guidance_scale(sampler), 32, 32, 8)
+        v = sampling.velocity(sampler, prompt, 1, sampling.default_guidance_scale(sampler), 32, 32, 8)
         x = z
         for i in range(3):
             x = x + (sigmas[i + 1] - sigmas[i]) * v(x, timesteps[i])
@@ -617,7 +617,7 @@ def test_noising_puts_step_i_at_the_schedulers_level_of_its_timestep(tiny, name)
         assert torch.equal(traj.noise, traj.eps)
     np.testing.assert_allclose(rec.images, decoded(adapter, traj.clean), atol=1e-5)
     assert_no_hooks(adapter)
-    assert not isinstance(traj.adapter.pipe.scheduler, inversion._Noising)  # restored
+    assert not isinstance(traj.adapter.pipe.scheduler, sampling.Noising)  # restored
 
 
 @pytest.mark.parametrize("name, method", [("sana-dpm", "invert"), ("sana-dpm", "noise"), ("pixart", "noise")])
@@ -668,4 +668,4 @@ def test_sana_and_pixart_bad_values_are_refused_in_one_line(tiny, flux):
         inversion.invert(tiny["pixart"], np.zeros((1, 8, 8, 3), np.float32))
     assert inversion.default_method(tiny["sana-dpm"]) == "invert"
     with pytest.raises(ValueError, match=r"unknown path 'sideways'; allowed: 'flow', 'ddpm'"):
-        inversion.level(noised.clean, noised.eps, 0.5, "sideways")
+        sampling.level(noised.clean, noised.eps, 0.5, "sideways")

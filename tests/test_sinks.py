@@ -328,13 +328,14 @@ def test_bad_input_on_captures(organism, captured):
 def test_cli_refuses_the_mass_matched_control_at_an_intermediate_eta():
     from mabook.experiments import sinks as verb
 
-    with pytest.raises(ValueError, match=r"^--controls random-mass needs --eta 0 or 1 under --dose redistribute, got --eta 0.5; "
-                                         "allowed: --dose renormalise"):
+    with pytest.raises(ValueError, match=r"^--controls random-mass \(a default\) needs --eta 0 or 1 under --dose redistribute, "
+                                         r"got --eta 0.5; allowed: --dose renormalise"):
         verb.Config(controls=["random", "random-mass"], eta=0.5)
     cfg = verb.Config(controls=["random-mass"], k=[1], n_random=2)
     assert [iv.name for iv in cfg.conditions(None)] == ["sink-1 score eta=0", "random-mass-1#0 score eta=0",
                                                         "random-mass-1#1 score eta=0"]
-    assert [iv.keys for iv in verb.Config(k=[1], n_random=1).conditions(None)] == ["sink", "bottom", "random"]  # default: as before
+    # the default: the count-matched and the mass-matched controls
+    assert [iv.keys for iv in verb.Config(k=[1], n_random=1).conditions(None)] == ["sink", "bottom", "random", "random-mass"]
 
 
 # -- the scorecard prefers the mass-matched ratio when the big run has it ----------------------------------------
