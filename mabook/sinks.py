@@ -19,6 +19,7 @@ sinks and each control took away.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -268,6 +269,60 @@ class MassMatched(KeyIntervention):
         return f"{self.keys}-{self.k}#{self.seed} {op_label(self)}"
 
 
+VALUE_PATHS = tuple(p for p in attention.PATHS if p != "score")
+
+
+@dataclass(frozen=True)
+class Combined:
+    """The paper's combined intervention: the score path and a value path on the same keys, in one
+    attention (`attention.intervene` nests them: each part chooses its keys from the unedited mass,
+    so the same selection, k and seed choose the same keys; the value rows are replaced and the
+    probabilities scaled in one pass). score: a score-path `KeyIntervention` (or `MassMatched`);
+    value: one on "value_zero" or "value_mean" with the same keys, k, seed, layers and steps.
+    `run` records what the score part's keys held; the table's op reads e.g.
+    "score eta=0 + value_zero"."""
+
+    score: KeyIntervention
+    value: KeyIntervention
+
+    def __post_init__(self):
+        for part, paths in (("score", ("score",)), ("value", VALUE_PATHS)):
+            iv = getattr(self, part)
+            if not isinstance(iv, KeyIntervention) or iv.path not in paths:
+                raise ValueError(f"Combined.{part} must be a KeyIntervention on path {' or '.join(paths)}, got {iv!r:.120}")
+        for name in ("keys", "k", "seed", "layers", "steps"):
+            a, b = getattr(self.score, name), getattr(self.value, name)
+            if a != b:
+                raise ValueError(f"Combined parts must hit the same keys: {name} is {a!r} on the score path and {b!r} "
+                                 "on the value path")
+
+    keys = property(lambda self: self.score.keys)
+    k = property(lambda self: self.score.k)
+    seed = property(lambda self: self.score.seed)
+    layers = property(lambda self: self.score.layers)
+    steps = property(lambda self: self.score.steps)
+
+    @property
+    def parts(self) -> tuple[KeyIntervention, KeyIntervention]:
+        return self.score, self.value
+
+    @property
+    def name(self) -> str:
+        return f"{self.score.name} + {self.value.path}"
+
+
+def combined(keys: str = "sink", k: int = 1, value_path: str = "value_zero", eta: float = 0.0, layers=None, steps=None,
+             seed: int = 0) -> Combined:
+    """`Combined` of `intervention(keys, k, "score", eta, ...)` and `intervention(keys, k, value_path, ...)`."""
+    return Combined(intervention(keys, k, "score", eta, layers, steps, seed), intervention(keys, k, value_path, 0.0, layers,
+                                                                                          steps, seed))
+
+
+def op_of(iv: KeyIntervention | Combined) -> str:
+    """The table's "op": `attention.op_label`, or for a `Combined` both parts', "score eta=0 + value_zero"."""
+    return f"{op_label(iv.score)} + {iv.value.path}" if isinstance(iv, Combined) else op_label(iv)
+
+
 def intervention(keys: str = "sink", k: int = 1, path: str = "score", eta: float = 0.0, layers=None, steps=None,
                  seed: int = 0, dose: str = "redistribute") -> KeyIntervention:
     """A `KeyIntervention` for keys in `attention.SELECTIONS`, a `MassMatched` for "random-mass"."""
@@ -472,7 +527,7 @@ class Recorded(attention.Intervention):
         return [{name: float(v[i] / rows[i]) for name, v in acc.items()} if rows[i] else {} for i in range(self._n)]
 
 
-def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, keep_images: int = 4,
+def run(base, interventions: Sequence[KeyIntervention | Combined], batch_size: int = 16, keep_images: int = 4,
         progress: bool | None = None):
     """Regenerate every unit of `base` (a `disruption.Baseline`) under each intervention.
 
@@ -481,19 +536,20 @@ def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, ke
     captions; LPIPS to the baseline and CLIP-T to the prompt if the baseline has their networks --
     the paper's measures on real models: `disruption.baseline(..., lpips_net=..., clip_model=...)`)
     and condition = the intervention's name, kind = "sink" / "random" / "bottom" / "random-mass", k,
-    op = `op_label`, window = `window_label`: `disruption.summary` and `paired_ratios` below read it
+    op = `op_of`, window = `window_label`: `disruption.summary` and `paired_ratios` below read it
     as they read chapter 2's (`paired_ratios(table, "lpips")`: the paper's sink / random LPIPS
     ratio); seed_keys is the random draw's seed; mass_removed, sink_mass, keys_used (and
     within_tolerance for "random-mass") what the intervention's keys held in that unit's generation
     (`Recorded`; `mass_removed(table)` summarises them).
-    Baseline rows are included. progress: a bar over the interventions and the time estimate
+    A `Combined` runs its score and value parts in one attention. Baseline rows are included.
+    progress: a bar over the interventions and the time estimate
     (`mabook.progress`)."""
 
     if not interventions:
         raise ValueError("interventions must be a non-empty list of KeyIntervention")
     for iv in interventions:
-        if not isinstance(iv, KeyIntervention):
-            raise TypeError(f"interventions must be KeyIntervention objects, got {type(iv).__name__}")
+        if not isinstance(iv, (KeyIntervention, Combined)):
+            raise TypeError(f"interventions must be KeyIntervention or Combined objects, got {type(iv).__name__}")
     labels = [f"{iv.name} | {window_label(iv)}" for iv in interventions]
     if len(set(labels)) != len(labels):
         raise ValueError("interventions must be distinct (keys, k, seed, path, eta, window); got duplicates")
@@ -508,7 +564,9 @@ def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, ke
     with progress_.estimate(what, len(interventions) * len(base.units), base.num_inference_steps, progress):
         for iv, label in progress_.bar(list(zip(interventions, labels)), "interventions", progress=progress):
             images, held = [], []
-            with Recorded(base.adapter, iv) as rec:
+            with contextlib.ExitStack() as stack:
+                # a Combined's score part records (and chooses as it would alone); its value part nests inside it
+                rec, *_ = [stack.enter_context(Recorded(base.adapter, part)) for part in getattr(iv, "parts", (iv,))]
                 for start in range(0, len(base.units), batch_size):  # one pipeline call per batch: its samples are its units
                     chunk = base.units[start:start + batch_size]
                     rec.begin(len(chunk))
@@ -516,7 +574,7 @@ def run(base, interventions: Sequence[KeyIntervention], batch_size: int = 16, ke
                     held += rec.finish()
             images = np.concatenate(images)
             for m, h in zip(disruption.unit_metrics(base, images), held):
-                table.append({**m, "condition": iv.name, "kind": iv.keys, "k": iv.k, "op": op_label(iv),
+                table.append({**m, "condition": iv.name, "kind": iv.keys, "k": iv.k, "op": op_of(iv),
                               "window": window_label(iv), "seed_keys": iv.seed, **h})
             kept[label] = images[:keep_images]
     return disruption.Result(table, kept, list(interventions))

@@ -198,6 +198,34 @@ def test_run_records_the_mass_a_nested_capture_sees(organism, small_run):
             assert abs(row["mass_removed"] / row["sink_mass"] - 1) < 2 * sinks.MASS_TOLERANCE
 
 
+def test_combined_is_the_score_and_the_value_path_nested_in_one_attention(organism, small_run):
+    """The paper's combination: its images are those of the two interventions nested by hand (each
+    part choosing from the unedited mass); the table's op names both parts and the mass recorded is
+    the score part's (at eta = 0 exactly the score path's). At eta = 0 the sinks get no
+    probability, so replacing their values changes nothing: the combination is the score path alone,
+    bit for bit; at eta = 0.1 it is neither part alone."""
+    _, adapter = organism
+    first, _, _ = small_run
+    score0, value = sinks.intervention("sink", 1, layers=LAYER), sinks.intervention("sink", 1, "value_mean", layers=LAYER)
+    score1 = sinks.intervention("sink", 1, eta=0.1, layers=LAYER)
+    both0, both1 = sinks.Combined(score0, value), sinks.combined("sink", 1, "value_mean", eta=0.1, layers=LAYER)
+    result = sinks.run(first, [both0, both1, score0, score1, value], batch_size=4)
+    with attention.intervene(adapter, score1), attention.intervene(adapter, value):
+        by_hand = adapter.generate(first.units, STEPS, 4)
+    np.testing.assert_array_equal(result.images[f"{both1.name} | {LAYER}, all steps"], by_hand)
+    rows = {(r["condition"], r["prompt"], r["seed"]): r for r in result.table}
+    for (prompt, seed), m in zip(first.units, disruption.unit_metrics(first, by_hand)):
+        r0, r1 = rows[(both0.name, prompt, seed)], rows[(both1.name, prompt, seed)]
+        assert (r0["op"], r1["op"]) == ("score eta=0 + value_mean", "score eta=0.1 + value_mean") and r1["kind"] == "sink"
+        assert r1["pixel_mse"] == m["pixel_mse"] and r1["ssim"] == m["ssim"]
+        assert r0["pixel_mse"] == rows[(score0.name, prompt, seed)]["pixel_mse"] != rows[(value.name, prompt, seed)]["pixel_mse"]
+        assert r1["pixel_mse"] not in (rows[(score1.name, prompt, seed)]["pixel_mse"], rows[(value.name, prompt, seed)]["pixel_mse"])
+        assert r0["mass_removed"] == rows[(score0.name, prompt, seed)]["mass_removed"] > 0  # the same generation, the same keys
+        assert r1["mass_removed"] > 0
+    control = sinks.run(first, [sinks.combined("random", 1, "value_mean", eta=0.1, layers=LAYER)], batch_size=4)
+    assert any(p["op"] == "score eta=0.1 + value_mean" for p in sinks.paired_ratios(control.table + result.table))
+
+
 def test_mass_removed_summary_and_paired_ratios_include_the_mass_matched_control(small_run):
     first, _, result = small_run
     table = result.table
@@ -302,8 +330,14 @@ def test_per_sample_statistics_equal_one_capture_per_unit(organism, captured):
                                                                        r"'random-mass'\], got \['top'\]"),
     (lambda: sinks.sample_summary([]), ValueError, "no rows: pass sinks.sample_statistics"),
     (lambda: sinks.sample_summary([{"layer": "a"}], cluster="seed"), ValueError, "unknown cluster 'seed'; allowed"),
+    (lambda: sinks.Combined(KeyIntervention(path="value_zero"), KeyIntervention(path="value_zero")), ValueError,
+     "Combined.score must be a KeyIntervention on path score, got"),
+    (lambda: sinks.Combined(KeyIntervention(), KeyIntervention(k=2, path="value_mean")), ValueError,
+     "Combined parts must hit the same keys: k is 1 on the score path and 2 on the value path"),
+    (lambda: sinks.combined(value_path="score"), ValueError, "Combined.value must be a KeyIntervention on path value_zero or value_mean"),
 ], ids=["k-zero", "k-all-keys", "mass-1d", "mass-negative", "mass-list", "seed", "tolerance", "eta-between",
-        "keys", "mm-k", "mm-tolerance", "intervention-keys", "controls", "summary-empty", "summary-cluster"])
+        "keys", "mm-k", "mm-tolerance", "intervention-keys", "controls", "summary-empty", "summary-cluster",
+        "combined-score-path", "combined-keys", "combined-value-path"])
 def test_bad_input_is_one_clear_line(call, error, message):
     with pytest.raises(error, match=message) as info:
         call()
