@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mabook import discovery, images, probe, world
+from mabook import discovery, images, judge, probe, world
 from mabook import progress as progress_
 from mabook.metrics import LPIPS, Clip, clip_t, device_of, load_clip, load_lpips, lpips, ssim
 from mabook.models import Adapter
@@ -347,8 +347,6 @@ def unit_metrics(base: Baseline, images: np.ndarray) -> list[dict]:
     """Per unit: distances to the unit's baseline (pixel MSE, mean |difference|, SSIM; LPIPS if the
     baseline has one), CLIP-T to the prompt if it has a CLIP, and the judge's reading where it applies.
     base: a `Baseline`, or anything with its adapter, units and images (clip and lpips optional)."""
-    from mabook import judge
-
     # per image, in one memory layout: a unit's row depends neither on the units computed beside it
     # nor on how the pipeline laid out its array (numpy's float32 sums follow the memory order), so
     # a sweep's batches (mabook.sweep) give one run's numbers bit for bit

@@ -41,6 +41,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mabook.images import to_uint8
+
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03  # Wang et al. 2004, as torchmetrics' defaults
 
 
@@ -110,8 +112,6 @@ def _reason(error: BaseException) -> str:
 
 def _uint8(images, who: str) -> np.ndarray:
     """(N, H, W, 3) uint8: the images as saved (floats in [0, 1] clipped, x255, rounded)."""
-    from mabook.images import to_uint8
-
     out = to_uint8(images.cpu().numpy() if isinstance(images, torch.Tensor) else images)
     if out.ndim != 4 or out.shape[-1] != 3:
         raise ValueError(f"{who} needs (N, H, W, 3) images (floats in [0, 1] or uint8), got shape {out.shape}")

@@ -25,6 +25,7 @@ import numpy as np
 from mabook import probe
 from mabook.attention import capture, resolve_layers
 from mabook.models import Adapter
+from mabook.stats import bootstrap_ci
 
 
 def feeding_tap(adapter: Adapter, layer: str) -> probe.Tap:
@@ -56,8 +57,6 @@ class SinkLink:
     def summary(self) -> dict:
         """Mean per-image Pearson and Spearman with bootstrap 95 % CIs over images, and how often the
         image key with the most mass is the token with the largest magnitude (chance: 1 / tokens)."""
-        from mabook.stats import bootstrap_ci
-
         out = {"layer": self.layer, "tap": self.tap, "step": self.step, "channels": list(self.channels)}
         for name in ("pearson", "spearman"):
             v = getattr(self, name)

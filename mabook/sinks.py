@@ -32,6 +32,7 @@ from mabook import attention, disruption, probe, softmax
 from mabook import progress as progress_
 from mabook.attention import Capture, KeyIntervention, op_label, resolve_layers
 from mabook.models import Adapter
+from mabook.stats import bootstrap_ci, paired_ratio_ci
 
 # ---------------------------------------------------------------------------------------------
 # Reading a capture: sinks, where they sit, how they move
@@ -185,8 +186,6 @@ def sample_summary(rows: Sequence[dict], cluster: str | None = disruption.CLUSTE
     each of `SAMPLE_METRICS` as the mean over units with a bootstrap 95 % CI resampling prompts
     (`cluster` as in `disruption.summary`; NaN values -- one step -- left out; NaN CI for fewer than
     two units), "top1_kind" the kind with the largest mean share, n_units, n_prompts."""
-    from mabook.stats import bootstrap_ci
-
     if cluster not in (None, "prompt"):
         raise ValueError(f"unknown cluster {cluster!r}; allowed: 'prompt' or None")
     if not rows:
@@ -602,8 +601,6 @@ def mass_removed(table: Sequence[dict], cluster: str | None = disruption.CLUSTER
     mass removed to the sink intervention's of the same k, op and window, with "vs_sink_ci"), and
     for "random-mass" "within_tolerance" (share of (call, head) rows within `MASS_TOLERANCE`).
     Tables made before these columns existed give []."""
-    from mabook.stats import bootstrap_ci, paired_ratio_ci
-
     rows = [r for r in table if r["kind"] != "baseline" and "mass_removed" in r]
     groups = list(dict.fromkeys((r["kind"], r["k"], r["op"], r["window"]) for r in rows))
 
