@@ -346,3 +346,43 @@ def test_rederive_emergence_of_the_previous_organism():
 
     assert mine["checkpoint_sha256"] == full["checkpoint_sha256"]
     reproduce.assert_agrees(json.loads(json.dumps(rows(mine))), rows(full), "emergence_4500_step_run.json")
+
+def _row_key(r: dict) -> str:
+    return " | ".join(str(r.get(c)) for c in ("trajectory", "kind", "pair", "method", "seed", "alpha"))
+
+
+def _rows_agree(mine: list[dict], full: dict, name: str) -> None:
+    """Every regenerated row agrees, column by column, with the committed row of the same (trajectory,
+    kind, pair, method, seed, alpha); every committed row of the methods regenerated is regenerated."""
+    committed = {_row_key(r): r for r in full["rows_head"]}
+    mine_ = {_row_key(r): r for r in mine}
+    missing = sorted(set(mine_) - set(committed))
+    assert not missing, f"{name}'s rows_head lacks {missing[:3]}: regenerate it with `{full['command']}`"
+    methods = {(r["method"], r["seed"]) for r in mine}
+    assert {k for k, r in committed.items() if (r["method"], r["seed"]) in methods} == set(mine_)
+    reproduce.assert_agrees(files.finite(mine_, float),  # as the file holds them: NaN (a score that does not apply) is null
+                            {k: {c: committed[k][c] for c in mine_[k]} for k in mine_}, f"{name}'s rows_head")
+
+
+def test_rederive_image_transport_big_run_head(adapter):
+    """image_transport_full.json's first pairs again from scratch: the references inverted and noised
+    at the big run's settings, the targets regenerated from the same noise, and the top-k, random-k,
+    all-channel and pixel-blend transports at the big run's alphas, with the channel sets the big run
+    ranked -- every score (took the reference, kept the target, pixel error, ...) within
+    `mabook.reproduce`'s tolerance. ~1 min on one thread."""
+    from mabook import image_transport, inversion, text_transport
+
+    full = _committed("image_transport_full.json")
+    if "rows_head" not in full:
+        pytest.fail(f"mabook/results/image_transport_full.json has no rows_head to re-derive: regenerate it with `{full['command']}`")
+    kind, n = full["pair_kinds"][0], 1 + max(r["pair"] for r in full["rows_head"])
+    pairs = {kind: text_transport.pairs(kind, full["pairs_per_kind"], seed=0)[:n]}  # a prefix: the same noise (seeds 0..n-1)
+    k, sets = full["k"], full["channel_sets"]
+    methods = [text_transport.Method(f"top-{k}", channels=sets[f"top-{k}"]),
+               text_transport.Method(f"random-{k}", channels=sets[f"random-{k}#0"], seed=0),
+               text_transport.Method("all channels", channels="all", conditioning=True),
+               text_transport.Method("pixel blend", "pixel")]
+    result = image_transport.compare(adapter, pairs, methods, inversion.METHODS, full["alphas"], full["num_inference_steps"],
+                                     full["fixed_point_iterations"], full["tolerance"])
+    _rows_agree(result.rows, full, "image_transport_full.json")
+
