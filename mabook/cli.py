@@ -24,6 +24,10 @@ exits with 2 (as argparse does for a malformed command line, which prints the sa
 ``--debug`` (before or after the verb) shows the traceback instead. Ctrl-C prints one line and
 exits with 130. 0 is success.
 
+Real models. ``--results`` (after the verb) also files the run's summary JSON as
+``mabook/results/real/<model>/<verb>.json`` (`mabook.files.real_result_path`), which the book's
+scorecard page lists; refused on the organism, whose findings are the chapters' big runs.
+
 Progress. ``--progress`` / ``--no-progress`` (after the verb): bars over the batches, conditions
 and shards, and one line estimating the run's time from one timed denoising step, on stderr
 (`mabook.progress`); default: on when stderr is a terminal. The estimate and the bars change no
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import sys
 import time
 import warnings
@@ -126,9 +131,33 @@ def _record(args, config, pipe, seconds: float, **extra) -> dict:
     return {"settings": settings, **files.provenance(args.command_line, getattr(pipe, "card", {}).get("sha256"))}
 
 
+RESULTS_HELP = ("a real model: also file the run's summary JSON as mabook/results/real/<model>/<verb>.json, which the "
+                "book's scorecard page lists (commit it; the organism's findings are the chapters' big runs)")
+SUMMARY_FILES = {"discover": "topk.json", "disrupt": "summary.json", "cluster": "iou.json", "sinks": "summary.json",
+                 "transport": "transport.json"}  # each verb's summary JSON, written last
+
+
+def _check_results(args, config) -> None:
+    if getattr(args, "results", False) and config.model == "organism":
+        raise ValueError("--results files a real model's run; the organism's findings are the chapters' big runs "
+                         "(FULL=1 jupyter execute notebooks/...); allowed: --results with --model <hub id or directory>")
+
+
+def _file_results(args, config, verb: str, out: Path) -> str | None:
+    """With --results: the verb's summary JSON copied to `files.real_result_path` (atomically); the line to print."""
+    if not getattr(args, "results", False):
+        return None
+    summary = json.loads((out / SUMMARY_FILES[verb]).read_text())
+    target = files.real_result_path(config.model, verb)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(target, {"model": config.model, "verb": verb, **summary})
+    return f"filed as {target} (commit it: the scorecard page lists it)"
+
+
 def run_verb(module, args: argparse.Namespace) -> int:
     """`mabook VERB`: the config (checked), the model, the experiment, its files; a summary on stdout."""
     config = module.Config.from_args(args)
+    _check_results(args, config)
     pipe, adapter = load_model(config, args.command, args.debug)
     config.check_adapter(adapter)  # fail before generating, not after
     out = _out_dir(args.out)
@@ -136,9 +165,10 @@ def run_verb(module, args: argparse.Namespace) -> int:
     result = module.run(config, adapter)
     seconds = time.perf_counter() - start
     lines = module.write(config, result, out, _record(args, config, pipe, seconds))
+    filed = _file_results(args, config, args.command, out)
     print(f"{args.command}: {len(config.prompt_list)} prompt(s) x {len(getattr(config, 'seeds', [0]))} seed(s) x "
           f"{config.num_inference_steps} steps in {seconds:.1f} s -> {out}")
-    print("\n".join(lines))
+    print("\n".join(lines + ([filed] if filed else [])))
     return 0
 
 
@@ -147,6 +177,7 @@ def run_sweep(module, args: argparse.Namespace) -> int:
     from mabook import sweep  # deferred: see _quiet_libraries
 
     config = module.Config.from_args(args)
+    _check_results(args, config)
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
     out = Path(args.out)
@@ -175,6 +206,8 @@ def run_sweep(module, args: argparse.Namespace) -> int:
                        "main_compute_seconds": c.compute_seconds, "main_io_seconds": c.io_seconds,
                        "seconds": time.perf_counter() - started}
     lines = module.write(config, result, out, record)
+    filed = _file_results(args, config, args.experiment, out)
+    lines += [filed] if filed else []
     print(f"{args.experiment}: {c.total} shards ({c.reused} reused, {c.computed} computed) on {state.num_processes} "
           f"process(es) in {result.seconds:.1f} s -> {out}")
     print("\n".join(lines))
@@ -199,6 +232,7 @@ def _verb_parser(commands, verb: str, run, complete: bool, **defaults) -> argpar
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.Config.add_arguments(parser, **defaults)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
+    parser.add_argument("--results", action="store_true", help=RESULTS_HELP)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help=PROGRESS_HELP)
     # SUPPRESS: never resets the top-level flag
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

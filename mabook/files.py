@@ -130,6 +130,19 @@ def write_json(path: str | Path, payload, indent: int = 1, default=None) -> Path
     return write_text(path, json.dumps(finite(payload, default), indent=indent, allow_nan=False) + "\n")
 
 
+REAL_RESULTS = Path(__file__).parent / "results" / "real"  # runs on real models, one folder per model (`real_result_path`)
+
+
+def real_result_path(model: str, verb: str, root: str | Path | None = None) -> Path:
+    """Where `mabook VERB --results` files a real model's summary: results/real/<model>/<verb>.json,
+    <model> the hub id with "/" as "--" (a local directory: its name)."""
+    name = str(model).rstrip("/")
+    slug = name.replace("/", "--") if not Path(name).exists() else Path(name).name
+    if not slug or slug in (".", ".."):
+        raise ValueError(f"model {model!r} names no folder for its results; allowed: a hub id or a directory")
+    return Path(root if root is not None else REAL_RESULTS) / slug / f"{verb}.json"
+
+
 def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
     """Rows as CSV, atomically; the columns are every key any row has, in first-seen order (rows
     lacking a column leave it empty)."""

@@ -36,7 +36,7 @@ import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from mabook import claims
+from mabook import claims, files
 from mabook.claims import (  # noqa: F401  (re-exported: scorecard.CLAIMS, scorecard.HOLDS, the thresholds)
     ALPHA,
     BREAK_DROP,
@@ -574,6 +574,23 @@ def provenance_markdown(results: dict[str, dict], checkpoint: str | None = None)
         made = f"`{str(p['checkpoint_sha256'])[:12]}`" + (" (committed organism)" if p["current"] else " (**another checkpoint**)")
         lines.append("| " + " | ".join(_cell(x) for x in (f"`{p['file']}`", made, p["mabook_version"], f"`{p['command']}`")) + " |")
     return f"The committed organism's checkpoint: `{checkpoint[:12]}`.\n\n" + "\n".join(lines)
+
+
+def real_runs_markdown(root: str | Path | None = None) -> str:
+    """The runs on real models filed with `mabook VERB --results` (`files.real_result_path`), as a
+    Markdown table: model, verb, file, mabook version, command; a sentence when there are none."""
+    folder = Path(root) if root is not None else files.REAL_RESULTS
+    found = sorted(folder.glob("*/*.json")) if folder.is_dir() else []
+    if not found:
+        return ("No run on a real model is filed yet. On a GPU, `mabook VERB --model <hub id> --out DIR --results` files "
+                "its summary as `mabook/results/real/<model>/<verb>.json`; commit the file and it is listed here.")
+    lines = ["| model | verb | file | mabook | command |", "|---|---|---|---|---|"]
+    for path in found:
+        data = json.loads(path.read_text())
+        cells = (f"`{data.get('model', path.parent.name)}`", data.get("verb", path.stem), f"`{path.relative_to(folder.parent)}`",
+                 data.get("mabook_version", ""), f"`{data.get('command', '')}`")
+        lines.append("| " + " | ".join(_cell(str(x)) for x in cells) + " |")
+    return "\n".join(lines)
 
 
 def findings(chapter: str, results: dict[str, dict] | None = None, checkpoint: str | None = None,

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -391,3 +392,36 @@ def test_every_verb_runs_on_a_real_family_with_world_prompts_and_never_judges(fa
                 except (TypeError, ValueError):
                     continue
                 assert math.isfinite(x) or key.endswith("_ci") or "ci" in key, (table.name, key, value)
+
+
+def test_results_files_a_real_models_run_for_the_scorecard(tiny_pipelines, tmp_path, monkeypatch, capsys):
+    """--results copies the verb's summary JSON to results/real/<model>/<verb>.json (model id and verb
+    added), the scorecard page lists it; on the organism it is refused in one line before any work."""
+    from mabook import files, scorecard
+
+    load = cli.load_model
+
+    def small(*args):
+        pipe, adapter = load(*args)
+        pipe.default_sample_size = 8
+        return pipe, adapter
+
+    monkeypatch.setattr(cli, "load_model", small)
+    monkeypatch.setattr(files, "REAL_RESULTS", tmp_path / "real")
+    out = tmp_path / "out"
+    model = str(tiny_pipelines["flux"])
+    assert cli.main(["discover", "--k", "2", "--model", model, "--num-inference-steps", "2", "--prompts", "2",
+                     "--out", str(out), "--results"]) == 0
+    filed = tmp_path / "real" / Path(model).name / "discover.json"
+    assert f"filed as {filed}" in capsys.readouterr().out
+    summary, copy = json.loads((out / "topk.json").read_text()), json.loads(filed.read_text())
+    assert copy == {"model": model, "verb": "discover", **summary}
+    table = scorecard.real_runs_markdown(tmp_path / "real")
+    assert f"| `{model}` | discover | `real/{Path(model).name}/discover.json` |" in table
+    assert files.real_result_path("black-forest-labs/FLUX.1-dev", "sinks", tmp_path).parts[-2:] == (
+        "black-forest-labs--FLUX.1-dev", "sinks.json")
+    assert scorecard.real_runs_markdown(tmp_path / "none").startswith("No run on a real model is filed yet.")
+    code = cli.main(["discover", "--out", str(tmp_path / "o"), "--results"])
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert code == cli.EXIT_BAD_INPUT and line.startswith("mabook discover: error: --results files a real model's run")
+    assert not (tmp_path / "o").exists()
