@@ -386,3 +386,27 @@ def test_rederive_image_transport_big_run_head(adapter):
                                      full["fixed_point_iterations"], full["tolerance"])
     _rows_agree(result.rows, full, "image_transport_full.json")
 
+
+
+def test_rederive_text_transport_big_run_head(adapter):
+    """text_transport_full.json's first pairs of each kind again from scratch: sources and targets
+    regenerated from the big run's seeds, then the top-k, random-k, all-channel, text-embedding and
+    pixel blends and top-k inside the union K-means mask (the big run's truth-free rule, clustered at
+    its layer and step) at the big run's alphas, with the channel sets the big run ranked -- every
+    score within `mabook.reproduce`'s tolerance. ~1 min on one thread."""
+    from mabook import text_transport
+
+    full = _committed("text_transport_full.json")
+    if "rows_head" not in full:
+        pytest.fail(f"mabook/results/text_transport_full.json has no rows_head to re-derive: regenerate it with `{full['command']}`")
+    n = 1 + max(r["pair"] for r in full["rows_head"])
+    pairs = {kind: text_transport.pairs(kind, full["pairs_per_kind"], seed=0)[:n] for kind in text_transport.PAIR_KINDS}
+    k, sets, Method = full["k_main"], full["channel_sets"], text_transport.Method
+    rule = full["mask_rule"]
+    methods = [Method(f"top-{k}", channels=sets[f"top-{k}"]), Method(f"random-{k}", channels=sets[f"random-{k}#0"], seed=0),
+               Method("all channels", channels="all"), Method("text embedding blend", "embedding"), Method("pixel blend", "pixel"),
+               Method(f"top-{k} in union mask", channels=sets[f"top-{k}"], mask="union", mask_rule=rule["rule"],
+                      alphas=tuple(rule["alphas"]))]
+    result = text_transport.compare(adapter, pairs, methods, full["alphas"], full["num_inference_steps"],
+                                    mask_at=tuple(full["mask_at"]), mask_channels=sets[f"top-{full['k_mask']}"])
+    _rows_agree(result.rows, full, "text_transport_full.json")
