@@ -252,7 +252,7 @@ FUNCTION_ROWS = [
     row("capture-bad-chunk", lambda c: attention.capture(c.adapter, chunk_elements=0), ValueError, "chunk_elements must be an int >= 1"),
     row("capture-intervene-inside", lambda c: _nested(c), ValueError, "outside attention.capture()"),
     row("attention-run-empty", lambda c: sinks.run(c.base, []), ValueError, "non-empty list of KeyIntervention"),
-    row("attention-run-not-interventions", lambda c: sinks.run(c.base, [1]), TypeError, "KeyIntervention objects"),
+    row("attention-run-not-interventions", lambda c: sinks.run(c.base, [1]), TypeError, "KeyIntervention or Combined objects"),
     row("sink-link-step-out-of-range", lambda c: sink_links.sink_activation_link(c.base, step=STEPS), ValueError, "step must be an int in"),
     # -- transport ------------------------------------------------------------------------------------------
     row("record-empty-prompts", lambda c: transport.record(c.adapter, []), ValueError, "non-empty list of str"),
