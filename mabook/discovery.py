@@ -72,7 +72,8 @@ def collect_statistics(
             generator = torch.Generator("cpu").manual_seed(seed + b)  # CPU noise: same images on any device
             chunk = list(prompts[start:start + batch_size])
             with progress_.timed_step(adapter.transformer, len(chunk)):
-                adapter.pipe(chunk, num_inference_steps=num_inference_steps, generator=generator, **pipe_kwargs)
+                adapter.pipe(chunk, num_inference_steps=num_inference_steps, generator=generator,
+                             **adapter.call_kwargs(pipe_kwargs))
     return run.stats
 
 

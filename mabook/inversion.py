@@ -79,7 +79,8 @@ from mabook.sampling import NOISABLE
 
 METHODS = ("invert", "noise")
 FAMILIES = INVERTIBLE  # the families `invert` supports: trained on the flow path (the Family table says which)
-PIPE_KWARGS = ("height", "width", "guidance_scale", "max_sequence_length")  # what invert/noise pass on
+PIPE_KWARGS = ("height", "width", "guidance_scale", "max_sequence_length",  # what invert/noise pass on
+               "use_resolution_binning")  # PixArt / SANA: for the regenerations' pipeline calls
 _PIPELINE_MULTIPLE = {"sana": 32, "pixart": 8}  # what SanaPipeline / PixArtSigmaPipeline.check_inputs demand of a size
 
 
@@ -354,12 +355,12 @@ def regenerate(traj: Trajectory, prompt: str | None = None, batch_size: int = 16
     For an inversion this is the reconstruction; for noising, a fresh generation from eps."""
     pipe = traj.adapter.pipe
     prompt = traj.prompt if prompt is None else prompt
-    kwargs = {**traj.pipe_kwargs, **pipe_kwargs}
     out = []
     for start in range(0, len(traj), batch_size):
         latents = traj.noise[start:start + batch_size]
-        images = pipe([prompt] * len(latents), num_inference_steps=traj.num_inference_steps, latents=latents,
-                      output_type="np", **kwargs).images
+        kwargs = traj.adapter.call_kwargs({**traj.pipe_kwargs, **pipe_kwargs, "latents": latents})
+        images = pipe([prompt] * len(latents), num_inference_steps=traj.num_inference_steps, output_type="np",
+                      **kwargs).images
         out.append(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
     return np.concatenate(out).astype(np.float32)
 

@@ -71,6 +71,10 @@ class Family:
     # included (`Adapter.text_tokenizer`); None where the text keys are not one tokenizer's (SD3 joins
     # CLIP and T5) or text enters by cross-attention only (PixArt, SANA)
     text_tokenizer: str | None = None
+    # pipeline-call arguments every mabook call gives the family's pipeline (a caller's own win):
+    # PixArt and SANA snap a size to their training resolutions unless told not to, and mabook's
+    # token grids, inversion and records assume the image is the size asked for
+    call_defaults: tuple[tuple[str, object], ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -86,9 +90,9 @@ FAMILIES: dict[str, Family] = {
         Family("sd3", "SD3Transformer2DModel", ("transformer_blocks",), "txt_img", True, "stabilityai/stable-diffusion-3.5-medium",
                conditioning="time_text_embed"),
         Family("pixart", "PixArtTransformer2DModel", ("transformer_blocks",), "img", True, "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
-               path="ddpm"),
+               path="ddpm", call_defaults=(("use_resolution_binning", False),)),
         Family("sana", "SanaTransformer2DModel", ("transformer_blocks",), "img", True, "Efficient-Large-Model/Sana_600M_1024px_diffusers",
-               attention="linear"),
+               attention="linear", call_defaults=(("use_resolution_binning", False),)),
     )
 }
 # the families `mabook.inversion` can run a reference image backwards in (flow matching, Euler steps)
@@ -244,8 +248,18 @@ class Adapter:
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
         with progress_.timed_step(self.transformer, len(chunk)):
             images = self.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
-                               output_type="np", **pipe_kwargs).images
+                               output_type="np", **self.call_kwargs(pipe_kwargs)).images
         return images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+
+    def call_kwargs(self, pipe_kwargs: dict) -> dict:
+        """The arguments of a pipeline call: the family's `call_defaults`, then the caller's; given
+        `latents` in the transformer's dtype (PixArt's pipeline passes them on uncast, and a float32
+        trajectory would meet a bfloat16 transformer)."""
+        kwargs = {**dict(self.family.call_defaults), **pipe_kwargs}
+        latents = kwargs.get("latents")
+        if isinstance(latents, torch.Tensor) and latents.is_floating_point() and latents.dtype != self.transformer.dtype:
+            kwargs["latents"] = latents.to(self.transformer.dtype)
+        return kwargs
 
     def text_tokenizer(self, call: dict):
         """(tokenizer, max_length): the tokenizer whose tokens are the transformer's text keys in a running

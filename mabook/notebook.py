@@ -93,6 +93,32 @@ class Env:
     full: bool
     static: bool = False
 
+    def pipe_kwargs(self, default: dict) -> dict:
+        """A real model's pipeline-call arguments: `default` (the chapter's, e.g. 512 px), or the JSON
+        object in ``PIPE_KWARGS`` when the environment sets it -- e.g. ``PIPE_KWARGS='{"height":
+        1024, "width": 1024}'`` for full resolution, or a tiny pipeline's size in the tests."""
+        return pipe_kwargs_from_env(default)
+
+
+PIPE_KWARGS_ENV_VAR = "PIPE_KWARGS"
+
+
+def pipe_kwargs_from_env(default: dict) -> dict:
+    """`Env.pipe_kwargs`: ``PIPE_KWARGS`` (a JSON object) if set, else a copy of `default`."""
+    raw = os.environ.get(PIPE_KWARGS_ENV_VAR, "").strip()
+    if not raw:
+        return dict(default)
+    import json  # deferred: read only when a chapter runs on a real model with an override
+
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"{PIPE_KWARGS_ENV_VAR} must be a JSON object of pipeline-call arguments, e.g. "
+                         f"'{{\"height\": 1024, \"width\": 1024}}', got {raw!r}")
+    return value
+
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -403,7 +403,8 @@ def pipeline(model: Model, counts: dict) -> dict[str, int]:
 def chapter_parameters(chapter: str, full: bool, notebooks: Path = ROOT / "notebooks") -> dict:
     """A chapter's parameters cell evaluated with FULL = `full` (the names that evaluate from literals
     and each other), plus `real_prompts` (the length of the literal prompt list of its real-model
-    branch, cut to N_PROMPTS as the notebook cuts it) and `resolution` (its real-model PIPE_KWARGS)."""
+    branch, cut to N_PROMPTS as the notebook cuts it) and `resolution` (its real-model PIPE_KWARGS, the
+    default it gives `env.pipe_kwargs`)."""
     nb = json.loads((notebooks / f"{chapter}.ipynb").read_text())
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     values = {"FULL": full}
@@ -420,6 +421,8 @@ def chapter_parameters(chapter: str, full: bool, notebooks: Path = ROOT / "noteb
             value, limit = value.value, values[value.slice.upper.id]
         if node.targets[0].id.endswith("prompts") and isinstance(value, ast.ListComp) and isinstance(value.generators[0].iter, ast.Tuple):
             values["real_prompts"] = min(len(value.generators[0].iter.elts), limit or math.inf)
+        if node.targets[0].id == "PIPE_KWARGS" and isinstance(value, ast.Call) and value.args:  # env.pipe_kwargs({...})
+            value = value.args[0]
         if node.targets[0].id == "PIPE_KWARGS" and isinstance(value, ast.Dict) and value.keys:
             values["resolution"] = ast.literal_eval(value)["height"]
     return values

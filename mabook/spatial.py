@@ -175,7 +175,7 @@ def capture(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,
             with probe.collect(adapter, taps=image_taps, cfg="cond", capture=list(hidden)) as run, \
                     progress_.timed_step(adapter.transformer, len(chunk)):
                 out = adapter.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
-                                   output_type="np", **pipe_kwargs).images
+                                   output_type="np", **adapter.call_kwargs(pipe_kwargs)).images
             images.append(out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out))
             for key in hidden:
                 hidden[key].append(run.captured[key].float().cpu().numpy())

@@ -139,6 +139,24 @@ def test_setup_reads_full_and_picks_cpu(monkeypatch):
     assert notebook.setup(device="cpu", quiet=True).full is False
 
 
+def test_a_real_models_pipeline_arguments_are_the_chapters_unless_the_environment_names_others(monkeypatch):
+    env = notebook.setup(device="cpu", quiet=True)
+    default = {"height": 512, "width": 512}
+    monkeypatch.delenv("PIPE_KWARGS", raising=False)
+    got = env.pipe_kwargs(default)
+    assert got == default and got is not default  # a copy: a chapter may add to it
+    monkeypatch.setenv("PIPE_KWARGS", '{"height": 1024, "width": 1024, "use_resolution_binning": false}')
+    assert env.pipe_kwargs(default) == {"height": 1024, "width": 1024, "use_resolution_binning": False}
+    for bad in ("[512, 512]", "height=1024", "{"):
+        monkeypatch.setenv("PIPE_KWARGS", bad)
+        with pytest.raises(ValueError) as err:
+            env.pipe_kwargs(default)
+        assert "\n" not in str(err.value) and repr(bad) in str(err.value) and "JSON object" in str(err.value)
+    chapters = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0[1-6]_*.ipynb"))
+    for chapter in chapters:  # every chapter with a real-model branch reads it
+        assert "env.pipe_kwargs(" in chapter.read_text(), chapter.name
+
+
 def test_setup_rejects_an_unknown_device():
     with pytest.raises(ValueError, match="device must be"):
         notebook.setup(device="tpu", quiet=True)

@@ -487,3 +487,22 @@ def test_the_workshop_plan_lists_every_exercise():
     plan = (ROOT / "book" / "workshop.md").read_text()
     missing = [n for n in exercises.CHECKS if not re.search(rf"(?<![\w.]){re.escape(n)} ", plan)]
     assert not missing, f"book/workshop.md does not list exercises {missing}"
+
+
+def test_on_a_real_model_an_organism_only_input_is_a_line_saying_so_not_an_error(capsys):
+    """A chapter on a real model passes `exercises.OrganismOnly` for what only the organism's run
+    computes; the exercise's cells run as written (attributes, items, arithmetic, numpy and
+    iteration on it give it back or nothing) and the check prints that it cannot check, naming the
+    input, and returns False."""
+    missing = exercises.OrganismOnly("the shapes world's rows")
+    sigma = missing.sigmas[3]
+    assert (1 - sigma) * missing.clean + sigma * missing.noise is missing
+    assert np.abs(missing - missing).mean() is missing and list(missing) == [] and len(missing) == 0
+    assert "organism" in repr(missing)
+    assert exercises.check_took_attribute(missing, "top-16", 1.0, "color", None) is False
+    assert exercises.check_reconstruction_error(missing, missing, missing) is False
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ℹ️ Exercise 4.2: cannot be checked on this model") and "(rows)" in out[0]
+    assert out[1].startswith("ℹ️ Exercise 5.2:") and "(images, references)" in out[1] and "MODEL" in out[1]
+    images = np.zeros((1, 4, 4, 3))  # a real input still gets its check
+    assert exercises.check_pixel_blend(images, images, 0.5, images) is True

@@ -669,3 +669,27 @@ def test_sana_and_pixart_bad_values_are_refused_in_one_line(tiny, flux):
     assert inversion.default_method(tiny["sana-dpm"]) == "invert"
     with pytest.raises(ValueError, match=r"unknown path 'sideways'; allowed: 'flow', 'ddpm'"):
         sampling.level(noised.clean, noised.eps, 0.5, "sideways")
+
+
+def test_a_bfloat16_pixart_walks_a_float32_noised_trajectory_at_the_size_asked():
+    """A Colab PixArt-Sigma runs in bfloat16; the noised trajectory is float32 (the references'
+    latents). Its record and regeneration used to hand PixArt's pipeline the float32 latents uncast
+    ("Input type (float) and bias type (BFloat16)"). And PixArt snaps a size to its training
+    resolutions unless told not to (a tiny model has none): every mabook call asks for the size given
+    (`Family.call_defaults`), without the caller naming `use_resolution_binning`."""
+    from test_models import built
+
+    pipe, _ = built("pixart")
+    pipe.set_progress_bar_config(disable=True)
+    adapter = mabook.adapter_for(pipe.to(torch.bfloat16))
+    images = adapter.generate([("a red circle", 0)], 2, height=8, width=8, max_sequence_length=8)
+    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
+    traj = inversion.noise(adapter, images, seeds=0, num_inference_steps=2, height=8, width=8)
+    assert traj.clean.dtype == torch.float32
+    rec = inversion.record(traj, taps=[str(probe.taps(adapter, ["img"])[0])], channels=[0, 1])
+    again = inversion.regenerate(traj, prompt="a red circle")
+    assert rec.images.shape == again.shape == (1, 8, 8, 3) and np.isfinite(again).all()
+    assert adapter.call_kwargs({"height": 8})["use_resolution_binning"] is False
+    assert adapter.call_kwargs({"use_resolution_binning": True})["use_resolution_binning"] is True  # the caller's wins
+    flux_pipe, _ = built("flux")
+    assert "use_resolution_binning" not in mabook.adapter_for(flux_pipe).call_kwargs({})

@@ -69,13 +69,15 @@ def tiny_vae(**kwargs) -> AutoencoderKL:
                          layers_per_block=1, **kwargs)
 
 
-def tiny_flux():
+def tiny_flux(**transformer_kwargs):
+    """Tiny FLUX; transformer_kwargs override the transformer's (e.g. a wider one)."""
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0, scaling_factor=1.0),
         text_encoder=tiny_clip(False), tokenizer=tiny_tokenizer(), text_encoder_2=tiny_t5(), tokenizer_2=tiny_tokenizer(),
-        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
-                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                           pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)),
+        transformer=FluxTransformer2DModel(**{**dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                     pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)),
+                                              **transformer_kwargs}),
     )
     return pipe, dict(height=8, width=8, guidance_scale=1.0, max_sequence_length=TEXT_LEN)
 
@@ -86,26 +88,27 @@ def tiny_sd3(**transformer_kwargs):
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0, scaling_factor=1.0),
         text_encoder=tiny_clip(True), tokenizer=tiny_tokenizer(), text_encoder_2=tiny_clip(True),
         tokenizer_2=tiny_tokenizer(), text_encoder_3=tiny_t5(), tokenizer_3=tiny_tokenizer(),
-        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
-                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                          caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-                                          pos_embed_max_size=16, **transformer_kwargs),
+        transformer=SD3Transformer2DModel(**{**dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                    caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+                                                    pos_embed_max_size=16), **transformer_kwargs}),
     )
     return pipe, dict(height=8, width=8, max_sequence_length=TEXT_LEN)
 
 
-def tiny_pixart():
+def tiny_pixart(**transformer_kwargs):
     pipe = PixArtSigmaPipeline(
         scheduler=DPMSolverMultistepScheduler(), vae=tiny_vae(), text_encoder=tiny_t5(), tokenizer=tiny_tokenizer(),
-        transformer=PixArtTransformer2DModel(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                                             in_channels=4, out_channels=8, patch_size=2, cross_attention_dim=16,
-                                             caption_channels=16, norm_type="ada_norm_single",
-                                             use_additional_conditions=False),
+        transformer=PixArtTransformer2DModel(**{**dict(sample_size=8, num_layers=2, attention_head_dim=8,
+                                                       num_attention_heads=2, in_channels=4, out_channels=8, patch_size=2,
+                                                       cross_attention_dim=16, caption_channels=16,
+                                                       norm_type="ada_norm_single", use_additional_conditions=False),
+                                                **transformer_kwargs}),
     )
     return pipe, dict(height=8, width=8, max_sequence_length=TEXT_LEN, use_resolution_binning=False, clean_caption=False)
 
 
-def tiny_sana():
+def tiny_sana(**transformer_kwargs):
     vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
                         encoder_block_types=("ResBlock", "ResBlock"), decoder_block_types=("ResBlock", "ResBlock"),
                         encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
@@ -118,9 +121,10 @@ def tiny_sana():
                                             head_dim=8, pad_token_id=0, bos_token_id=3, eos_token_id=2))
     pipe = SanaPipeline(
         tokenizer=tiny_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-        transformer=SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                                           num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
-                                           cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=1),
+        transformer=SanaTransformer2DModel(**{**dict(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                     attention_head_dim=8, num_layers=2, num_cross_attention_heads=2,
+                                                     cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+                                                     sample_size=8, patch_size=1), **transformer_kwargs}),
     )
     # SANA checks height % 32; the 2-level DC-AE halves it once: 32 px -> 16x16 tokens
     return pipe, dict(height=32, width=32, max_sequence_length=TEXT_LEN, use_resolution_binning=False,

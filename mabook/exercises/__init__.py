@@ -55,10 +55,10 @@ from mabook.exercises.ch3 import check_kmeans_mask, check_token_iou
 from mabook.exercises.ch4 import check_pixel_blend, check_took_attribute
 from mabook.exercises.ch5 import check_noised_latents, check_reconstruction_error
 from mabook.exercises.ch6 import check_eta_scaling, check_sink_random_ratio, check_top1_sinks
-from mabook.exercises.registry import CHECKS, WHERE
+from mabook.exercises.registry import CHECKS, WHERE, OrganismOnly
 
 __all__ = [
-    "CHECKS", "WHERE",
+    "CHECKS", "WHERE", "OrganismOnly",
     "check_object_fraction", "check_wrong_attributes", "check_attribute_accuracy",
     "check_top_channels", "check_ratio_to_median", "check_jaccard",
     "check_zeroed_top1_mse", "check_bottom_rms", "check_token_mean_op",

@@ -66,6 +66,45 @@ def cannot_check(message: str) -> Verdict:
     return Verdict("unchecked", message)
 
 
+class OrganismOnly:
+    """What a chapter passes to its exercises, on a real model, in place of what only the organism's
+    run computes (the shapes world's judged pairs, rows, trajectories): any attribute, item, call or
+    arithmetic on it gives it back and iterating it gives nothing, so the exercise's cells run as
+    written, and the check says it cannot judge on this model instead of raising."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy, pickle and IPython's display probe dunders: none is here
+            raise AttributeError(name)
+        return self
+
+    def __getitem__(self, key):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def _same(self, *args):
+        return self
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _same
+    __neg__ = __abs__ = __pow__ = __rpow__ = _same
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        return self
+
+    def __repr__(self) -> str:
+        return f"<{self.what}: computed on the organism only>"
+
+
 def chapter_number(notebook: str) -> str:
     """The chapter's number as its title writes it, read from the notebook's name:
     ``notebooks/02b_emergence.ipynb`` -> ``"2b"``."""
@@ -88,13 +127,21 @@ def chapter(notebook: str) -> Callable[[str, str], Callable[[Callable[..., Verdi
             if number in CHECKS:
                 raise ValueError(f"exercise {number} is registered twice")
 
+            signature = inspect.signature(fn)
+
             @functools.wraps(fn)
             def check(*args, **kwargs) -> bool:
+                given = signature.bind(*args, **kwargs).arguments
+                missing = [name for name, value in given.items() if isinstance(value, OrganismOnly) and name != "answer"]
+                if missing:  # a real model's run has no shapes-world judge: the chapter passes `OrganismOnly` for it
+                    return cannot_check(f"cannot be checked on this model: it reads what only the organism's run "
+                                        f"computes ({', '.join(missing)}); run the chapter with "
+                                        "MODEL = \"organism\" to do it").report(number)
                 return fn(*args, **kwargs).report(number)
 
             # the learner's view (help, the API page): the same arguments, a bool back
             check.__annotations__ = {**fn.__annotations__, "return": "bool"}
-            check.__signature__ = inspect.signature(fn).replace(return_annotation="bool")
+            check.__signature__ = signature.replace(return_annotation="bool")
             check.exercise = number
             CHECKS[number] = check
             WHERE[number] = (notebook, title)
