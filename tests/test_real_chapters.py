@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ["01_channel_discovery", "02_disruption", "03_spatial_organization", "04_text_transport",
             "05_image_transport", "06_attention_sinks"]
 WIDE = dict(attention_head_dim=16, num_attention_heads=4)  # 64 channels
-BUILDERS = {  # family -> (a wide tiny pipeline, the pipeline-call arguments the chapter gets)
-    "flux": (lambda: tiny_flux(**WIDE, axes_dims_rope=(4, 4, 8)), {"height": 8, "width": 8}),
-    "sd3": (lambda: tiny_sd3(**WIDE, caption_projection_dim=64, qk_norm="rms_norm", dual_attention_layers=(0,)),
+BUILDERS = {  # family -> (a wide tiny pipeline with 3 image layers: chapter 2's windows take thirds of them, its call)
+    "flux": (lambda: tiny_flux(**WIDE, axes_dims_rope=(4, 4, 8)), {"height": 8, "width": 8}),  # 1 double + 2 single
+    "sd3": (lambda: tiny_sd3(**WIDE, num_layers=3, caption_projection_dim=64, qk_norm="rms_norm", dual_attention_layers=(0,)),
             {"height": 8, "width": 8}),
-    "pixart": (lambda: tiny_pixart(**WIDE, cross_attention_dim=64), {"height": 8, "width": 8, "use_resolution_binning": False}),
-    "sana": (lambda: tiny_sana(**WIDE, num_cross_attention_heads=4, cross_attention_head_dim=16, cross_attention_dim=64),
-             {"height": 32, "width": 32, "use_resolution_binning": False}),
+    "pixart": (lambda: tiny_pixart(**WIDE, num_layers=3, cross_attention_dim=64), {"height": 8, "width": 8}),
+    "sana": (lambda: tiny_sana(**WIDE, num_layers=3, num_cross_attention_heads=4, cross_attention_head_dim=16,
+                               cross_attention_dim=64), {"height": 32, "width": 32}),
 }
 EXPECTED_ERROR = {("sana", "06_attention_sinks"): "softmax"}  # (family, chapter) -> a word of its one-line error
 
