@@ -21,9 +21,9 @@ def check_zeroed_top1_mse(base, answer) -> Verdict:
         image = base.adapter.generate(base.units[:1], base.num_inference_steps, 1, **base.pipe_kwargs)[0]
     expected = float(((image - base.images[0]) ** 2).mean())
     hint = ("build one probe.Edit(tap, [channel], 'zero') per image layer (disruption.channel_set(base.stats, 1, 'top') "
-            "gives {tap: [channel]}), then inside `with probe.edit(adapter, edits):` generate base.units[0] with "
-            "generator=torch.Generator('cpu').manual_seed(seed), num_inference_steps=base.num_inference_steps, "
-            "output_type='np', and average (image - base.images[0]) ** 2.")
+            "gives {tap: [channel]}), then inside `with probe.edit(adapter, edits):` generate the unit again with "
+            "adapter.generate(base.units[:1], base.num_inference_steps, **base.pipe_kwargs) (its own seed's noise), "
+            "and average (image - base.images[0]) ** 2.")
     x = number_answer(answer, "the answer should be one number (a mean squared error).", hint)
     if isinstance(x, Verdict):
         return x
