@@ -410,3 +410,51 @@ def test_rederive_text_transport_big_run_head(adapter):
     result = text_transport.compare(adapter, pairs, methods, full["alphas"], full["num_inference_steps"],
                                     mask_at=tuple(full["mask_at"]), mask_channels=sets[f"top-{full['k_mask']}"])
     _rows_agree(result.rows, full, "text_transport_full.json")
+
+
+def _sink_row_key(r: dict) -> str:
+    return " | ".join(str(r.get(c)) for c in ("prompt", "seed", "condition", "window"))
+
+
+def test_rederive_attention_big_run_head(adapter):
+    """attention_full.json's first units again from scratch: their baselines regenerated at the big
+    run's settings, then -- at the smallest and largest k, at the big run's focus layer and at all
+    layers -- the sinks and each control (count-matched random, bottom, mass-matched random; their
+    first draw), the eta sweep's sink and random at eta = 0.1, the value path (zero) and the score +
+    value combination at the chapter's eta: every score (pixel MSE / MAE, SSIM, the judge) and what
+    the keys held (mass removed, sink mass, keys used) within `mabook.reproduce`'s tolerance. Each
+    unit's sinks are its own and the random draws are seeded per (seed, layer, step), so a prefix of
+    the units edits exactly the keys the big run edited. ~1 min on one thread."""
+    from mabook import disruption, sinks
+    from mabook.attention import KeyIntervention
+
+    full = _committed("attention_full.json")
+    if "rows_head" not in full:
+        pytest.fail(f"mabook/results/attention_full.json has no rows_head to re-derive: regenerate it with `{full['command']}`")
+    head = full["rows_head"]
+    units = list(dict.fromkeys((r["prompt"], r["seed"]) for r in head))
+    prompts, seeds = list(dict.fromkeys(p for p, _ in units)), sorted({s for _, s in units})
+    base = disruption.baseline(adapter, prompts, seeds, full["num_inference_steps"])
+    keep = [i for i, u in enumerate(base.units) if tuple(u) in set(units)]
+    assert len(keep) == len(units)
+    base = disruption.Baseline(adapter, [base.units[i] for i in keep], base.images[keep], base.stats,
+                               base.token_means[keep], base.num_inference_steps, base.pipe_kwargs,
+                               [base.metrics[i] for i in keep])
+    eta = 0.1
+    ivs = [sinks.intervention(keys, k, layers=layers) for layers in (full["layer"], None)
+           for k in sorted({full["ks"][0], full["ks"][-1]}) for keys in sinks.SELECTIONS]
+    ivs += [KeyIntervention(keys, 1, eta=eta) for keys in ("sink", "random")]
+    ivs += [KeyIntervention("sink", 1, path="value_zero"), sinks.combined("sink", 1, "value_zero", eta=eta)]
+    result = sinks.run(base, ivs)
+    committed = {_sink_row_key(r): r for r in head}
+    mine = {_sink_row_key(r): r for r in result.table if r["condition"] != "baseline"}
+    missing = sorted(set(mine) - set(committed))
+    assert not missing, f"attention_full.json's rows_head lacks {missing[:3]}: regenerate it with `{full['command']}`"
+    assert len(mine) == len(ivs) * len(units)
+    reproduce.assert_agrees(files.finite(mine, float),  # as the file holds them: NaN (a score that does not apply) is null
+                            {k: {c: committed[k][c] for c in mine[k]} for k in mine}, "attention_full.json's rows_head")
+    baseline = {_sink_row_key(r): r for r in result.table if r["condition"] == "baseline"}
+    committed_base = {_sink_row_key(r): r for r in head if r["condition"] == "baseline"}
+    if committed_base:  # the baselines' own rows, when the file keeps them
+        reproduce.assert_agrees(files.finite(baseline, float),
+                                {k: {c: committed_base[k][c] for c in baseline[k]} for k in baseline}, "baselines")

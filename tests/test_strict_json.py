@@ -66,9 +66,16 @@ def test_scorecard_reads_null_where_it_reads_a_number():
 
 def test_committed_results_read_the_same_with_null_for_every_nan():
     """Every committed results file with its NaNs as mabook now writes them (null): every claim's
-    verdict and words are unchanged."""
+    verdict and words are unchanged. Where no committed file holds a bare NaN any more (each big run
+    rewritten since), the NaN a one-prompt CI gives is planted in the CIs the sink claims read."""
     results = scorecard.load()
-    assert any("NaN" in (scorecard.RESULTS_DIR / name).read_text() for name in results)  # the case this covers
+    if not any("NaN" in (scorecard.RESULTS_DIR / name).read_text() for name in results):
+        for row in results["attention_full.json"]["summary"]:
+            if row["kind"] == "baseline":
+                row.update({key: [math.nan, math.nan] for key in row if key.endswith("_ci")})
+    assert any(isinstance(x, float) and math.isnan(x) for r in results["attention_full.json"]["summary"]
+               for v in r.values() if isinstance(v, list) for x in v) or \
+        any("NaN" in (scorecard.RESULTS_DIR / name).read_text() for name in results)  # the case this covers
     rewritten = {name: strict(json.dumps(files.finite(data))) for name, data in results.items()}
     before, after = scorecard.rows(results), scorecard.rows(rewritten)
     for a, b in zip(before, after):
