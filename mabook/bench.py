@@ -343,80 +343,6 @@ def spatial(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-ATTENTION_VARIANTS = ("sdpa", "capture", "intervene", "explicit")
-
-
-def _attention_call(variant: str, q, k, v, image: slice, chunk_elements: int, eta: float, dose: str):
-    """One attention call as the processor makes it: "sdpa" (the stock call), "capture" (the stock call
-    plus the mass), "intervene" (the mass the sinks are chosen from, with each query's logsumexp where
-    the dose needs it, then one SDPA call with the top-1 sink edited), "explicit" (the same intervention
-    through the explicit chunked softmax: what every intervention cost before issue 23)."""
-    import torch.nn.functional as F
-
-    from mabook import softmax
-
-    if variant == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    if variant == "capture":  # the stock output, plus the mass on the side
-        out = F.scaled_dot_product_attention(q, k, v)
-        softmax.image_query_mass(q, k, image, chunk_elements)
-        return out
-    if variant == "explicit":
-        mass = softmax.image_query_mass(q, k, image, chunk_elements)
-        return softmax.attention(q, k, v, [softmax.Edit(mass.topk(1, -1).indices, "score", eta, dose)], chunk_elements)[0]
-    if softmax.needs_logsumexp("score", eta, dose):
-        mass, lse = softmax.image_query_mass(q, k, image, chunk_elements, lse=True)
-    else:
-        mass, lse = softmax.image_query_mass(q, k, image, chunk_elements), None
-    return softmax.edited_attention(q, k, v, [softmax.Edit(mass.topk(1, -1).indices, "score", eta, dose)], lse, chunk_elements)
-
-
-def _attention_inputs(heads: int, image: int, text: int, head_dim: int, device: str, dtype: str):
-    import torch
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, text + image, head_dim, device=device).to(getattr(torch, dtype)) for _ in range(3))
-    return q, k, v, slice(text, text + image)
-
-
-def _attention_variant(variant: str, heads: int, image: int, text: int, head_dim: int, device: str, repeats: int,
-                       chunk_elements: int, eta: float = 0.0, dose: str = "redistribute", dtype: str = "float32") -> dict:
-    """Peak memory of one variant: run it (after one warm-up call) on random (1, heads, text + image, head_dim) tensors in this
-    (fresh) process; what the call added over its inputs at its worst moment (`realshape.memory_mark`: on
-    CUDA the allocator's peak, on CPU the resident set's high-water mark, reset before the call)."""
-    from mabook.realshape import memory_mark
-
-    q, k, v, image_slice = _attention_inputs(heads, image, text, head_dim, device, dtype)
-    _attention_call(variant, q, k, v, image_slice, chunk_elements, eta, dose)  # warm-up: kernels' one-time buffers
-    base = memory_mark(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        _attention_call(variant, q, k, v, image_slice, chunk_elements, eta, dose)
-    extra = None if base is None else memory_mark(device, base)
-    return {"variant": variant, "seconds": (time.perf_counter() - start) / repeats, "extra_bytes": extra}
-
-
-def _attention_times(heads: int, image: int, text: int, head_dim: int, device: str, repeats: int, chunk_elements: int,
-                     eta: float, dose: str, dtype: str, variants=ATTENTION_VARIANTS) -> dict:
-    """Seconds of every variant, in one process, interleaved: each round runs every variant once, the
-    order reversed every other round (so drift in machine load hits all alike), after one warm-up round."""
-    import torch
-
-    q, k, v, image_slice = _attention_inputs(heads, image, text, head_dim, device, dtype)
-    times = {name: [] for name in variants}
-    for r in range(repeats + 1):
-        for name in variants if r % 2 == 0 else variants[::-1]:
-            if device != "cpu":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            _attention_call(name, q, k, v, image_slice, chunk_elements, eta, dose)
-            if device != "cpu":
-                torch.cuda.synchronize()
-            if r:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 @subcommand("attention", "time and peak memory of capturing / intervening attention vs SDPA at FLUX-1024^2 shapes",
             [arg("--heads", type=int, default=None, help="default: 24 on CUDA, 4 on CPU (24 takes minutes per variant on one thread)"),
              arg("--image-tokens", type=int, default=4096), arg("--text-tokens", type=int, default=512),
@@ -436,7 +362,7 @@ def attention_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mabook import softmax
+    from mabook import bench_attention, softmax  # deferred, as every subcommand's imports: `--help` loads no torch
 
     _set_threads(args.threads)
     heads = args.heads or (24 if args.device != "cpu" else 4)
@@ -450,12 +376,12 @@ def attention_bench(args: argparse.Namespace) -> int:
           f"intervention: top-1 sink, score path, eta={args.eta:g} ({args.dose})"
           + ("" if heads == 24 else " (FLUX.1 has 24 heads: time scales ~linearly with heads, memory too)"))
     shape = (heads, args.image_tokens, args.text_tokens, args.head_dim, args.device)
-    times = _attention_times(*shape, args.repeats, chunk, args.eta, args.dose, args.dtype)
+    times = bench_attention.times(*shape, args.repeats, chunk, args.eta, args.dose, args.dtype)
     memory = {}
-    for variant in ATTENTION_VARIANTS:
+    for variant in bench_attention.VARIANTS:
         # peak memory in a fresh process per variant: peak RSS only grows within a process
         code = (f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); "
-                f"from mabook.bench import _attention_variant as f; "
+                f"from mabook.bench_attention import peak_memory as f; "
                 f"print(json.dumps(f({variant!r}, {heads}, {args.image_tokens}, {args.text_tokens}, {args.head_dim}, "
                 f"{args.device!r}, 1, {chunk}, {args.eta!r}, {args.dose!r}, {args.dtype!r})))")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -464,7 +390,7 @@ def attention_bench(args: argparse.Namespace) -> int:
     scores = heads * (args.image_tokens + args.text_tokens) ** 2 * 4
     targets = {"capture": 2.0, "intervene": 2.5}
     print(f"{'variant':10s} {'median':>9s} {'x SDPA':>7s} {'target':>7s} {'runs':>28s} {'peak extra memory':>18s}")
-    for name in ATTENTION_VARIANTS:
+    for name in bench_attention.VARIANTS:
         t = stats.median(times[name])
         target = f"<= {targets[name]:.1f}" if name in targets else ""
         runs = ", ".join(f"{x:.2f}" for x in times[name])
@@ -486,7 +412,7 @@ FLUX_1024 = {"blocks": 57, "image_tokens": 4096, "steps": 28, "width": 3072, "by
             _organism_arguments(batch_size=4, num_inference_steps=20, repeats=False)
             + [arg("--k", type=int, nargs="+", default=[1, 4, 16])])
 def transport_bench(args: argparse.Namespace) -> int:
-    from mabook import probe
+    from mabook import probe, record_memory
     from mabook import transport as transport_mod
     from mabook.world import heldout_captions
 
@@ -494,12 +420,12 @@ def transport_bench(args: argparse.Namespace) -> int:
     f = FLUX_1024
     print(f"FLUX-1024² ({f['blocks']} blocks x {f['image_tokens']} image tokens x {f['steps']} steps, bf16, "
           "both CFG halves; image stream only, no token mask):")
-    full = transport_mod.bytes_recorded(f["blocks"], f["image_tokens"], f["steps"], f["width"], f["bytes"])
+    full = record_memory.bytes_recorded(f["blocks"], f["image_tokens"], f["steps"], f["width"], f["bytes"])
     for k in args.k:
-        b = transport_mod.bytes_recorded(f["blocks"], f["image_tokens"], f["steps"], k, f["bytes"])
+        b = record_memory.bytes_recorded(f["blocks"], f["image_tokens"], f["steps"], k, f["bytes"])
         print(f"  k={k:<5d} {_mb(b):>12s}  ({b / full:.2%} of full width)")
     print(f"  k={f['width']:<5d} {_mb(full):>12s}  (full width)")
-    temb = transport_mod.bytes_recorded(1, 1, f["steps"], f["width"], f["bytes"])  # one 'token' per sample and step
+    temb = record_memory.bytes_recorded(1, 1, f["steps"], f["width"], f["bytes"])  # one 'token' per sample and step
     print(f"  + the AdaLN conditioning (kept with channels='all'): {_mb(temb)}")
     print("  (FLUX-dev runs without a CFG batch -- guidance is distilled -- so halve these there; a K-means mask "
           "keeping a fraction of the tokens scales them by that fraction)")
@@ -517,7 +443,7 @@ def transport_bench(args: argparse.Namespace) -> int:
         rec = transport_mod.record(adapter, prompts, [0], taps=taps, channels=list(range(k)),
                                    num_inference_steps=args.num_inference_steps, batch_size=args.batch_size)
         seconds = time.perf_counter() - start
-        expected = transport_mod.bytes_recorded(len(taps), tokens, args.num_inference_steps, k, 4) * len(prompts)
+        expected = record_memory.bytes_recorded(len(taps), tokens, args.num_inference_steps, k, 4) * len(prompts)
         print(f"  k={k:<5d} measured {_mb(rec.nbytes):>12s}, arithmetic {_mb(expected):>12s} "
               f"({'match' if rec.nbytes == expected else 'MISMATCH'}); record {seconds:.2f} s")
     return 0

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import mabook
-from mabook import book, notebook
+from mabook import book, links, notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -194,7 +194,7 @@ def test_link_check_finds_a_broken_link_and_a_broken_anchor(tmp_path):
         '<a href="book/missing.html">broken</a> <a href="book/page.html#nope">broken anchor</a> <a href="#gone">broken</a>'
         '<img src="_images/missing%20file.png">'
     )
-    broken = book.check_links(tmp_path)
+    broken = links.check_links(tmp_path)
     assert broken == [
         "index.html -> book/: no such file",
         "index.html -> _static/missing.js: no such file",
@@ -204,7 +204,7 @@ def test_link_check_finds_a_broken_link_and_a_broken_anchor(tmp_path):
         "index.html -> _images/missing%20file.png: no such file",
     ]
     (tmp_path / "book" / "index.html").write_text("<p>now it exists</p>")
-    assert len(book.check_links(tmp_path)) == 5
+    assert len(links.check_links(tmp_path)) == 5
 
 
 def test_a_broken_link_fails_the_build(tmp_path):

@@ -16,7 +16,7 @@ import nbformat
 import pytest
 import yaml
 
-from mabook import scorecard
+from mabook import checks, scorecard
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "mabook" / "results"
@@ -113,16 +113,16 @@ def test_not_testable_rows_report_a_named_proxy_with_its_own_verdict(committed):
 
 
 def test_verdict_rules_at_their_lines():
-    assert scorecard.ratio_verdict([1.2, 3.0]) == scorecard.HOLDS
-    assert scorecard.ratio_verdict([0.2, 0.9]) == scorecard.FAILS
-    assert scorecard.ratio_verdict([0.9, 1.2]) == scorecard.UNCLEAR
-    assert scorecard.ratio_verdict([float("nan"), float("nan")]) == scorecard.UNCLEAR
-    assert scorecard.difference_verdict([0.01, 0.2]) == scorecard.HOLDS
-    assert scorecard.difference_verdict([-0.2, -0.01]) == scorecard.FAILS
-    assert scorecard.difference_verdict([-0.01, 0.2]) == scorecard.UNCLEAR
-    assert scorecard.keep_verdict(0.0, scorecard.KEEP_MARGIN) == scorecard.HOLDS
-    assert scorecard.keep_verdict(scorecard.KEEP_MARGIN + 0.01, 0.3) == scorecard.FAILS
-    assert scorecard.keep_verdict(0.0, 0.3) == scorecard.UNCLEAR  # a wide CI through 0 is not "unchanged"
+    assert checks.ratio_verdict([1.2, 3.0]) == scorecard.HOLDS
+    assert checks.ratio_verdict([0.2, 0.9]) == scorecard.FAILS
+    assert checks.ratio_verdict([0.9, 1.2]) == scorecard.UNCLEAR
+    assert checks.ratio_verdict([float("nan"), float("nan")]) == scorecard.UNCLEAR
+    assert checks.difference_verdict([0.01, 0.2]) == scorecard.HOLDS
+    assert checks.difference_verdict([-0.2, -0.01]) == scorecard.FAILS
+    assert checks.difference_verdict([-0.01, 0.2]) == scorecard.UNCLEAR
+    assert checks.keep_verdict(0.0, scorecard.KEEP_MARGIN) == scorecard.HOLDS
+    assert checks.keep_verdict(scorecard.KEEP_MARGIN + 0.01, 0.3) == scorecard.FAILS
+    assert checks.keep_verdict(0.0, 0.3) == scorecard.UNCLEAR  # a wide CI through 0 is not "unchanged"
 
 
 def test_changing_one_ci_changes_that_rows_verdict_and_number(committed):

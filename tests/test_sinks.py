@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mabook import attention, disruption, scorecard, sinks, world
+from mabook import attention, disruption, scorecard, sink_samples, sinks, world
 from mabook.attention import KeyIntervention
 from mabook.stats import bootstrap_ci, paired_ratio_ci
 
@@ -31,7 +31,7 @@ def organism(trained_organism):
 def captured(organism):
     """A per-sample capture over the baselines of 3 prompts x 2 seeds (the units, in order)."""
     _, adapter = organism
-    with sinks.capture_samples(adapter) as cap:
+    with sink_samples.capture_samples(adapter) as cap:
         base = disruption.baseline(adapter, world.heldout_captions(3, 1, seed=1), (0, 1), STEPS)
     return cap, base
 
@@ -274,7 +274,7 @@ def test_recorded_units_do_not_depend_on_the_batch(organism, small_run):
 def test_per_sample_statistics_equal_one_capture_per_unit(organism, captured):
     _, adapter = organism
     cap, base = captured
-    rows = sinks.sample_statistics(cap, base.units)
+    rows = sink_samples.sample_statistics(cap, base.units)
     layers = attention.layers(adapter)
     assert len(rows) == len(base.units) * len(layers)
     by = {(r["prompt"], r["seed"], r["layer"]): r for r in rows}
@@ -296,7 +296,7 @@ def test_per_sample_statistics_equal_one_capture_per_unit(organism, captured):
             assert r["topk_jaccard"] == pytest.approx(np.mean(jac))
             assert r["top1_is_key0"] == pytest.approx(np.mean(top[..., 0] == 0))
     # the summary: means over units, CIs resampling prompts; "all layers" averages each unit over layers first
-    summary = {r["layer"]: r for r in sinks.sample_summary(rows)}
+    summary = {r["layer"]: r for r in sink_samples.sample_summary(rows)}
     groups = [p for p, _ in base.units]
     values = np.array([by[(p, s, layers[1])]["top1_over_uniform"] for p, s in base.units])
     assert summary[layers[1]]["top1_over_uniform"] == pytest.approx(values.mean())
@@ -328,8 +328,8 @@ def test_per_sample_statistics_equal_one_capture_per_unit(organism, captured):
     (lambda: sinks.intervention("top"), ValueError, r"unknown keys 'top'; allowed: \['sink', 'random', 'bottom', 'random-mass'\]"),
     (lambda: sinks.interventions([1], controls=["top"]), ValueError, r"controls must be a list drawn from \['random', 'bottom', "
                                                                        r"'random-mass'\], got \['top'\]"),
-    (lambda: sinks.sample_summary([]), ValueError, "no rows: pass sinks.sample_statistics"),
-    (lambda: sinks.sample_summary([{"layer": "a"}], cluster="seed"), ValueError, "unknown cluster 'seed'; allowed"),
+    (lambda: sink_samples.sample_summary([]), ValueError, "no rows: pass sink_samples.sample_statistics"),
+    (lambda: sink_samples.sample_summary([{"layer": "a"}], cluster="seed"), ValueError, "unknown cluster 'seed'; allowed"),
     (lambda: sinks.Combined(KeyIntervention(path="value_zero"), KeyIntervention(path="value_zero")), ValueError,
      "Combined.score must be a KeyIntervention on path score, got"),
     (lambda: sinks.Combined(KeyIntervention(), KeyIntervention(k=2, path="value_mean")), ValueError,
@@ -348,13 +348,13 @@ def test_bad_input_on_captures(organism, captured):
     _, adapter = organism
     cap, base = captured
     with pytest.raises(ValueError, match=r"the capture holds 6 samples at .* units has 2; allowed: one conditional sample per unit"):
-        sinks.sample_statistics(cap, base.units[:2])
+        sink_samples.sample_statistics(cap, base.units[:2])
     with pytest.raises(ValueError, match=r"k must be an int in \[1, 3\] .*got 4"):
-        sinks.sample_statistics(cap, base.units, k=4)
+        sink_samples.sample_statistics(cap, base.units, k=4)
     with pytest.raises(TypeError, match="cap must be a SampleCapture .*got Capture"):
-        sinks.sample_statistics(attention.capture(adapter), base.units)
+        sink_samples.sample_statistics(attention.capture(adapter), base.units)
     with pytest.raises(ValueError, match="top must be an int >= 1 .*got 0"):
-        sinks.capture_samples(adapter, top=0)
+        sink_samples.capture_samples(adapter, top=0)
     assert sinks.MassMatched(k=1, eta=0.5, dose="renormalise").name == "random-mass-1#0 score eta=0.5 renormalise"
     assert sinks.MassMatched(k=2, path="value_zero", seed=3).name == "random-mass-2#3 value_zero"
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from mabook import disruption, files, scorecard
+from mabook import checks, disruption, files, scorecard
 
 
 def strict(text: str):
@@ -58,10 +58,10 @@ def test_scorecard_reads_null_where_it_reads_a_number():
     """A CI of nulls gives "unclear", as a CI of NaNs does; the row is read, not "no current result"."""
     baseline = {"all_correct": 1.0, "all_correct_ci": [None, None]}
     row = {"all_correct": 0.5, "all_correct_ci": [0.4, 0.6]}
-    drop, low, high = scorecard.drop_interval(baseline, row, "all_correct")
+    drop, low, high = checks.drop_interval(baseline, row, "all_correct")
     assert drop == 0.5 and math.isnan(low) and math.isnan(high)
-    assert scorecard.keep_verdict(low, high) == scorecard.UNCLEAR
-    assert scorecard.ratio_verdict([None, None]) == scorecard.UNCLEAR == scorecard.difference_verdict([None, 0.2])
+    assert checks.keep_verdict(low, high) == scorecard.UNCLEAR
+    assert checks.ratio_verdict([None, None]) == scorecard.UNCLEAR == checks.difference_verdict([None, 0.2])
 
 
 def test_committed_results_read_the_same_with_null_for_every_nan():

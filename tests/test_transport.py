@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import mabook
-from mabook import probe, text_transport, transport, world
+from mabook import probe, record_memory, text_transport, transport, world
 from mabook.text_transport import Method, Pair
 
 torch.set_num_threads(1)
@@ -482,12 +482,12 @@ def test_no_hook_survives_an_exception(adapter, full):
 def test_record_estimates_before_generating_the_bytes_it_then_holds(adapter, full):
     """`record_bytes` (from the arguments alone) is what the record holds, counted as storage: every
     channel of both streams and the conditioning, and a channel pair under a token mask."""
-    assert transport.record_bytes(adapter, full.channels, full.steps, full.token_mask, full.pipe_kwargs) == held_bytes(full)
+    assert record_memory.record_bytes(adapter, full.channels, full.steps, full.token_mask, full.pipe_kwargs) == held_bytes(full)
     mask = torch.zeros(2, 64, dtype=torch.bool)
     mask[0, :10], mask[1, 5:40] = True, True
     rec = transport.record(adapter, [SOURCE, TARGET], [0], taps=[*image_taps(adapter), "transformer_blocks.0.txt"],
                            channels=[3, 9], token_mask=mask, num_inference_steps=2)
-    assert transport.record_bytes(adapter, rec.channels, rec.steps, rec.token_mask, rec.pipe_kwargs) == held_bytes(rec)
+    assert record_memory.record_bytes(adapter, rec.channels, rec.steps, rec.token_mask, rec.pipe_kwargs) == held_bytes(rec)
 
 
 def test_every_channel_of_a_real_model_needs_max_bytes():
@@ -521,9 +521,9 @@ def test_record_bytes_of_flux_1_dev_at_1024_is_45_gb():
     fake = SimpleNamespace(family=mabook.models.FAMILIES["flux"], transformer=torch.nn.Linear(1, 1).to(torch.bfloat16), pipe=None)
     blocks = [f"transformer_blocks.{i}" for i in range(19)] + [f"single_transformer_blocks.{i}" for i in range(38)]
     channels = {f"{b}.{s}": range(3072) for b in blocks for s in ("img", "txt")}
-    need = transport.record_bytes(fake, channels, range(28), torch.ones(1, 4096, dtype=torch.bool), {})
+    need = record_memory.record_bytes(fake, channels, range(28), torch.ones(1, 4096, dtype=torch.bool), {})
     assert need == 57 * (4096 + 512) * 3072 * 28 * 2 == 45_185_236_992
-    assert transport.size_text(need) == "45.2 GB"
+    assert record_memory.size_text(need) == "45.2 GB"
 
 
 def test_the_transport_verb_states_the_all_channel_allowance_in_gb():

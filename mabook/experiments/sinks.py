@@ -16,7 +16,7 @@ of these, on SD3) --, the mass each intervention removed against the sinks' ("ma
 (random keys drawn until they hold the sinks' mass: matched on mass, `sinks.MassMatched`), all three
 by default. The baselines' attention mass is captured in their shards, so a sweep writes
 the same files. (sinks.csv and movement.csv read the mass averaged over the units; chapter 6 reads
-each sample's own, `sinks.capture_samples`.)
+each sample's own, `sink_samples.capture_samples`.)
 """
 
 from __future__ import annotations
