@@ -17,10 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from mabook import probe
-from mabook import progress as progress_
 from mabook.models import Adapter
 from mabook.probe import Tap
 from mabook.statistics import Statistics
@@ -46,10 +44,11 @@ def collect_statistics(
     cfg: str = "cond",
     **pipe_kwargs,
 ) -> Statistics:
-    """Generate `prompts` (in batches, batch b seeded with seed + b) and return the pooled statistics.
+    """Generate `prompts`, each with its own generator seeded `seed` (the (prompt, seed) units of
+    `Adapter.generate`: the noise does not depend on the batch), and return the pooled statistics.
 
-    Images are discarded (diffusers pipelines are asked for output_type="latent", which skips
-    the VAE); pass pipe_kwargs for anything else the pipeline needs (height, guidance_scale, ...).
+    Images are discarded (`Adapter.denoise`: a diffusers pipeline returns latents, skipping the VAE);
+    pass pipe_kwargs for anything else the pipeline needs (height, guidance_scale, ...).
     """
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise TypeError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
@@ -62,18 +61,8 @@ def collect_statistics(
     for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if adapter.family.name != "organism":
-        pipe_kwargs.setdefault("output_type", "latent")
-    else:
-        pipe_kwargs.setdefault("output_type", "pt")
-    starts = list(range(0, len(prompts), batch_size))
-    with progress_.estimate("statistics", len(prompts), num_inference_steps), probe.collect(adapter, cfg=cfg) as run:
-        for b, start in progress_.bar(list(enumerate(starts)), "statistics", unit="batch"):
-            generator = torch.Generator("cpu").manual_seed(seed + b)  # CPU noise: same images on any device
-            chunk = list(prompts[start:start + batch_size])
-            with progress_.timed_step(adapter.transformer, len(chunk)):
-                adapter.pipe(chunk, num_inference_steps=num_inference_steps, generator=generator,
-                             **adapter.call_kwargs(pipe_kwargs))
+    with probe.collect(adapter, cfg=cfg) as run:
+        adapter.denoise([(p, seed) for p in prompts], num_inference_steps, batch_size, what="statistics", **pipe_kwargs)
     return run.stats
 
 

@@ -121,6 +121,12 @@ class Block:
     streams: tuple[str, ...]  # ("img", "txt") or ("img",)
 
 
+def generators(units: Sequence[tuple[str, int]]) -> list[torch.Generator]:
+    """One CPU generator per (prompt, seed) unit, seeded with the unit's seed: the noise of every
+    mabook generation (CPU noise: the same images on any device)."""
+    return [torch.Generator("cpu").manual_seed(int(seed)) for _, seed in units]
+
+
 class Adapter:
     """Architecture knowledge for one loaded DiT.
 
@@ -229,27 +235,36 @@ class Adapter:
         """The one generation loop: (units, H, W, 3) float32 images in [0, 1] for (prompt, seed) units.
 
         Unit i's noise comes from its own `torch.Generator("cpu").manual_seed(seed)` (diffusers'
-        one-generator-per-image convention), so an image does not depend on the batch it was made
-        in, nor on the units beside it. pipe_kwargs go to the pipeline call (e.g. `latents`, `height`).
-        progress: a bar over the batches (when there are several) and the time estimate
+        one-generator-per-image convention, `generators`), so an image does not depend on the batch it
+        was made in, nor on the units beside it. pipe_kwargs go to the pipeline call (e.g. `latents`,
+        `height`). progress: a bar over the batches (when there are several) and the time estimate
         (`mabook.progress`; None: on where someone reads it).
         """
-        if self.pipe is None:
-            raise ValueError("generate() needs a pipeline; this adapter wraps a bare transformer")
-        out = []
-        starts = range(0, len(units), batch_size)
-        with progress_.estimate("generate", len(units), num_inference_steps, progress):
-            for start in progress_.bar(starts, "generate", unit="batch", progress=progress):
-                out.append(self._batch(units[start:start + batch_size], num_inference_steps, pipe_kwargs))
-        return np.concatenate(out).astype(np.float32)
+        return np.concatenate(self._loop("generate", units, num_inference_steps, batch_size, progress, "np",
+                                         pipe_kwargs)).astype(np.float32)
 
-    def _batch(self, chunk: Sequence[tuple[str, int]], num_inference_steps: int, pipe_kwargs: dict) -> np.ndarray:
-        """One pipeline call of `generate`; its step is timed for `mabook.progress`'s estimate."""
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
-        with progress_.timed_step(self.transformer, len(chunk)):
-            images = self.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
-                               output_type="np", **self.call_kwargs(pipe_kwargs)).images
-        return images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    def denoise(self, units: Sequence[tuple[str, int]], num_inference_steps: int, batch_size: int = 16,
+                progress: bool | None = None, what: str = "denoise", **pipe_kwargs) -> None:
+        """`generate`'s loop, for what hooks see on the way: the images are not kept (a diffusers
+        pipeline returns latents, skipping the VAE; the organism's decoder is a few pixels' work).
+        `what` labels the bar and the time estimate."""
+        self._loop(what, units, num_inference_steps, batch_size, progress,
+                   "pt" if self.family.name == "organism" else "latent", pipe_kwargs)
+
+    def _loop(self, what, units, num_inference_steps, batch_size, progress, output_type, pipe_kwargs) -> list:
+        if self.pipe is None:
+            raise ValueError(f"{what} needs a pipeline; this adapter wraps a bare transformer")
+        out = []
+        with progress_.estimate(what, len(units), num_inference_steps, progress):
+            for start in progress_.bar(range(0, len(units), batch_size), what, unit="batch", progress=progress):
+                chunk = units[start:start + batch_size]
+                with progress_.timed_step(self.transformer, len(chunk)):
+                    images = self.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps,
+                                       generator=generators(chunk), output_type=output_type,
+                                       **self.call_kwargs(pipe_kwargs)).images
+                if output_type == "np":
+                    out.append(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
+        return out
 
     def call_kwargs(self, pipe_kwargs: dict) -> dict:
         """The arguments of a pipeline call: the family's `call_defaults`, then the caller's; given

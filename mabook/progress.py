@@ -7,7 +7,7 @@ Two things, both off unless someone is there to read them:
 - `estimate(what, images, steps)`: around a heavy loop, one line as soon as one denoising step
   has been timed, e.g. ``disruption, 4 condition(s) x 24 unit(s): 96 images x 20 steps ~ 2.1 min
   (estimated from one timed step)``. The step is timed inside the run itself (`timed_step`, around
-  the pipeline calls of `Adapter.generate`, `discovery.collect_statistics` and `spatial.capture`):
+  the pipeline calls of `Adapter.generate` and `Adapter.denoise` (`discovery.collect_statistics`) and `spatial.capture`):
   the second transformer call of the loop's first batch (the first carries one-off warm-up),
   divided by the images in that batch. No extra generation
   is made for it, so the estimate costs nothing and never enters a probe that is open around the

@@ -43,7 +43,7 @@ from scipy.optimize import linear_sum_assignment
 from mabook import discovery, disruption, judge, probe, world
 from mabook import progress as progress_
 from mabook.images import upsample
-from mabook.models import Adapter
+from mabook.models import Adapter, generators
 from mabook.statistics import Statistics
 from mabook.stats import bootstrap_ci
 
@@ -171,10 +171,9 @@ def capture(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int] = (0,
     with progress_.estimate("spatial capture", len(units), num_inference_steps):
         for start in progress_.bar(range(0, len(units), batch_size), "capture", unit="batch"):
             chunk = units[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]  # noise independent of batching
             with probe.collect(adapter, taps=image_taps, cfg="cond", capture=list(hidden)) as run, \
                     progress_.timed_step(adapter.transformer, len(chunk)):
-                out = adapter.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators,
+                out = adapter.pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps, generator=generators(chunk),
                                    output_type="np", **adapter.call_kwargs(pipe_kwargs)).images
             images.append(out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out))
             for key in hidden:

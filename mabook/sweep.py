@@ -87,7 +87,9 @@ from mabook.files import atomic_path
 from mabook.statistics import Statistics
 
 PHASES = ("discover", "baseline", "selection", "baseline-stats", "disrupt", "sinks")
-FORMAT = 3  # the shard layout; bump it when a shard's content or spec changes meaning (3: baselines may hold attention)
+# the shard layout; bump it when a shard's content or spec changes meaning
+# (3: baselines may hold attention; 4: discover seeds every prompt alike)
+FORMAT = 4
 KEEP_IMAGES = 4  # units whose images the grid shows (as disruption.run's keep_images)
 EXIT_STOPPED = 3  # `--stop-after` reached (a test hook: a sweep killed mid-way)
 _SHARD = re.compile(r"^(%s)-[0-9a-f]{24}\.safetensors$" % "|".join(PHASES))
@@ -375,8 +377,8 @@ def run(config, adapter, shards=None, *, state=None, stop_after: int | None = No
     shards in the directory `shards` over this launch's processes; the merged `SweepResult` on the
     main process, None on the others. `shards=None`: a temporary directory (one process only).
 
-    discover pools the prompts in batches of `batch_size`, batch b generated with generator seed
-    `seed` + b (`discovery.collect_statistics`); disrupt and sinks generate every (prompt, seed)
+    discover pools the prompts in batches of `batch_size`, every prompt generated with its own
+    generator seeded `seed` (`discovery.collect_statistics`); disrupt and sinks generate every (prompt, seed)
     unit (`disruption.baseline`), then each of `config.conditions(base)` under `config.apply`.
     `checkpoint` names the weights in the shard specs (default `checkpoint_id(adapter)`); `clip_model`
     and `lpips_net` add CLIP-T and LPIPS to the table (`disruption.baseline`; default: the config's
@@ -421,10 +423,10 @@ def run(config, adapter, shards=None, *, state=None, stop_after: int | None = No
 def _statistics(config, adapter, prompts, runner, common, pipe_kwargs, start) -> SweepResult | None:
     """discover: one shard per batch, merged in batch order."""
     items = []
-    for b, (_, chunk) in enumerate(_batches(list(prompts), config.batch_size)):
-        spec = {"phase": "discover", **common, "cfg": config.cfg, "generator_seed": config.seed + b, "prompts": chunk}
-        items.append((spec, lambda chunk=chunk, b=b: _discover_shard(adapter, chunk, config.num_inference_steps,
-                                                                     config.seed + b, config.cfg, pipe_kwargs)))
+    for _, chunk in _batches(list(prompts), config.batch_size):
+        spec = {"phase": "discover", **common, "cfg": config.cfg, "generator_seed": config.seed, "prompts": chunk}
+        items.append((spec, lambda chunk=chunk: _discover_shard(adapter, chunk, config.num_inference_steps,
+                                                                config.seed, config.cfg, pipe_kwargs)))
     names = runner.phase(items)
     if not runner.state.is_main_process:
         return None

@@ -72,7 +72,7 @@ import torch
 
 from mabook import discovery, disruption, judge, probe, spatial, world
 from mabook import progress as progress_
-from mabook.models import Adapter
+from mabook.models import Adapter, generators
 from mabook.probe import Edit
 from mabook.record_memory import check_memory
 
@@ -557,10 +557,9 @@ def embedding_blend(adapter: Adapter, sources: Sequence[str], targets: Sequence[
         with torch.no_grad():
             s_embeds, s_pooled = pipe.encode_prompt([p for p, _ in chunk])
             t_embeds, t_pooled = pipe.encode_prompt(list(targets[start:start + batch_size]))
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
         images = pipe(prompt_embeds=torch.lerp(t_embeds, s_embeds, alpha),
                       pooled_prompt_embeds=torch.lerp(t_pooled, s_pooled, alpha),
-                      num_inference_steps=num_inference_steps, generator=generators, output_type="np",
+                      num_inference_steps=num_inference_steps, generator=generators(chunk), output_type="np",
                       **pipe_kwargs).images
         out.append(np.asarray(images))
     return np.concatenate(out).astype(np.float32)

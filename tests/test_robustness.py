@@ -161,9 +161,7 @@ def test_batch_size_invariance(adapter, prompts, batch4):
     one uint8 value of batch 1 vs batch 4 differed (~4e-7 before rounding). So across batch sizes
     mabook promises `mabook.reproduce`'s tolerance, not bits: float tables within RTOL, uint8
     images within one level on <= 0.1 % of values, rankings and judge verdicts identical.
-
-    `discovery.collect_statistics` seeds one generator per batch (seed + batch index), as chapter 1
-    has always done: its noise, hence its numbers, depend on the batch size by design.
+    `discovery.collect_statistics` follows the same convention (every prompt its own generator).
     """
     for batch in (disruption.baseline(adapter, prompts, [0, 1], STEPS, batch_size=2),):
         agree, how = reproduce.images_agree(batch.images, batch4.images)
