@@ -12,10 +12,22 @@ receives the parsed `argparse.Namespace` and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
 import statistics as pystats
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
+
+import numpy as np
+
+# Each subcommand imports torch and mabook's modules in its own body (deferred): `python -m mabook.bench --help`
+# and a bad option answer at once, without loading torch (~2 s) or diffusers (~6-15 s).
 
 COMMANDS: dict[str, tuple[str, list[tuple[tuple, dict]], Callable[[argparse.Namespace], int]]] = {}
 
@@ -42,7 +54,7 @@ def subcommand(name: str, help: str, arguments: list[tuple[tuple, dict]] = ()):
 
 def _organism(checkpoint, device):
     """The trained organism if its checkpoint exists, else a random build (timings are the same)."""
-    import torch
+    import torch  # deferred: see the note above COMMANDS
 
     import mabook
     from mabook import organism
@@ -74,7 +86,7 @@ def _threads_argument():
 
 
 def _set_threads(threads: int | None) -> None:
-    import torch
+    import torch  # deferred: see the note above COMMANDS
 
     if threads is not None:
         if threads < 1:
@@ -102,7 +114,7 @@ def interleaved(timed: Callable, repeats: int, device: str = "cpu"):
     """Time `timed(False)` (plain) and `timed(True)` (treated) in pairs A B, B A, A B, ... so that
     drift in machine load hits both alike. Returns (plain, treated) lists of (wall, cpu) seconds and
     the treated calls' results."""
-    import torch
+    import torch  # deferred: see the note above COMMANDS
 
     def clock(treated: bool):
         if device != "cpu":
@@ -140,7 +152,7 @@ def _report(label: str, plain, treated, target: float = 1.10) -> None:
     arguments=_organism_arguments(),
 )
 def probe(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # deferred: see the note above COMMANDS
 
     from mabook import probe as probe_mod
     from mabook import world
@@ -188,7 +200,7 @@ def probe(args: argparse.Namespace) -> int:
                                        arg("--op", default="zero", choices=["zero", "mean", "set", "scale"])],
 )
 def edit(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # deferred: see the note above COMMANDS
 
     from mabook import probe as probe_mod
     from mabook import world
@@ -223,7 +235,7 @@ def edit(args: argparse.Namespace) -> int:
 @subcommand("book", "build the book once (every notebook executed) and print seconds per notebook",
             [arg("--budget", type=float, default=600.0, help="seconds the whole build may take")])
 def book(args: argparse.Namespace) -> int:
-    from mabook.book import bench_book
+    from mabook.book import bench_book  # deferred: see the note above COMMANDS
 
     times = bench_book()
     total = times.pop("book build")
@@ -248,11 +260,8 @@ def book(args: argparse.Namespace) -> int:
     ],
 )
 def train(args: argparse.Namespace) -> int:
-    import tempfile
-    from dataclasses import replace
-    from pathlib import Path
 
-    from mabook import train as trainer
+    from mabook import train as trainer  # deferred: see the note above COMMANDS
 
     if args.steps < 1 or any(t < 1 for t in args.threads):
         raise ValueError(f"--steps and --threads must be >= 1, got {args.steps} and {args.threads}")
@@ -296,9 +305,8 @@ def train(args: argparse.Namespace) -> int:
     ],
 )
 def spatial(args: argparse.Namespace) -> int:
-    import numpy as np
 
-    from mabook import linear_probes, world
+    from mabook import linear_probes, world  # deferred: see the note above COMMANDS
     from mabook import spatial as spatial_mod
 
     if args.umap_points < 0:
@@ -355,14 +363,10 @@ def spatial(args: argparse.Namespace) -> int:
              arg("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
              arg("--device", default="cpu"), _threads_argument()])
 def attention_bench(args: argparse.Namespace) -> int:
-    import json as _json
-    import statistics as stats
-    import subprocess
-    import sys
 
-    import torch
+    import torch  # deferred: see the note above COMMANDS
 
-    from mabook import bench_attention, softmax  # deferred, as every subcommand's imports: `--help` loads no torch
+    from mabook import bench_attention, softmax
 
     _set_threads(args.threads)
     heads = args.heads or (24 if args.device != "cpu" else 4)
@@ -385,13 +389,13 @@ def attention_bench(args: argparse.Namespace) -> int:
                 f"print(json.dumps(f({variant!r}, {heads}, {args.image_tokens}, {args.text_tokens}, {args.head_dim}, "
                 f"{args.device!r}, 1, {chunk}, {args.eta!r}, {args.dose!r}, {args.dtype!r})))")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        memory[variant] = _json.loads(result.stdout.strip().splitlines()[-1])["extra_bytes"]
-    sdpa = stats.median(times["sdpa"])
+        memory[variant] = json.loads(result.stdout.strip().splitlines()[-1])["extra_bytes"]
+    sdpa = pystats.median(times["sdpa"])
     scores = heads * (args.image_tokens + args.text_tokens) ** 2 * 4
     targets = {"capture": 2.0, "intervene": 2.5}
     print(f"{'variant':10s} {'median':>9s} {'x SDPA':>7s} {'target':>7s} {'runs':>28s} {'peak extra memory':>18s}")
     for name in bench_attention.VARIANTS:
-        t = stats.median(times[name])
+        t = pystats.median(times[name])
         target = f"<= {targets[name]:.1f}" if name in targets else ""
         runs = ", ".join(f"{x:.2f}" for x in times[name])
         peak = "n/a" if memory[name] is None else f"{memory[name] / 2**20:.1f} MiB"
@@ -412,7 +416,7 @@ FLUX_1024 = {"blocks": 57, "image_tokens": 4096, "steps": 28, "width": 3072, "by
             _organism_arguments(batch_size=4, num_inference_steps=20, repeats=False)
             + [arg("--k", type=int, nargs="+", default=[1, 4, 16])])
 def transport_bench(args: argparse.Namespace) -> int:
-    from mabook import probe, record_memory
+    from mabook import probe, record_memory  # deferred: see the note above COMMANDS
     from mabook import transport as transport_mod
     from mabook.world import heldout_captions
 
@@ -456,9 +460,6 @@ def transport_bench(args: argparse.Namespace) -> int:
 
 def _launch_sweep(processes: int, experiment: str, out, extra: list[str], device: str, threads: int) -> float:
     """Wall seconds of `accelerate launch --num_processes N -m mabook sweep EXPERIMENT ...` (a subprocess)."""
-    import os
-    import socket
-    import subprocess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -494,11 +495,8 @@ def _launch_sweep(processes: int, experiment: str, out, extra: list[str], device
     ],
 )
 def sweep_bench(args: argparse.Namespace) -> int:
-    import json
-    import tempfile
-    from pathlib import Path
 
-    from mabook.experiments import SWEEPS
+    from mabook.experiments import SWEEPS  # deferred: see the note above COMMANDS
 
     if args.experiment not in SWEEPS:
         raise ValueError(f"unknown experiment {args.experiment!r}; allowed: {list(SWEEPS)}")
@@ -556,7 +554,7 @@ def sweep_bench(args: argparse.Namespace) -> int:
                                                           "book/real_model.md)"),
              _threads_argument()])
 def realshape(args: argparse.Namespace) -> int:
-    from mabook import realshape as realshape_mod
+    from mabook import realshape as realshape_mod  # deferred: see the note above COMMANDS
 
     args.out = args.out or realshape_mod.RESULTS
     return realshape_mod.main(args)

@@ -44,6 +44,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import plotly
+
 from mabook.links import check_links
 from mabook.notebook import STATIC_ENV_VAR
 
@@ -89,7 +91,7 @@ def repo_root() -> Path:
 
 def toc_files(root: Path) -> list[str]:
     """Every document of ``_toc.yml`` (root first), as paths relative to the root with suffix."""
-    import yaml
+    import yaml  # deferred: PyYAML comes with the optional `book` extra (jupyter-book)
 
     toc = yaml.safe_load((root / "_toc.yml").read_text())
     names: list[str] = [toc["root"]]
@@ -235,7 +237,7 @@ def build(root: Path | None = None, *, execute: bool = True) -> BuildResult:
 
 def stage_config(source: Path, execute: str) -> None:
     """Set ``execute.execute_notebooks`` in the staged ``_config.yml``."""
-    import yaml
+    import yaml  # deferred: as in toc_files
 
     config_file = source / "_config.yml"
     config = yaml.safe_load(config_file.read_text())
@@ -466,8 +468,6 @@ _MATHJAX_PARTS = ("tex-mml-chtml.js", "output/chtml", "input/tex/extensions", "a
 
 
 def _plotly_js() -> Path:
-    import plotly
-
     return Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
 
 
@@ -484,7 +484,7 @@ def _on_config_inited(app, config) -> None:
     if _mathjax_es5() is not None:
         config.mathjax_path = f"{MATHJAX_DIR}/tex-mml-chtml.js"  # relative to _static
     else:
-        from sphinx.util import logging
+        from sphinx.util import logging  # deferred: Sphinx comes with the optional `book` extra; this runs inside it
 
         logging.getLogger(__name__).warning(
             "mabook: django-static-mathjax is not installed, math loads MathJax from a CDN"

@@ -34,6 +34,7 @@ photographs, and a pixel metric's ratio is never the paper's LPIPS ratio.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -145,7 +146,7 @@ def load_clip(model=CLIP_MODEL) -> Clip:
     if not isinstance(model, (str, Path)) or not str(model).strip():
         raise ValueError(f"CLIP model must be a hub id, a local directory, a (CLIPModel, CLIPProcessor) pair or a Clip, "
                          f"got {model!r:.80}")
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel, CLIPProcessor  # deferred: transformers' CLIP takes seconds to import; only CLIP-T needs it
 
     name = str(model)
     try:
@@ -263,8 +264,6 @@ class LPIPS(torch.nn.Module):
 def lpips_linear(net: str = LPIPS_NET) -> dict[str, torch.Tensor]:
     """The lpips v0.1 linear layers of `net` as `LPIPS.lins`' state dict ("0.weight", ...), from the
     copy torchmetrics ships (else the `lpips` package's); `MissingWeights` if neither is installed."""
-    import importlib.util
-
     for package, folder in (("torchmetrics", "functional/image/lpips_models"), ("lpips", "weights/v0.1")):
         found = importlib.util.find_spec(package)
         if found is not None and found.submodule_search_locations:

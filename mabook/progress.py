@@ -104,7 +104,7 @@ def say(line: str) -> None:
     command's output)."""
     out = sys.stdout if in_kernel() else sys.stderr
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # deferred: as in bar
 
         tqdm.write(line, file=out)
     except ImportError:

@@ -40,6 +40,13 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import diffusers
+import torch
+import transformers
+
+from mabook import attention, files, inversion, probe
+from mabook.models import FAMILIES, adapter_for
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "bench" / "realshape.json"  # a benchmark: not among the big runs
 BOOK_PAGE = ROOT / "book" / "real_model.md"
@@ -148,12 +155,6 @@ def step_flops(model: Model, resolution: int) -> int:
 def parameter_counts() -> dict[str, dict]:
     """{component: {"parameters": parameters + buffers, "source"}}: each transformer of `MODELS` and each
     of `COMPONENTS` built on the meta device from its config (no memory, no weights)."""
-    import diffusers
-    import torch
-    import transformers
-
-    from mabook.models import FAMILIES
-
     count = lambda module: sum(t.numel() for t in [*module.parameters(), *module.buffers()])
     out = {}
     with torch.device("meta"):
@@ -184,8 +185,6 @@ TINY = {"flux": dict(in_channels=16, attention_head_dim=16, num_attention_heads=
 
 def _inputs(model: Model, config: dict, image_tokens: int, device, dtype) -> dict:
     """Random inputs of one sample, as the pipeline hands them to the transformer."""
-    import torch
-
     side, T, g = math.isqrt(image_tokens), model.text_tokens, torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
     kwargs = dict(encoder_hidden_states=rand(1, T, config["joint_attention_dim"]),
@@ -202,10 +201,6 @@ def _inputs(model: Model, config: dict, image_tokens: int, device, dtype) -> dic
 
 def _mode(mode: str, adapter):
     """The context manager a mode runs under."""
-    import torch
-
-    from mabook import attention, probe
-
     if mode in ("bare", "probe", "capture", "intervene"):
         return {"bare": contextlib.nullcontext, "probe": probe.collect, "capture": attention.capture,
                 "intervene": lambda a: attention.intervene(a, attention.KeyIntervention("sink", k=1))}[mode](adapter)
@@ -219,8 +214,6 @@ def _mode(mode: str, adapter):
 def memory_mark(device: str, start: int | None = None) -> int | None:
     """Before a call (start None): reset the peak and return the baseline; after it: the peak added
     in bytes. None where the OS gives no resettable peak (CPU without Linux's /proc/self/clear_refs)."""
-    import torch
-
     if device != "cpu":
         torch.cuda.synchronize()
         if start is None:
@@ -249,19 +242,13 @@ def measure(key: str, resolution: int, device: str = "cpu", dtype=None, repeats:
             quick: bool = False) -> dict:
     """One `BENCH` model at one resolution: every mode `warmup` + `repeats` times, in rounds (A B C D E,
     E D C B A, ...); per-block seconds (median forward / blocks), ratios to bare, peak added, checks."""
-    import diffusers
-    import torch
-
-    import mabook
-    from mabook.models import FAMILIES
-
     name, blocks = BENCH[key]
     config = {**BY_NAME[name].config, **blocks, **(TINY[key] if quick else {})}
     model = replace(BY_NAME[name], config=config, text_tokens=8 if quick else BY_NAME[name].text_tokens)
     torch.manual_seed(0)
     transformer = getattr(diffusers, FAMILIES[model.family].transformer_class)(**config).eval()
     torch.nn.Module.to(transformer, device, dtype or torch.float32)  # (diffusers' .to warns of float32 modules: there are none)
-    adapter, image_tokens = mabook.adapter_for(transformer), model.image_tokens(resolution)
+    adapter, image_tokens = adapter_for(transformer), model.image_tokens(resolution)
     kwargs = _inputs(model, config, image_tokens, device, dtype or torch.float32)
     times, cpu, peaks, last = {m: [] for m in MODES}, {m: [] for m in MODES}, {m: None for m in MODES}, {}
     for r in range(warmup + repeats):
@@ -305,12 +292,6 @@ def _processor() -> str:
 def run(device: str = "cpu", resolutions=None, repeats: int | None = None, models=tuple(BENCH), quick: bool = False,
         out: Path | str = RESULTS) -> dict:
     """Measure every (model, resolution), print a table for each, write the JSON to `out`."""
-    import diffusers
-    import torch
-    import transformers
-
-    from mabook import files
-
     cpu = device == "cpu"
     resolutions = list(resolutions or ((64, 128) if quick else (512,) if cpu else (512, 1024)))
     repeats = (1 if quick else 2 if cpu else 5) if repeats is None else repeats
@@ -432,8 +413,6 @@ def workload(chapter: str, v: dict) -> list[tuple[str, int, int]]:
     """(mode, generations, pipeline calls) of a chapter's real-model path for its parameters `v`
     (`chapter_parameters`), counted from the notebook's cells (not its interactive widgets). Modes:
     `MODES`, "edit" (probe.edit at image taps: timed as a record) and "intervene-1-layer"."""
-    from mabook import inversion
-
     P, calls = v["real_prompts"], lambda gens: math.ceil(gens / ASSUMPTIONS["batch_size"])
     U, n = P * len(v.get("SEEDS", (0,))), v.get("N_RANDOM", 0)
     if chapter == "01_channel_discovery":  # one collect per prompt, then every prompt once per further seed
@@ -592,7 +571,6 @@ def main(args) -> int:
     if "torch" not in sys.modules:  # before OpenMP starts: idle threads sleep rather than spin, so CPU time is the work's
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if getattr(args, "threads", None) is not None:  # e.g. 1 where other processes load the cores
-        import torch
 
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import pearsonr, spearmanr
 
 from mabook import probe
 from mabook.attention import capture, resolve_layers
@@ -80,8 +81,6 @@ def sink_activation_link(base, layers: str | Sequence[str] | None = None, step: 
     conditional sample). layers: default every softmax layer with a feeding block (not the first).
     step: default the middle step. channels: {layer: channels}; default the top-`k_channels` by
     |mean over image tokens| of `base.stats` at the feeding tap."""
-    from scipy.stats import pearsonr, spearmanr
-
     adapter = base.adapter
     chosen = resolve_layers(adapter, layers)
     if layers is None:  # every layer but the first block's (no block output feeds it)
